@@ -1,0 +1,114 @@
+"""The mask oracle: the contract's Philox4x32-10 masks in plain torch integer ops.
+
+Every backend (reference, C++ CPU, Triton, CUDA) regenerates the same masks from
+``(seed, counter)``; this module is the readable definition they are tested against
+(contract sec. 2). 32-bit words are held in int64 tensors so that no operation
+overflows: products are split into 16-bit halves.
+"""
+from __future__ import annotations
+
+import torch
+
+MASK_MODES = ("independent", "shared", "timestep", "static")
+# Integer codes passed to the compiled ops; index into MASK_MODES.
+MASK_MODE_CODES = {name: code for code, name in enumerate(MASK_MODES)}
+
+# Philox4x32 constants (Salmon et al. 2011), as in triton.language.philox.
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_U32 = 0xFFFFFFFF
+# triton.language.rand's int32 -> [0, 1) scale, as a float32.
+UNIFORM_SCALE = 4.6566127342e-10
+
+_STREAM_OF_MODE = {"independent": 0, "shared": 0, "timestep": 1, "static": 2}
+
+
+def _mul_hi_lo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of the 64-bit product a * m, a holding uint32 values."""
+    a_lo = a & 0xFFFF
+    a_hi = a >> 16
+    p_lo = a_lo * m  # < 2**48
+    p_hi = a_hi * m  # < 2**48
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _U32
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    return hi, lo
+
+
+def philox4x32_10(seed: int, c0, c1, c2, c3):
+    """Philox4x32 with 10 rounds, key = (seed & 0xffffffff, seed >> 32).
+
+    Counters are int64 tensors (or ints) holding uint32 values; returns four int64 tensors
+    holding uint32 values, bit-identical to ``triton.language.philox(seed, c0, c1, c2, c3)``.
+    """
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)))
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, _ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, _ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _U32
+        k1 = (k1 + _KEY_B) & _U32
+    return c0, c1, c2, c3
+
+
+def uint32_to_uniform(r: torch.Tensor) -> torch.Tensor:
+    """triton.language.rand's conversion: int32(r), ~x if negative, times 2**-31 in float32."""
+    x = torch.where(r >= 2**31, r - 2**32, r)  # reinterpret as int32
+    x = torch.where(x < 0, -x - 1, x)  # ~x
+    return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+
+
+def step_uniforms(seed: int, layer: int, direction: int, t: int, batch: int, hidden: int, mask_mode: str,
+                  device=None):
+    """The uniforms (u0, u1, u2), each [batch, hidden] float32, for time step ``t``.
+
+    ``t`` is the position in the input (not the processing order), ``batch`` is B of the whole
+    [T, B, H] sequence. Mode "timestep" gives one uniform per example, "static" one per unit
+    shared by every example; both broadcast to [batch, hidden].
+    """
+    stream = _STREAM_OF_MODE[mask_mode]
+    b = torch.arange(batch, dtype=torch.int64, device=device).unsqueeze(1)
+    j = torch.arange(hidden, dtype=torch.int64, device=device).unsqueeze(0)
+    if mask_mode == "timestep":
+        n = (t * batch + b) + 0 * j
+    elif mask_mode == "static":
+        n = (t * hidden + j) + 0 * b
+    else:
+        n = (t * batch + b) * hidden + j
+    r0, r1, r2, _ = philox4x32_10(seed, n & _U32, n >> 32, 2 * layer + direction, stream)
+    return uint32_to_uniform(r0), uint32_to_uniform(r1), uint32_to_uniform(r2)
+
+
+def step_masks(seed: int, layer: int, direction: int, t: int, batch: int, hidden: int, *,
+               zoneout_cell: float, zoneout_hidden: float, recurrent_dropout: float = 0.0,
+               mask_mode: str = "independent", device=None):
+    """Training-mode masks for step ``t``: (m_c, m_h, keep), each a [batch, hidden] bool tensor.
+
+    m = True means the unit zones out (keeps its previous value); keep = False means recurrent
+    dropout drops the unit's candidate update. Comparisons are in float32, as in every kernel.
+    """
+    z_c = torch.tensor(zoneout_cell, dtype=torch.float32)
+    z_h = torch.tensor(zoneout_hidden, dtype=torch.float32)
+    u0, u1, u2 = step_uniforms(seed, layer, direction, t, batch, hidden, mask_mode, device)
+    if mask_mode == "independent":
+        m_c, m_h = u0 < z_c, u1 < z_h
+    else:  # shared, timestep, static: one uniform for both states
+        m_c, m_h = u0 < z_c, u0 < z_h
+    if recurrent_dropout > 0.0:
+        # Recurrent dropout always draws per (step, example, unit) from the stream-0 counter.
+        if mask_mode != "independent" and mask_mode != "shared":
+            _, _, u2 = step_uniforms(seed, layer, direction, t, batch, hidden, "independent", device)
+        keep = u2 >= torch.tensor(recurrent_dropout, dtype=torch.float32)
+    else:
+        keep = torch.ones(batch, hidden, dtype=torch.bool, device=device)
+    return m_c, m_h, keep
+
+
+def sequence_masks(seed: int, layer: int, direction: int, steps: int, batch: int, hidden: int, **kwargs):
+    """step_masks for every step, stacked to [steps, batch, hidden] (for tests and inspection)."""
+    per_step = [step_masks(seed, layer, direction, t, batch, hidden, **kwargs) for t in range(steps)]
+    return tuple(torch.stack(ms) for ms in zip(*per_step))
