@@ -1,0 +1,285 @@
+"""ZoneoutLSTM and ZoneoutLSTMCell: drop-in nn.LSTM / nn.LSTMCell with zoneout (contract sec. 3).
+
+They subclass torch's RNNBase / RNNCellBase, so parameters, their names, their initialisation
+and state_dict keys are exactly nn.LSTM's / nn.LSTMCell's. The recurrence itself runs through
+the layer op of zoneout_fused.ops, once per (layer, direction), on the chosen backend.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .masks import MASK_MODE_CODES, MASK_MODES
+from .ops import BACKEND_NAMES, resolve_backend
+
+_SEED_HIGH = 2**63 - 1
+
+
+def _check_probability(name: str, value, *, allow_one: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    if not (value >= 0.0 and upper_ok):  # also rejects NaN
+        bound = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+    return value
+
+
+class _ZoneoutOptions:
+    """Validated zoneout settings shared by ZoneoutLSTM and ZoneoutLSTMCell."""
+
+    def _set_zoneout_options(self, zoneout_cell, zoneout_hidden, recurrent_dropout, mask_mode, backend):
+        self.zoneout_cell = _check_probability("zoneout_cell", zoneout_cell)
+        self.zoneout_hidden = _check_probability("zoneout_hidden", zoneout_hidden)
+        self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout, allow_one=False)
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        self.mask_mode = mask_mode
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        self.backend = backend
+
+    def _layer_settings(self):
+        """(z_c, z_h, p, mode code), re-validated: the attributes are public and may be reassigned."""
+        self._set_zoneout_options(self.zoneout_cell, self.zoneout_hidden, self.recurrent_dropout,
+                                  self.mask_mode, self.backend)
+        return self.zoneout_cell, self.zoneout_hidden, self.recurrent_dropout, MASK_MODE_CODES[self.mask_mode]
+
+    def _is_stochastic(self) -> bool:
+        return self.training and (self.zoneout_cell > 0 or self.zoneout_hidden > 0 or self.recurrent_dropout > 0)
+
+    def _draw_seed(self) -> torch.Tensor:
+        """One Philox key per training forward call, from torch's default CPU generator (like dropout)."""
+        if not self._is_stochastic():
+            return torch.zeros((), dtype=torch.int64)  # unused: no mask is drawn
+        return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
+
+    def _zoneout_repr(self) -> str:
+        return (f", zoneout_cell={self.zoneout_cell}, zoneout_hidden={self.zoneout_hidden}"
+                + (f", recurrent_dropout={self.recurrent_dropout}" if self.recurrent_dropout else "")
+                + (f", mask_mode={self.mask_mode!r}" if self.mask_mode != "independent" else "")
+                + (f", backend={self.backend!r}" if self.backend != "auto" else ""))
+
+
+def _check_input_tensor(name: str, tensor: torch.Tensor, weight: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != weight.dtype:
+        raise TypeError(f"{name} must have the parameters' dtype {weight.dtype}, got {tensor.dtype}")
+    if tensor.device != weight.device:
+        raise RuntimeError(f"{name} is on {tensor.device} but the parameters are on {weight.device}")
+
+
+class ZoneoutLSTM(_ZoneoutOptions, nn.RNNBase):
+    """nn.LSTM with zoneout on the cell and hidden states (Krueger et al. 2017).
+
+    Arguments before `*` are nn.LSTM's. zoneout_cell / zoneout_hidden are the probabilities that
+    a unit keeps its previous c / h at a step (the paper's z_c, z_h; its best: 0.5, 0.05);
+    recurrent_dropout drops the candidate update i*g (Semeniuta et al. 2016); mask_mode is one of
+    "independent", "shared", "timestep" (stochastic depth in time), "static" (one mask per step
+    fixed at construction); backend one of "auto", "reference", "cpu", "triton", "cuda".
+    In evaluation the masks are replaced by their expectations.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, zoneout_cell: float = 0.0, zoneout_hidden: float = 0.0,
+                 recurrent_dropout: float = 0.0, mask_mode: str = "independent", backend: str = "auto"):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device=device, dtype=dtype)
+        self._set_zoneout_options(zoneout_cell, zoneout_hidden, recurrent_dropout, mask_mode, backend)
+        if mask_mode == "static":
+            # One mask per step for every example and batch: its key is part of the model.
+            self.register_buffer("static_seed", torch.randint(0, _SEED_HIGH, (), dtype=torch.int64))
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM, **zoneout_kwargs) -> "ZoneoutLSTM":
+        """A ZoneoutLSTM with `lstm`'s configuration and a copy of its weights."""
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"lstm must be a torch.nn.LSTM, got {type(lstm).__name__}")
+        weight = lstm.weight_ih_l0
+        module = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first,
+                     lstm.dropout, lstm.bidirectional, lstm.proj_size, device=weight.device, dtype=weight.dtype,
+                     **zoneout_kwargs)
+        module.load_state_dict(lstm.state_dict(), strict=False)
+        module.train(lstm.training)
+        return module
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        # The static key is read on the host by every call: keep it on the CPU.
+        if "static_seed" in self._buffers and self._buffers["static_seed"].device.type != "cpu":
+            self._buffers["static_seed"] = self._buffers["static_seed"].cpu()
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # An nn.LSTM state_dict has no static key: keep this module's own.
+        if prefix + "static_seed" in missing_keys:
+            missing_keys.remove(prefix + "static_seed")
+
+    def flatten_parameters(self) -> None:
+        # No cuDNN here: the parameters stay separate tensors (as nn.LSTM's are on CPU).
+        return
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._zoneout_repr()
+
+    def _weights(self, layer: int, direction: int):
+        suffix = "_reverse" if direction == 1 else ""
+        w_ih = getattr(self, f"weight_ih_l{layer}{suffix}")
+        w_hh = getattr(self, f"weight_hh_l{layer}{suffix}")
+        bias = None
+        if self.bias:
+            bias = getattr(self, f"bias_ih_l{layer}{suffix}") + getattr(self, f"bias_hh_l{layer}{suffix}")
+        w_hr = getattr(self, f"weight_hr_l{layer}{suffix}") if self.proj_size > 0 else None
+        return w_ih, w_hh, bias, w_hr
+
+    def forward(self, input, hx=None):
+        packed = isinstance(input, PackedSequence)
+        weight = self.weight_ih_l0
+        lengths = None
+        if packed:
+            x, lengths = pad_packed_sequence(input)  # [T, B, I], examples in the caller's order
+            batched = True
+        else:
+            if not isinstance(input, torch.Tensor):
+                raise TypeError(f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"input must be 2-D (unbatched) or 3-D (batched), got {input.dim()}-D")
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                x = x.transpose(0, 1)
+        _check_input_tensor("input", x, weight)
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"input.size(-1) must be input_size={self.input_size}, got {x.shape[-1]}")
+        if x.shape[0] == 0:
+            raise ValueError("input must have at least one time step")
+        steps, batch = x.shape[0], x.shape[1]
+        directions = 2 if self.bidirectional else 1
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h0, c0 = self._initial_states(hx, batched, batch, directions, out_size, x)
+
+        z_c, z_h, p, mode = self._layer_settings()
+        backend = resolve_backend(self.backend, x.device, x.dtype, projection=self.proj_size > 0)
+        seed = self.static_seed if self.mask_mode == "static" else self._draw_seed()
+        if lengths is not None:
+            lengths = lengths.to(x.device)
+        training = self.training
+
+        layer_input = x.contiguous()
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                w_ih, w_hh, bias, w_hr = self._weights(layer, direction)
+                args = (layer_input, h0[index], c0[index], w_ih, w_hh, bias, lengths, seed, layer, direction,
+                        z_c, z_h, p, mode, training)
+                y, c_last = backend.layer(*args, w_hr) if w_hr is not None else backend.layer(*args)
+                outputs.append(y)
+                h_n.append(y[-1] if direction == 0 else y[0])
+                c_n.append(c_last)
+            layer_output = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and training and layer < self.num_layers - 1:
+                layer_output = F.dropout(layer_output, self.dropout, training=True)
+            layer_input = layer_output
+        output = layer_input
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+
+        if packed:
+            sorted_indices = input.sorted_indices
+            if sorted_indices is not None:
+                output, lengths = output.index_select(1, sorted_indices), lengths[sorted_indices.to(lengths.device)]
+            repacked = pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True)
+            output = PackedSequence(repacked.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        elif not batched:
+            output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+    def _initial_states(self, hx, batched, batch, directions, out_size, x):
+        count = self.num_layers * directions
+        if hx is None:
+            return (x.new_zeros(count, batch, out_size), x.new_zeros(count, batch, self.hidden_size))
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise TypeError("hx must be a tuple (h_0, c_0)")
+        h0, c0 = hx
+        for name, state in (("hx[0] (h_0)", h0), ("hx[1] (c_0)", c0)):
+            _check_input_tensor(name, state, self.weight_ih_l0)
+            if state.dim() != (3 if batched else 2):
+                raise ValueError(f"{name} must be {3 if batched else 2}-D for {'batched' if batched else 'unbatched'}"
+                                 f" input, got {state.dim()}-D")
+        if not batched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        expected_h, expected_c = (count, batch, out_size), (count, batch, self.hidden_size)
+        if tuple(h0.shape) != expected_h:
+            raise ValueError(f"hx[0] (h_0) must have shape {expected_h}, got {tuple(h0.shape)}")
+        if tuple(c0.shape) != expected_c:
+            raise ValueError(f"hx[1] (c_0) must have shape {expected_c}, got {tuple(c0.shape)}")
+        return h0.contiguous(), c0.contiguous()
+
+
+class ZoneoutLSTMCell(_ZoneoutOptions, nn.RNNCellBase):
+    """nn.LSTMCell with zoneout: one step, fresh masks at every call in training.
+
+    Masks are drawn as for step 0 of a one-step sequence with a new seed per call; mask_mode
+    "static" is rejected (a cell cannot know which step it is at).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 zoneout_cell: float = 0.0, zoneout_hidden: float = 0.0, recurrent_dropout: float = 0.0,
+                 mask_mode: str = "independent", backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+        if mask_mode == "static":
+            raise ValueError("mask_mode='static' needs the step index: use ZoneoutLSTM for it, "
+                             "not ZoneoutLSTMCell")
+        self._set_zoneout_options(zoneout_cell, zoneout_hidden, recurrent_dropout, mask_mode, backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._zoneout_repr()
+
+    def forward(self, input: torch.Tensor, hx: Optional[tuple] = None):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"input must be 1-D (unbatched) or 2-D (batched), got {input.dim()}-D")
+        _check_input_tensor("input", input, self.weight_ih)
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"input.size(-1) must be input_size={self.input_size}, got {input.shape[-1]}")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        batch = x.shape[0]
+        if hx is None:
+            h0 = c0 = x.new_zeros(batch, self.hidden_size)
+        else:
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise TypeError("hx must be a tuple (h_0, c_0)")
+            h0, c0 = hx
+            for name, state in (("hx[0] (h_0)", h0), ("hx[1] (c_0)", c0)):
+                _check_input_tensor(name, state, self.weight_ih)
+                state = state if batched else state.unsqueeze(0)
+                if tuple(state.shape) != (batch, self.hidden_size):
+                    raise ValueError(f"{name} must have shape {(batch, self.hidden_size) if batched else (self.hidden_size,)}"
+                                     f", got {tuple(hx[0 if name.startswith('hx[0]') else 1].shape)}")
+            if not batched:
+                h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
+        z_c, z_h, p, mode = self._layer_settings()
+        backend = resolve_backend(self.backend, x.device, x.dtype)
+        bias = self.bias_ih + self.bias_hh if self.bias else None
+        y, c1 = backend.layer(x.unsqueeze(0).contiguous(), h0.contiguous(), c0.contiguous(), self.weight_ih,
+                              self.weight_hh, bias, None, self._draw_seed(), 0, 0, z_c, z_h, p, mode, self.training)
+        h1 = y[0]
+        if not batched:
+            h1, c1 = h1.squeeze(0), c1.squeeze(0)
+        return h1, c1

@@ -1,0 +1,61 @@
+"""The oracle: one layer direction of a zoneout LSTM in plain, readable PyTorch.
+
+Paper-exact (Krueger et al. 2017, sec. 3; contract sec. 1) and slow: a Python loop over time
+steps with autograd through ordinary torch ops. Masks come from the mask oracle
+(zoneout_fused.masks), so every fused backend must agree with this element for element,
+in training mode too. Signature: the layer op of zoneout_fused.ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .masks import MASK_MODES, step_masks
+
+
+def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+               bias: Optional[torch.Tensor], lengths: Optional[torch.Tensor], seed: torch.Tensor, layer: int,
+               direction: int, zoneout_cell: float, zoneout_hidden: float, recurrent_dropout: float,
+               mask_mode: int, training: bool, w_hr: Optional[torch.Tensor] = None):
+    """Runs one layer direction over x [T, B, I]; returns (y [T, B, H_out], c_n [B, H]).
+
+    w_hr [H_out, H] is nn.LSTM's projection (proj_size > 0): h~_t = (o * tanh(c~_t)) W_hr^T.
+    The hidden mask then uses the first H_out units' uniforms of the [B, H] draw.
+    """
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1] if w_hr is None else w_hr.shape[1]
+    seed = int(seed)
+    mode = MASK_MODES[mask_mode]
+    x_projection = torch.matmul(x, w_ih.t())
+    if bias is not None:
+        x_projection = x_projection + bias
+    h, c = h0, c0
+    outputs: list[Optional[torch.Tensor]] = [None] * steps
+    order = range(steps - 1, -1, -1) if direction == 1 else range(steps)
+    for t in order:
+        pre = x_projection[t] + torch.matmul(h, w_hh.t())
+        pre_i, pre_f, pre_g, pre_o = pre.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(pre_i), torch.sigmoid(pre_f), torch.tanh(pre_g), torch.sigmoid(pre_o)
+        if training:
+            m_c, m_h, keep = step_masks(seed, layer, direction, t, batch, hidden, zoneout_cell=zoneout_cell,
+                                        zoneout_hidden=zoneout_hidden, recurrent_dropout=recurrent_dropout,
+                                        mask_mode=mode, device=x.device)
+            keep_cell = m_c.to(c.dtype)
+            keep_hidden = m_h[:, : h.shape[1]].to(h.dtype)
+            update_scale = keep.to(c.dtype) * (1.0 / (1.0 - recurrent_dropout))
+        else:  # evaluation: the masks' expectations
+            keep_cell, keep_hidden, update_scale = zoneout_cell, zoneout_hidden, 1.0
+        c_candidate = f * c + update_scale * (i * g)
+        h_candidate = o * torch.tanh(c_candidate)  # from the un-zoned candidate (paper sec. 3.2)
+        if w_hr is not None:
+            h_candidate = torch.matmul(h_candidate, w_hr.t())
+        c_next = keep_cell * c + (1 - keep_cell) * c_candidate
+        h_next = keep_hidden * h + (1 - keep_hidden) * h_candidate
+        if lengths is not None:  # past a sequence's end its state stays as it was
+            active = (t < lengths).unsqueeze(1)
+            c_next = torch.where(active, c_next, c)
+            h_next = torch.where(active, h_next, h)
+        h, c = h_next, c_next
+        outputs[t] = h
+    return torch.stack(outputs), c
