@@ -200,7 +200,7 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
     if device.type not in ("cpu", "cuda"):
         return f"backend 'triton' does not run on device {device}"
     try:
-        from . import triton as _triton_backend  # noqa: F401
+        from .triton import layer_forward  # noqa: F401
     except ImportError as error:
         return f"the Triton backend failed to import: {error}"
     return None

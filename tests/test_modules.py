@@ -1,0 +1,299 @@
+"""ZoneoutLSTM / ZoneoutLSTMCell: API, state_dicts, backend selection, bad input, determinism,
+and every fused backend available on this machine against the reference through the modules."""
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import zoneout_fused as zf
+from zoneout_fused import ops
+from conftest import assert_close
+
+# CI sets this so that a backend that failed to build fails the tests instead of skipping them.
+REQUIRED = {name for name in os.environ.get("ZONEOUT_FUSED_REQUIRE_BACKENDS", "").split(",") if name}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FUSED = [name for name in ("cpu", "triton", "cuda")]
+
+
+def _backend_or_skip(name, device=DEVICE):
+    reason = ops.BACKENDS[name].unavailable_reason(torch.device(device))
+    if reason is not None:
+        if name in REQUIRED:
+            pytest.fail(f"backend {name!r} is required here but unavailable: {reason}")
+        pytest.skip(reason)
+
+
+# ----------------------------------------------------------------------------- API
+def test_parameters_and_state_dict_match_nn_lstm_both_ways():
+    kwargs = dict(num_layers=2, bidirectional=True, proj_size=3)
+    lstm, model = nn.LSTM(4, 5, **kwargs), zf.ZoneoutLSTM(4, 5, **kwargs, zoneout_cell=0.5)
+    assert [n for n, _ in lstm.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert list(lstm.state_dict()) == list(model.state_dict())
+    model.load_state_dict(lstm.state_dict())
+    lstm.load_state_dict(model.state_dict())
+    for (name, a), (_, b) in zip(lstm.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_same_initialisation_as_nn_lstm():
+    torch.manual_seed(3)
+    lstm = nn.LSTM(4, 5, num_layers=2)
+    torch.manual_seed(3)
+    model = zf.ZoneoutLSTM(4, 5, num_layers=2)
+    for a, b in zip(lstm.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_cell_state_dict_matches_nn_lstm_cell():
+    cell, model = nn.LSTMCell(4, 5), zf.ZoneoutLSTMCell(4, 5, zoneout_hidden=0.1)
+    assert list(cell.state_dict()) == list(model.state_dict())
+    model.load_state_dict(cell.state_dict())
+    cell.load_state_dict(model.state_dict())
+
+
+def test_from_lstm_copies_configuration_and_weights():
+    lstm = nn.LSTM(3, 4, num_layers=2, batch_first=True, dropout=0.1, bidirectional=True).eval()
+    model = zf.ZoneoutLSTM.from_lstm(lstm, zoneout_cell=0.25, zoneout_hidden=0.05)
+    assert (model.num_layers, model.batch_first, model.dropout, model.bidirectional) == (2, True, 0.1, True)
+    assert not model.training and model.zoneout_cell == 0.25
+    for a, b in zip(lstm.parameters(), model.parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    with pytest.raises(TypeError, match="lstm"):
+        zf.ZoneoutLSTM.from_lstm(nn.GRU(3, 4))
+
+
+def test_static_mode_keeps_its_key_in_the_state_dict():
+    model = zf.ZoneoutLSTM(3, 4, mask_mode="static", zoneout_cell=0.5, zoneout_hidden=0.5)
+    assert "static_seed" in model.state_dict()
+    other = zf.ZoneoutLSTM(3, 4, mask_mode="static", zoneout_cell=0.5, zoneout_hidden=0.5)
+    other.load_state_dict(model.state_dict())
+    assert torch.equal(other.static_seed, model.static_seed)
+    key = model.static_seed.clone()
+    model.load_state_dict(nn.LSTM(3, 4).state_dict())  # an nn.LSTM state_dict has no key: keep ours
+    assert torch.equal(model.static_seed, key)
+    # the same mask for every example and every call
+    x = torch.randn(6, 1, 3).expand(6, 5, 3)
+    out1, _ = model(x)
+    out2, _ = model(x)
+    assert torch.equal(out1, out2)
+    assert torch.equal(out1, out1[:, :1].expand_as(out1))
+
+
+def test_repr_names_the_zoneout_settings():
+    text = repr(zf.ZoneoutLSTM(3, 4, zoneout_cell=0.5, zoneout_hidden=0.05, mask_mode="shared"))
+    assert "zoneout_cell=0.5" in text and "mask_mode='shared'" in text
+
+
+def test_available_backends():
+    names = zf.available_backends("cpu")
+    assert "reference" in names and "cuda" not in names
+    assert set(names) <= set(ops.BACKENDS)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("name", ["zoneout_cell", "zoneout_hidden", "recurrent_dropout"])
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), float("inf")])
+def test_probabilities_out_of_range(name, value):
+    with pytest.raises(ValueError, match=name):
+        zf.ZoneoutLSTM(3, 4, **{name: value})
+    with pytest.raises(ValueError, match=name):
+        zf.ZoneoutLSTMCell(3, 4, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["zoneout_cell", "zoneout_hidden", "recurrent_dropout"])
+def test_probabilities_of_wrong_type(name):
+    for value in ("0.5", True, None, torch.tensor(0.5)):
+        with pytest.raises(TypeError, match=name):
+            zf.ZoneoutLSTM(3, 4, **{name: value})
+
+
+def test_recurrent_dropout_of_one_is_rejected_and_zoneout_of_one_accepted():
+    with pytest.raises(ValueError, match=r"recurrent_dropout must be in \[0, 1\)"):
+        zf.ZoneoutLSTM(3, 4, recurrent_dropout=1.0)
+    zf.ZoneoutLSTM(3, 4, zoneout_cell=1, zoneout_hidden=1.0)
+
+
+def test_reassigned_probability_is_checked_at_forward():
+    model = zf.ZoneoutLSTM(3, 4)
+    model.zoneout_hidden = 2.0
+    with pytest.raises(ValueError, match="zoneout_hidden"):
+        model(torch.randn(2, 1, 3))
+
+
+def test_unknown_mode_and_backend():
+    with pytest.raises(ValueError, match="mask_mode"):
+        zf.ZoneoutLSTM(3, 4, mask_mode="sometimes")
+    with pytest.raises(ValueError, match="backend"):
+        zf.ZoneoutLSTM(3, 4, backend="tpu")
+    with pytest.raises(ValueError, match="mask_mode='static'"):
+        zf.ZoneoutLSTMCell(3, 4, mask_mode="static")
+
+
+def test_unavailable_backend_says_why():
+    model = zf.ZoneoutLSTM(3, 4, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available: .*CUDA tensors"):
+        model(torch.randn(2, 1, 3))
+
+
+def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in ops.BACKENDS["triton"].unavailable_reason(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("module", ["lstm", "cell"])
+def test_wrong_inputs(module):
+    model = zf.ZoneoutLSTM(3, 4) if module == "lstm" else zf.ZoneoutLSTMCell(3, 4)
+    good = torch.randn(2, 1, 3) if module == "lstm" else torch.randn(2, 3)
+    with pytest.raises(ValueError, match="input_size"):
+        model(torch.randn(*good.shape[:-1], 5))
+    with pytest.raises(ValueError, match="input must be"):
+        model(torch.randn(1, 1, 1, 3))
+    with pytest.raises(TypeError, match="input must have the parameters' dtype"):
+        model(good.double())
+    with pytest.raises(TypeError, match="input must have the parameters' dtype"):
+        model(good.to(torch.int64))
+    with pytest.raises(TypeError, match="input must be a Tensor"):
+        model(good.tolist())
+    with pytest.raises(TypeError, match="hx"):
+        model(good, torch.zeros(4))
+    bad_state = torch.zeros(1, 2, 4) if module == "lstm" else torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"hx\[0\]"):
+        model(good, (bad_state, bad_state))
+
+
+def test_lstm_state_shapes_checked():
+    model = zf.ZoneoutLSTM(3, 4, num_layers=2, proj_size=2)
+    x = torch.randn(5, 3, 3)
+    with pytest.raises(ValueError, match=r"hx\[0\] \(h_0\) must have shape \(2, 3, 2\)"):
+        model(x, (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)))
+    with pytest.raises(ValueError, match=r"hx\[1\] \(c_0\) must have shape \(2, 3, 4\)"):
+        model(x, (torch.zeros(2, 3, 2), torch.zeros(2, 3, 2)))
+    with pytest.raises(ValueError, match="at least one time step"):
+        model(torch.randn(0, 3, 3))
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_same_seed_same_bits_new_seed_new_masks():
+    model = zf.ZoneoutLSTM(3, 8, num_layers=2, zoneout_cell=0.5, zoneout_hidden=0.3, recurrent_dropout=0.2)
+    x = torch.randn(6, 4, 3)
+    torch.manual_seed(5)
+    a = model(x)[0]
+    torch.manual_seed(5)
+    b = model(x)[0]
+    c = model(x)[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_no_zoneout_draws_no_seed():
+    """z = 0 and p = 0 consume no random numbers, so dropout between layers matches nn.LSTM's."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, num_layers=3, dropout=0.5)
+    model = zf.ZoneoutLSTM.from_lstm(lstm, backend="reference")
+    x = torch.randn(5, 2, 3)
+    torch.manual_seed(1)
+    expected = lstm(x)[0]
+    torch.manual_seed(1)
+    actual = model(x)[0]
+    assert_close(actual, expected)
+
+
+# ----------------------------------------------------------------------------- fused backends
+def _pair(backend, dtype, **kwargs):
+    torch.manual_seed(0)
+    reference = zf.ZoneoutLSTM(backend="reference", dtype=dtype, device=DEVICE, **kwargs)
+    fused = zf.ZoneoutLSTM(backend=backend, dtype=dtype, device=DEVICE, **kwargs)
+    fused.load_state_dict(reference.state_dict())
+    return reference, fused
+
+
+MODULE_CASES = [
+    dict(zoneout_cell=0.5, zoneout_hidden=0.05),
+    dict(zoneout_cell=0.3, zoneout_hidden=0.3, mask_mode="shared", num_layers=2, bidirectional=True),
+    dict(zoneout_cell=0.2, zoneout_hidden=0.4, mask_mode="timestep", recurrent_dropout=0.25, batch_first=True),
+    dict(zoneout_cell=0.5, zoneout_hidden=0.5, mask_mode="static", num_layers=2, bias=False),
+    dict(recurrent_dropout=0.3, bidirectional=True),
+]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("case", MODULE_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_module_equals_reference(backend, case, packed, training):
+    _backend_or_skip(backend)
+    dtype = torch.float64 if backend != "triton" or DEVICE == "cpu" else torch.float32
+    reference, fused = _pair(backend, dtype, input_size=3, hidden_size=5, **case)
+    reference.train(training), fused.train(training)
+    batch_first = case.get("batch_first", False)
+    x = torch.randn(4, 3, 3, dtype=dtype, device=DEVICE)
+    directions = 2 if case.get("bidirectional") else 1
+    hx = tuple(torch.randn(case.get("num_layers", 1) * directions, 3, 5, dtype=dtype, device=DEVICE)
+               for _ in range(2))
+    results = []
+    for model in (reference, fused):
+        x_ = x.clone().requires_grad_()
+        hx_ = tuple(h.clone().requires_grad_() for h in hx)
+        inputs = pack_padded_sequence(x_, torch.tensor([4, 2, 3]), enforce_sorted=False,
+                                      batch_first=batch_first) if packed else x_
+        torch.manual_seed(11)
+        output, (h_n, c_n) = model(inputs, hx_)
+        output = output.data if packed else output
+        loss = (output * torch.linspace(-1, 1, output.numel(), dtype=dtype, device=DEVICE).view_as(output)).sum()
+        (loss + (h_n * 0.5).sum() + (c_n * 0.25).sum()).backward()
+        results.append([output, h_n, c_n, x_.grad, *(h.grad for h in hx_), *(p.grad for p in model.parameters())])
+    for a, e in zip(results[1], results[0]):
+        assert_close(a.detach(), e.detach())
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_fused_cell_equals_reference(backend, unbatched):
+    _backend_or_skip(backend)
+    dtype = torch.float64 if backend != "triton" or DEVICE == "cpu" else torch.float32
+    torch.manual_seed(0)
+    cells = [zf.ZoneoutLSTMCell(3, 6, zoneout_cell=0.5, zoneout_hidden=0.3, backend=name, dtype=dtype,
+                                device=DEVICE) for name in ("reference", backend)]
+    cells[1].load_state_dict(cells[0].state_dict())
+    x = torch.randn(*(() if unbatched else (4,)), 3, dtype=dtype, device=DEVICE)
+    outputs = []
+    for cell in cells:
+        torch.manual_seed(2)
+        outputs.append(cell(x))
+    for a, e in zip(outputs[1], outputs[0]):
+        assert_close(a.detach(), e.detach())
+
+
+def test_auto_picks_the_fastest_built_backend():
+    picked = ops.resolve_backend("auto", torch.device("cpu"), torch.float32)
+    assert picked.name == zf.available_backends("cpu")[0]
+    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float32, projection=True).name == "reference"
+    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float16).name == "reference"
+
+
+def test_explicit_backend_rejects_what_it_cannot_do():
+    _backend_or_skip("cpu", "cpu")
+    with pytest.raises(TypeError, match="dtype"):
+        zf.ZoneoutLSTM(3, 4, backend="cpu", dtype=torch.bfloat16)(torch.randn(2, 1, 3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="proj_size"):
+        zf.ZoneoutLSTM(3, 4, proj_size=2, backend="cpu")(torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_torch_compile_fullgraph(backend):
+    if backend != "reference":
+        _backend_or_skip(backend, "cpu")
+    torch.manual_seed(0)
+    model = zf.ZoneoutLSTM(3, 5, num_layers=2, zoneout_cell=0.5, zoneout_hidden=0.05, backend=backend)
+    x = torch.randn(4, 2, 3, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=(backend != "reference"))
+    model.eval()
+    expected = model(x)[0]
+    actual = compiled(x)[0]
+    assert_close(actual, expected)
+    actual.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
