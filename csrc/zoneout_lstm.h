@@ -86,9 +86,11 @@ struct ZoneoutParams {
   int layer;
   int direction;  // 0 forward, 1 reverse
   int mask_mode;  // MaskMode
-  float zoneout_cell;       // z_c: probability that c keeps its previous value
-  float zoneout_hidden;     // z_h
-  float recurrent_dropout;  // p: probability that the candidate update i*g is dropped
+  // Probabilities are kept in double so that evaluation-mode expectations and 1/(1-p) are
+  // exact in float64; the draws compare against their float32 roundings (contract sec. 2).
+  double zoneout_cell;       // z_c: probability that c keeps its previous value
+  double zoneout_hidden;     // z_h
+  double recurrent_dropout;  // p: probability that the candidate update i*g is dropped
   bool training;            // false: masks are their expectations, no draw
   int64_t batch;            // B of the whole sequence (the mask counter uses it)
   int64_t hidden;           // H
@@ -121,15 +123,17 @@ ZF_HOST_DEVICE ElementMasks<acc_t> element_masks(const ZoneoutParams& p, int64_t
     const uint32_t stream = p.mask_mode == kTimestep ? 1u : 2u;
     const Philox4 r = philox4x32_10(p.seed, static_cast<uint32_t>(n), static_cast<uint32_t>(n >> 32), key2, stream);
     u_cell = u_hidden = uint32_to_uniform(r.r0);
-    if (p.recurrent_dropout > 0.0f) {  // recurrent dropout always draws from the stream-0 counter
+    if (p.recurrent_dropout > 0.0) {  // recurrent dropout always draws from the stream-0 counter
       const Philox4 rd = philox4x32_10(p.seed, static_cast<uint32_t>(n_elem), static_cast<uint32_t>(n_elem >> 32), key2, 0u);
       u_drop = uint32_to_uniform(rd.r2);
     }
   }
+  const float z_cell = static_cast<float>(p.zoneout_cell), z_hidden = static_cast<float>(p.zoneout_hidden);
+  const float p_drop = static_cast<float>(p.recurrent_dropout);
   ElementMasks<acc_t> m;
-  m.keep_cell = u_cell < p.zoneout_cell ? acc_t(1) : acc_t(0);
-  m.keep_hidden = u_hidden < p.zoneout_hidden ? acc_t(1) : acc_t(0);
-  m.update_scale = (p.recurrent_dropout > 0.0f && !(u_drop >= p.recurrent_dropout))
+  m.keep_cell = u_cell < z_cell ? acc_t(1) : acc_t(0);
+  m.keep_hidden = u_hidden < z_hidden ? acc_t(1) : acc_t(0);
+  m.update_scale = (p.recurrent_dropout > 0.0 && !(u_drop >= p_drop))
                        ? acc_t(0)
                        : acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.recurrent_dropout));
   return m;
