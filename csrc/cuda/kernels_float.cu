@@ -1,0 +1,16 @@
+// Step kernels for float32 and float64 (one translation unit per dtype family: parallel builds).
+#include "cuda/zoneout_launch.cuh"
+
+namespace zoneout {
+namespace cuda {
+namespace detail {
+
+using P = ZoneoutParams;
+template cudaError_t launch_forward_step<float>(Recurrence, const ForwardStepArgs&, const P&, cudaStream_t);
+template cudaError_t launch_forward_step<double>(Recurrence, const ForwardStepArgs&, const P&, cudaStream_t);
+template cudaError_t launch_backward_step<float>(Recurrence, const BackwardStepArgs&, const P&, cudaStream_t);
+template cudaError_t launch_backward_step<double>(Recurrence, const BackwardStepArgs&, const P&, cudaStream_t);
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace zoneout

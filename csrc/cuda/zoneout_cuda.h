@@ -1,0 +1,80 @@
+// zoneout_cuda.h: launch helpers of the CUDA kernels, callable from a torch binding or any
+// other host code. Raw pointers, sizes, zoneout::ZoneoutParams and a stream; no torch type.
+// Every helper returns cudaGetLastError() after its launch, so the caller checks each one.
+//
+// One call = one time step of one layer direction. The caller owns the time loop, the
+// large matrix products (x W_ih^T for all steps before the loop; the weight and input
+// gradients after it) and all allocation; the kernels only read and write what is listed.
+//
+// Dtypes: `scalar` is the I/O dtype (x, h, y, weights, pre-activations, d_pre);
+// `state` is float32 for float16/bfloat16 and the I/O dtype otherwise (cell states, gates
+// and the backward carries dh/dc); arithmetic is in float32 (float64 for float64).
+//
+// Shapes (B = params.batch, H = params.hidden; all contiguous, row-major):
+//   [B, H] per-step states, [B, 4H] per-step gates / pre-activations (rows i, f, g, o).
+// Aliasing: outputs never alias inputs, except the backward carries dh_direct and dc,
+// which are read and written in place (each thread owns its own elements).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "zoneout_lstm.h"
+
+namespace zoneout {
+namespace cuda {
+
+enum class ScalarType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// The recurrent product h_{t-1} W_hh^T (forward) / d_pre_{t+1} W_hh (backward) is either
+//   kCublas: computed by the caller (one cuBLAS GEMM per step) and passed in, or
+//   kFused:  computed inside the step kernel from W_hh, a fixed-order dot product per
+//            element (deterministic), which halves the launches per step and avoids the
+//            GEMM's host overhead. Only for hidden <= kFusedMaxHidden (shared memory).
+enum class Recurrence : int { kCublas = 0, kFused = 1 };
+constexpr int64_t kFusedMaxHidden = 256;
+constexpr int64_t kFusedMaxBatch = 65535 * 4;  // grid.y limit times examples per block
+
+struct ForwardStepArgs {
+  int64_t t = 0;                   // position in the input (the mask counter's t)
+  const void* x_proj = nullptr;    // [B, 4H] scalar: x_t W_ih^T, bias not added
+  const void* hh = nullptr;        // [B, 4H] scalar: h_{t-1} W_hh^T (kCublas only)
+  const void* w_hh_t = nullptr;    // [H, 4H] scalar: W_hh transposed (kFused only)
+  const void* bias = nullptr;      // [4H] scalar, or nullptr: b_ih + b_hh
+  const int64_t* lengths = nullptr;  // [B] on the device, or nullptr (all steps active)
+  const void* h_prev = nullptr;    // [B, H] scalar: h_{t-1} (h0 or the previous y slice)
+  const void* c_prev = nullptr;    // [B, H] state: c_{t-1}
+  void* y = nullptr;               // [B, H] scalar out: zoned h_t (h_{t-1} if inactive)
+  void* c = nullptr;               // [B, H] state out: zoned c_t (c_{t-1} if inactive)
+  void* gates = nullptr;           // [B, 4H] state out: i, f, g, o (zero if inactive)
+  void* c_n = nullptr;             // [B, H] scalar out, or nullptr: c_t again (last step)
+};
+
+struct BackwardStepArgs {
+  int64_t t = 0;                     // position in the input
+  const void* grad_y = nullptr;      // [B, H] scalar: gradient of the loss w.r.t. y_t
+  const void* dh_rec = nullptr;      // [B, H] scalar, or nullptr: d_pre_next W_hh (kCublas)
+  const void* d_pre_next = nullptr;  // [B, 4H] scalar, or nullptr: the previously processed
+                                     // step's d_pre (kFused; nullptr at the first one)
+  const void* w_hh = nullptr;        // [4H, H] scalar (kFused only)
+  const int64_t* lengths = nullptr;  // [B] on the device, or nullptr
+  const void* gates = nullptr;       // [B, 4H] state: saved activations of step t
+  const void* c_prev = nullptr;      // [B, H] state: c_{t-1}
+  void* dh_direct = nullptr;         // [B, H] state in/out: m_h * dh reaching h_{t-1}
+                                     // directly (zero before the first processed step)
+  void* dc = nullptr;                // [B, H] state in/out: gradient reaching c_t, then c_{t-1}
+  void* d_pre = nullptr;             // [B, 4H] scalar out: gradient of the pre-activations
+};
+
+// One forward step: gates, masks (regenerated from params), zoneout mixing.
+cudaError_t forward_step(ScalarType dtype, Recurrence recurrence, const ForwardStepArgs& args,
+                         const ZoneoutParams& params, cudaStream_t stream);
+
+// One backward step: the total dh is grad_y + dh_direct + (d_pre_next W_hh); masks are
+// regenerated; inactive steps pass dh (into dh_direct) and dc through and write d_pre = 0.
+cudaError_t backward_step(ScalarType dtype, Recurrence recurrence, const BackwardStepArgs& args,
+                          const ZoneoutParams& params, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace zoneout
