@@ -76,8 +76,8 @@ def register_layer_op_pair(forward_op_name: str, backward_op_name: str) -> None:
     @torch.library.register_fake(backward_op_name)
     def _backward_fake(grad_y, grad_c_n, x, h0, c0, w_ih, w_hh, bias, lengths, seed, layer, direction,
                        zoneout_cell, zoneout_hidden, recurrent_dropout, mask_mode, training, y, c_seq, gates):
-        return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
-                torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+        # The ops return contiguous gradients whatever the inputs' strides.
+        return tuple(t.new_empty(t.shape) for t in (x, h0, c0, w_ih, w_hh)) + (w_hh.new_empty(w_hh.shape[0]),)
 
     backward_op = _resolve_op(backward_op_name)
 
