@@ -1,0 +1,388 @@
+"""The Triton backend against the reference oracle, element for element (same seed, same masks).
+
+Without a GPU the kernels run under the Triton interpreter on CPU tensors (conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton); shapes are tiny so the file stays fast there.
+With a GPU the same tests run the compiled kernels on CUDA, plus the 16-bit accuracy tests.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import zoneout_fused as zf
+from zoneout_fused import masks, ops, reference
+from conftest import TOLERANCES, assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_REASON = ops.BACKENDS["triton"].unavailable_reason(torch.device(DEVICE))
+if _REASON is not None and "triton" in os.environ.get("ZONEOUT_FUSED_REQUIRE_BACKENDS", "").split(","):
+    raise RuntimeError(f"backend 'triton' is required here but unavailable: {_REASON}")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
+
+if _REASON is None:
+    from zoneout_fused.triton import layer as triton_layer
+    from zoneout_fused.triton.masks import step_masks_kernel
+
+# float64 runs only under the interpreter (on GPU the backend offers float32/float16/bfloat16).
+EXACT_DTYPES = [torch.float32] + ([torch.float64] if DEVICE == "cpu" else [])
+MODES = list(masks.MASK_MODES)
+SEED = 0x1234_5678_9ABC  # above 2**32: both key words matter
+GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "bias")
+
+
+def _inputs(steps=4, batch=3, inputs=5, hidden=20, dtype=torch.float32, bias=True, generator_seed=0):
+    """x, h0, c0, w_ih, w_hh, bias with values that keep the gates off saturation. H = 20 is not a
+    multiple of the 16-wide tiles, so the masked edge tiles are exercised."""
+    g = torch.Generator().manual_seed(generator_seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+    return [rand(steps, batch, inputs), rand(batch, hidden, scale=0.5), rand(batch, hidden, scale=0.5),
+            rand(4 * hidden, inputs, scale=0.4), rand(4 * hidden, hidden, scale=0.3),
+            rand(4 * hidden, scale=0.2) if bias else None]
+
+
+def _run(layer_fn, tensors, lengths, seed, layer, direction, z_c, z_h, p, mode, training, grads=True):
+    """Forward through layer_fn, backward from fixed weights on y and c_n; returns [y, c_n, *grads]."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    y, c_n = layer_fn(*leaves, lengths, torch.tensor(seed), layer, direction, z_c, z_h, p,
+                      masks.MASK_MODE_CODES[mode], training)
+    if not grads:
+        return [y.detach(), c_n.detach()]
+    weight_y = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
+    weight_c = torch.linspace(1, -0.5, c_n.numel(), dtype=y.dtype, device=y.device).view_as(c_n)
+    ((y * weight_y).sum() + (c_n * weight_c).sum()).backward()
+    out = [y.detach(), c_n.detach()]
+    for leaf in leaves:
+        out.append(leaf.grad if leaf is not None else None)
+    return out
+
+
+def _triton(*args):
+    return ops.BACKENDS["triton"].layer(*args)
+
+
+def _compare(actual, expected, dtype, what=""):
+    names = ("y", "c_n") + tuple(f"grad_{n}" for n in GRAD_NAMES)
+    for name, a, e in zip(names, actual, expected):
+        if e is None:
+            assert a is None, name
+            continue
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        assert_close(a, e, dtype, msg=f"{what} {name}")
+
+
+# ----------------------------------------------------------------------------- layer op vs reference
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("direction", [0, 1])
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_matches_reference(mode, direction, training):
+    """Every output and gradient, every mask mode, both directions, lengths, recurrent dropout."""
+    tensors = _inputs()
+    lengths = torch.tensor([4, 2, 3], device=DEVICE)
+    args = (lengths, SEED, 1, direction, 0.4, 0.3, 0.2, mode, training)
+    expected = _run(reference.lstm_layer, tensors, *args)
+    actual = _run(_triton, tensors, *args)
+    _compare(actual, expected, torch.float32, f"{mode} d={direction} training={training}")
+
+
+AWKWARD_CASES = {
+    "T1": dict(steps=1),  # T = 1: the first step is also the last
+    "no-bias": dict(bias=False, lengths=None),
+    "H7-B1-shared": dict(batch=1, hidden=7, z_c=0.5, z_h=0.5, mode="shared"),  # H < one tile
+    "H33-dropout-only": dict(steps=3, hidden=33, z_c=0.0, z_h=0.0, p=0.3, mode="timestep"),  # 3 H tiles, no zoneout draw
+    "length0": dict(steps=3, z_c=0.6, z_h=0.15, p=0.0, mode="independent", lengths=[0, 3, 1]),
+    "no-zoneout": dict(steps=3, hidden=17, z_c=0.0, z_h=0.0, p=0.0),  # plain LSTM
+}
+# float64 (interpreter only) for a few: its 1e-10 tolerance sees formula differences float32 would hide.
+AWKWARD_PARAMS = [pytest.param(case, torch.float32, id=f"{name}-float32") for name, case in AWKWARD_CASES.items()]
+if torch.float64 in EXACT_DTYPES:
+    AWKWARD_PARAMS += [pytest.param(AWKWARD_CASES[name], torch.float64, id=f"{name}-float64")
+                       for name in ("T1", "no-bias", "length0")]
+
+
+@pytest.mark.parametrize("case, dtype", AWKWARD_PARAMS)
+def test_awkward_shapes_and_settings(case, dtype):
+    case = dict(case)
+    shape = {k: case.pop(k) for k in ("steps", "batch", "hidden", "bias") if k in case}
+    tensors = _inputs(dtype=dtype, **shape)
+    steps, batch = tensors[0].shape[:2]
+    lengths = case.pop("lengths", [max(1, steps - b) for b in range(batch)])
+    lengths = None if lengths is None else torch.tensor(lengths, device=DEVICE)
+    settings = dict(z_c=0.3, z_h=0.2, p=0.1, mode="static")
+    settings.update(case)
+    for direction in (0, 1):
+        args = (lengths, SEED, 0, direction, settings["z_c"], settings["z_h"], settings["p"], settings["mode"], True)
+        expected = _run(reference.lstm_layer, tensors, *args)
+        actual = _run(_triton, tensors, *args)
+        _compare(actual, expected, dtype, f"direction {direction}")
+
+
+def test_wrong_seed_fails_the_comparison():
+    """The tolerances can fail: masks from another seed (or layer) differ in O(1) elements."""
+    tensors = _inputs()
+    args = (None, SEED, 0, 0, 0.3, 0.3, 0.0, "independent", True)
+    actual = _run(_triton, tensors, *args, grads=False)
+    assert_close(actual[0], _run(reference.lstm_layer, tensors, *args, grads=False)[0])
+    for wrong in [(None, SEED + 1) + args[2:], (None, SEED, 1) + args[3:]]:
+        with pytest.raises(AssertionError):
+            assert_close(actual[0], _run(reference.lstm_layer, tensors, *wrong, grads=False)[0])
+
+
+def test_full_zoneout_freezes_the_state():
+    tensors = _inputs()
+    for training in (True, False):
+        y, c_n = _run(_triton, tensors, None, SEED, 0, 0, 1.0, 1.0, 0.0, "independent", training, grads=False)
+        assert torch.equal(y, tensors[1].expand_as(y)) and torch.equal(c_n, tensors[2])
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """Fresh buffers filled with NaN: an element a kernel skips would surface in some output."""
+    def nan_empty(*shape, **kwargs):
+        return torch.full(shape, float("nan"), **kwargs)
+
+    monkeypatch.setattr(triton_layer, "_empty", nan_empty)
+    tensors = _inputs(hidden=21)
+    lengths = torch.tensor([4, 1, 3], device=DEVICE)
+    for direction in (0, 1):
+        args = (lengths, SEED, 0, direction, 0.4, 0.3, 0.2, "independent", True)
+        out = _run(_triton, tensors, *args)
+        _compare(out, _run(reference.lstm_layer, tensors, *args), torch.float32)
+        leaves = [t.detach() for t in tensors]
+        forward = torch.ops.zoneout_fused.triton_layer_forward(*leaves, lengths, torch.tensor(SEED), 0, direction,
+                                                               0.4, 0.3, 0.2, 0, True)
+        for name, tensor in zip(("y", "c_n", "c_seq", "gates"), forward):
+            assert not tensor.isnan().any(), name
+
+
+def test_non_contiguous_inputs():
+    x, h0, c0, w_ih, w_hh, bias = _inputs()
+    x_strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, [B, T, I] memory
+    w_strided = w_hh.t().contiguous().t()
+    assert not x_strided.is_contiguous() and not w_strided.is_contiguous()
+    args = (None, SEED, 0, 1, 0.3, 0.2, 0.1, "independent", True)
+    expected = _run(reference.lstm_layer, [x, h0, c0, w_ih, w_hh, bias], *args)
+    actual = _run(_triton, [x_strided, h0, c0, w_ih, w_strided, bias], *args)
+    _compare(actual, expected, torch.float32)
+
+
+def test_deterministic_bitwise():
+    tensors = _inputs()
+    args = (torch.tensor([4, 2, 3], device=DEVICE), SEED, 0, 0, 0.4, 0.3, 0.2, "independent", True)
+    first, second = _run(_triton, tensors, *args), _run(_triton, tensors, *args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="float64 runs under the interpreter only")
+@pytest.mark.parametrize("mode", ["independent", "static"])
+def test_gradcheck_float64(mode):
+    tensors = [t.detach().requires_grad_() if t is not None else None
+               for t in _inputs(steps=3, batch=2, inputs=2, hidden=3, dtype=torch.float64)]
+    lengths = torch.tensor([3, 2])
+
+    def fn(*leaves):
+        return _triton(*leaves, lengths, torch.tensor(SEED), 0, 1, 0.4, 0.3, 0.2, masks.MASK_MODE_CODES[mode], True)
+
+    assert torch.autograd.gradcheck(fn, tuple(tensors), fast_mode=True)
+
+
+def test_opcheck():
+    x, h0, c0, w_ih, w_hh, bias = _inputs(steps=2, batch=2, inputs=3, hidden=5)
+    lengths = torch.tensor([2, 1], device=DEVICE)
+    scalars = (torch.tensor(SEED), 0, 1, 0.3, 0.2, 0.1, 0, True)
+    forward_args = (x.requires_grad_(), h0, c0, w_ih, w_hh, bias, lengths, *scalars)
+    torch.library.opcheck(torch.ops.zoneout_fused.triton_layer_forward.default, forward_args)
+    y, c_n, c_seq, gates = torch.ops.zoneout_fused.triton_layer_forward(*(a.detach() if isinstance(a, torch.Tensor)
+                                                                         else a for a in forward_args))
+    backward_args = (torch.randn_like(y), torch.randn_like(c_n), x.detach(), h0, c0, w_ih, w_hh, bias, lengths,
+                     *scalars, y, c_seq, gates)
+    torch.library.opcheck(torch.ops.zoneout_fused.triton_layer_backward.default, backward_args)
+
+
+def test_bad_arguments_raise():
+    x, h0, c0, w_ih, w_hh, bias = _inputs(steps=2, batch=2, inputs=3, hidden=5)
+    good = [x, h0, c0, w_ih, w_hh, bias, None, torch.tensor(SEED), 0, 0, 0.1, 0.1, 0.0, 0, True]
+
+    def call(**changes):
+        args = list(good)
+        for name, value in changes.items():
+            args[ops.LAYER_FORWARD_FIELDS.index(name)] = value
+        return _triton(*args)
+
+    with pytest.raises(ValueError, match="h0"):
+        call(h0=h0[:1])
+    with pytest.raises(ValueError, match="w_ih"):
+        call(w_ih=w_ih[:, :2])
+    with pytest.raises(TypeError, match="c0"):
+        call(c0=c0.double() if c0.dtype != torch.float64 else c0.float())
+    with pytest.raises(ValueError, match="lengths"):
+        call(lengths=torch.tensor([1, 2, 3], device=DEVICE))
+    with pytest.raises(ValueError, match="seed"):
+        call(seed=torch.tensor(-5))
+    with pytest.raises(ValueError, match="mask_mode"):
+        call(mask_mode=7)
+
+
+# ----------------------------------------------------------------------------- the in-kernel masks
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("step", [0, 3, 80_000_000])  # the last puts n above 2**32 (high counter word)
+def test_kernel_masks_equal_the_oracle(mode, step):
+    batch, hidden, layer, direction = 3, 20, 2, 1
+    z_c, z_h, p = 0.5, 0.25, 0.3
+    out = [torch.empty(batch, hidden, dtype=torch.float32, device=DEVICE) for _ in range(3)]
+    params = torch.tensor([z_c, z_h, p, 1.0 / (1.0 - p)], dtype=torch.float64, device=DEVICE)
+    import triton.language as tl
+    step_masks_kernel[(1, 2)](*out, params, SEED, 2 * layer + direction, step, batch, hidden,
+                              MODE=masks.MASK_MODE_CODES[mode], TRAINING=True, DRAW_ZONEOUT=True, HAS_DROPOUT=True,
+                              ACC=tl.float32, BLOCK_B=16, BLOCK_H=16)
+    m_c, m_h, keep = masks.step_masks(SEED, layer, direction, step, batch, hidden, zoneout_cell=z_c,
+                                      zoneout_hidden=z_h, recurrent_dropout=p, mask_mode=mode, device=DEVICE)
+    assert torch.equal(out[0], m_c.float())
+    assert torch.equal(out[1], m_h.float())
+    assert torch.equal(out[2], keep.float() * torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+    assert 0 < m_c.sum() < m_c.numel() or mode in ("timestep", "static")
+
+
+# ----------------------------------------------------------------------------- the modules
+def _module_pair(dtype, **kwargs):
+    torch.manual_seed(0)
+    ref = zf.ZoneoutLSTM(backend="reference", dtype=dtype, device=DEVICE, **kwargs)
+    fused = zf.ZoneoutLSTM(backend="triton", dtype=dtype, device=DEVICE, **kwargs)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("mode", ["independent", "static"])
+def test_module_multilayer_bidirectional_packed(mode, training):
+    dtype = torch.float32
+    ref, fused = _module_pair(dtype, input_size=3, hidden_size=18, num_layers=2, bidirectional=True, dropout=0.2,
+                              zoneout_cell=0.4, zoneout_hidden=0.2, recurrent_dropout=0.1, mask_mode=mode)
+    if mode == "static":
+        assert torch.equal(ref.static_seed, fused.static_seed)
+    x = torch.randn(4, 3, 3, dtype=dtype, device=DEVICE)
+    hx = tuple(torch.randn(4, 3, 18, dtype=dtype, device=DEVICE) for _ in range(2))
+    lengths = torch.tensor([2, 4, 3])
+    results = []
+    for model in (ref, fused):
+        model.train(training)
+        x_ = x.clone().requires_grad_()
+        hx_ = tuple(h.clone().requires_grad_() for h in hx)
+        torch.manual_seed(7)  # the same per-call seed and inter-layer dropout for both
+        output, (h_n, c_n) = model(pack_padded_sequence(x_, lengths, enforce_sorted=False), hx_)
+        weights = torch.linspace(-1, 1, output.data.numel(), dtype=dtype, device=DEVICE).view_as(output.data)
+        ((output.data * weights).sum() + (h_n * 0.5).sum() - (c_n * 0.25).sum()).backward()
+        results.append([output.data, h_n, c_n, x_.grad, *(h.grad for h in hx_),
+                        *(p.grad for p in model.parameters())])
+    for a, e in zip(results[1], results[0]):
+        assert_close(a.detach(), e.detach())
+
+
+def test_cell_matches_reference():
+    torch.manual_seed(0)
+    cells = [zf.ZoneoutLSTMCell(3, 19, zoneout_cell=0.5, zoneout_hidden=0.3, recurrent_dropout=0.2, backend=name,
+                                device=DEVICE) for name in ("reference", "triton")]
+    cells[1].load_state_dict(cells[0].state_dict())
+    x = torch.randn(2, 3, device=DEVICE)
+    outputs = []
+    for cell in cells:
+        torch.manual_seed(2)
+        h, c = cell(x)
+        (h.sum() + 2 * c.sum()).backward()
+        outputs.append([h, c, *(p.grad for p in cell.parameters())])
+    for a, e in zip(outputs[1], outputs[0]):
+        assert_close(a.detach(), e.detach())
+
+
+def test_torch_compile_sees_one_op():
+    torch.manual_seed(0)
+    model = zf.ZoneoutLSTM(3, 5, zoneout_cell=0.5, zoneout_hidden=0.05, backend="triton", device=DEVICE).eval()
+    x = torch.randn(4, 2, 3, device=DEVICE, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    expected = model(x)[0]
+    actual = compiled(x)[0]
+    assert_close(actual, expected)
+    actual.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ----------------------------------------------------------------------------- GPU code without a GPU
+_COMPILE_FOR_HOPPER = textwrap.dedent("""
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from zoneout_fused.triton import lstm_step
+
+    def build(fn, types, consts, num_warps):
+        sig = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps))
+
+    for x, ieee, mode, first, blocks in [("*fp32", True, 0, False, (64, 16, 8)), ("*bf16", False, 2, True, (16, 16, 4))]:
+        block_b, block_h, warps = blocks
+        common = dict(HAS_LENGTHS=True, MODE=mode, TRAINING=True, DRAW_ZONEOUT=True, HAS_DROPOUT=True,
+                      ACC=tl.float32, IEEE_DOT=ieee, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=32)
+        build(lstm_step.lstm_forward_step_kernel,
+              dict(xp_ptr="*fp32", w_hh_ptr=x, h0_ptr=x, c0_ptr=x, y_ptr=x, c_seq_ptr="*fp32", gates_ptr="*fp32",
+                   lengths_ptr="*i64", params_ptr="*fp64", seed="i64", key2="i32", t="i32", t_prev="i32",
+                   B="i32", H="i32"), dict(FIRST=first, **common), warps)
+        build(lstm_step.lstm_backward_step_kernel,
+              dict(grad_y_ptr=x, w_hh_ptr=x, c0_ptr=x, c_seq_ptr="*fp32", gates_ptr="*fp32", d_pre_ptr="*fp32",
+                   dh_ptr="*fp32", dc_ptr="*fp32", lengths_ptr="*i64", params_ptr="*fp64", seed="i64",
+                   key2="i32", t="i32", t_prev="i32", t_next="i32", B="i32", H="i32"),
+              dict(FIRST=first, LAST=False, **common), warps)
+    print("compiled")
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every test above compiles the kernels")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter skips Triton's compiler; compile the step kernels to sm_90 cubins (no GPU needed)
+    so that code the interpreter accepts but the compiler rejects fails here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, cwd=root, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- 16-bit on the GPU
+# err(triton vs float64 reference) <= 2 * err(same-dtype reference vs float64 reference) + ATOL.
+ACCURACY_ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16/bfloat16 Triton kernels need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("direction", [0, 1])
+@pytest.mark.parametrize("mode", ["independent", "timestep"])
+def test_16bit_three_way_accuracy(dtype, direction, mode):
+    # A paper-sized hidden layer (not a multiple of the tiles) over enough steps to accumulate error.
+    tensors64 = _inputs(steps=35, batch=20, inputs=64, hidden=300, dtype=torch.float64)
+    lengths = torch.randint(1, 36, (20,), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    args = (lengths, SEED, 0, direction, 0.5, 0.05, 0.1, mode, True)
+    exact = _run(reference.lstm_layer, tensors64, *args)
+    low = [t.to(dtype) if t is not None else None for t in tensors64]
+    same_dtype = _run(reference.lstm_layer, low, *args)
+    actual = _run(_triton, low, *args)
+    names = ("y", "c_n") + tuple(f"grad_{n}" for n in GRAD_NAMES)
+    for name, a, s, e in zip(names, actual, same_dtype, exact):
+        assert a.dtype == dtype, name
+        err_kernel = (a.double() - e).abs().max().item()
+        err_reference = (s.double() - e).abs().max().item()
+        scale = max(1.0, e.abs().max().item())  # gradients of weights sum over T*B terms
+        assert err_kernel <= 2 * err_reference + ACCURACY_ATOL[dtype] * scale, (name, err_kernel, err_reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only")
+def test_float32_uses_ieee_products_on_the_gpu():
+    """TF32 in the recurrent product would miss the float32 tolerance at this size."""
+    tensors = _inputs(steps=20, batch=32, inputs=64, hidden=257)
+    args = (None, SEED, 0, 0, 0.5, 0.05, 0.0, "independent", True)
+    _compare(_run(_triton, tensors, *args), _run(reference.lstm_layer, tensors, *args), torch.float32)

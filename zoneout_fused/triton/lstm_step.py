@@ -1,0 +1,287 @@
+"""One time step of a zoneout LSTM layer direction: the forward and backward step kernels.
+
+Both mirror csrc/zoneout_lstm.h element for element (cell_forward / cell_backward): the same
+formulas in the same order, masks regenerated from (seed, counter) in both passes.
+
+Forward, one launch per step, grid (B tiles, H tiles). A program owns examples b in its B tile
+and hidden units j in its H tile, and computes all four gate columns (i, f, g, o) of those units:
+    pre[b, g*H + j] = xp[t, b, g*H + j] + sum_k h_{t-1}[b, k] W_hh[g*H + j, k]
+so the pointwise LSTM + zoneout math needs nothing from other programs. xp = x W_ih^T + bias is one
+big matmul done in torch before the time loop.
+
+Backward, also one launch per step (not two). dh_t needs d_pre[t+1] @ W_hh over all 4H columns,
+which a single program cannot produce for its own tile in the same launch as d_pre[t+1] itself.
+So the step-t program first finishes the previous step's product for its tile,
+    dh_t[b, j] = direct[b, j] + sum_k d_pre[t_next][b, k] W_hh[k, j]     (d_pre[t_next] complete:
+                                                                          the previous launch wrote it)
+then does the pointwise backward of step t and writes d_pre[t] (its 4 gate columns), dc_{t-1} and
+the direct term m_h * dh_t into [B, H] buffers it alone owns (in place, no races). The product
+for the first step's h_{t-1} (= grad_h0) is one small torch matmul after the loop. A two-launch
+scheme (pointwise, then dot) would move the same bytes and pay twice the launch latency.
+
+Block sizes: see `choose_blocks`.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .masks import element_masks
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # tl has no tanh that also runs in the interpreter; this form never overflows
+    # (exp of a non-positive number) and its absolute error is a few ulp of 1.
+    e = tl.exp(-2.0 * tl.abs(x))
+    r = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit(do_not_specialize=["seed", "key2", "t", "t_prev"])
+def lstm_forward_step_kernel(
+        xp_ptr,  # [T, B, 4H] ACC: x W_ih^T + bias
+        w_hh_ptr,  # [4H, H] x's dtype
+        h0_ptr, c0_ptr,  # [B, H] x's dtype
+        y_ptr,  # [T, B, H] x's dtype (zoned h_t)
+        c_seq_ptr,  # [T, B, H] state dtype (zoned c_t)
+        gates_ptr,  # [T, B, 4H] state dtype (i, f, g, o)
+        lengths_ptr,  # [B] int64 (unused without HAS_LENGTHS)
+        params_ptr,  # float64 [z_c, z_h, p, scale]
+        seed, key2, t, t_prev, B, H,
+        FIRST: tl.constexpr, HAS_LENGTHS: tl.constexpr, MODE: tl.constexpr, TRAINING: tl.constexpr,
+        DRAW_ZONEOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, IEEE_DOT: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rj = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b = rb.to(tl.int64)[:, None]  # [BB, 1]
+    j = rj.to(tl.int64)[None, :]  # [1, BH]
+    in_b = b < B
+    in_j = j < H
+    inside = in_b & in_j
+    t64 = t.to(tl.int64)
+    if FIRST:
+        h_prev_ptr = h0_ptr
+        c_prev_ptr = c0_ptr
+    else:
+        h_prev_ptr = y_ptr + t_prev.to(tl.int64) * B * H
+        c_prev_ptr = c_seq_ptr + t_prev.to(tl.int64) * B * H
+
+    # Recurrent product for the four gate columns of this j tile (fp32/fp64 accumulation).
+    acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+    acc_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+    acc_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+    acc_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    for k0 in range(0, H, BLOCK_K):
+        k_row = k0 + rk[None, :]  # [1, BK]
+        k_col = k0 + rk[:, None]  # [BK, 1]
+        h_tile = tl.load(h_prev_ptr + b * H + k_row, mask=in_b & (k_row < H), other=0.0)
+        w_mask = (k_col < H) & in_j
+        # W_hh^T tile [BK, BH] of gate q: W_hh[q*H + j, k].
+        w_i = tl.load(w_hh_ptr + (0 * H + j) * H + k_col, mask=w_mask, other=0.0)
+        w_f = tl.load(w_hh_ptr + (1 * H + j) * H + k_col, mask=w_mask, other=0.0)
+        w_g = tl.load(w_hh_ptr + (2 * H + j) * H + k_col, mask=w_mask, other=0.0)
+        w_o = tl.load(w_hh_ptr + (3 * H + j) * H + k_col, mask=w_mask, other=0.0)
+        if IEEE_DOT:  # float32/float64: no TF32 rounding, to match torch.matmul
+            acc_i = tl.dot(h_tile, w_i, acc_i, input_precision="ieee")
+            acc_f = tl.dot(h_tile, w_f, acc_f, input_precision="ieee")
+            acc_g = tl.dot(h_tile, w_g, acc_g, input_precision="ieee")
+            acc_o = tl.dot(h_tile, w_o, acc_o, input_precision="ieee")
+        else:  # float16/bfloat16 operands, float32 accumulation
+            acc_i = tl.dot(h_tile, w_i, acc_i)
+            acc_f = tl.dot(h_tile, w_f, acc_f)
+            acc_g = tl.dot(h_tile, w_g, acc_g)
+            acc_o = tl.dot(h_tile, w_o, acc_o)
+
+    four_h = 4 * H
+    xp_row = xp_ptr + t64 * B * four_h + b * four_h + j
+    pre_i = acc_i + tl.load(xp_row + 0 * H, mask=inside, other=0.0).to(ACC)
+    pre_f = acc_f + tl.load(xp_row + 1 * H, mask=inside, other=0.0).to(ACC)
+    pre_g = acc_g + tl.load(xp_row + 2 * H, mask=inside, other=0.0).to(ACC)
+    pre_o = acc_o + tl.load(xp_row + 3 * H, mask=inside, other=0.0).to(ACC)
+    gate_i = _sigmoid(pre_i)
+    gate_f = _sigmoid(pre_f)
+    gate_g = _tanh(pre_g)
+    gate_o = _sigmoid(pre_o)
+
+    h_prev = tl.load(h_prev_ptr + b * H + j, mask=inside, other=0.0).to(ACC)
+    c_prev = tl.load(c_prev_ptr + b * H + j, mask=inside, other=0.0).to(ACC)
+    keep_cell, keep_hidden, update_scale = element_masks(seed, key2, t, b, j, B, H, params_ptr, MODE, TRAINING,
+                                                         DRAW_ZONEOUT, HAS_DROPOUT, ACC)
+    c_candidate = gate_f * c_prev + update_scale * (gate_i * gate_g)
+    h_candidate = gate_o * _tanh(c_candidate)  # from the un-zoned candidate (paper sec. 3.2)
+    c_next = keep_cell * c_prev + (1.0 - keep_cell) * c_candidate
+    h_next = keep_hidden * h_prev + (1.0 - keep_hidden) * h_candidate
+    if HAS_LENGTHS:  # past a sequence's end: state copied through, gates zero
+        length = tl.load(lengths_ptr + b, mask=in_b, other=0)
+        active = t64 < length
+        c_next = tl.where(active, c_next, c_prev)
+        h_next = tl.where(active, h_next, h_prev)
+        gate_i = tl.where(active, gate_i, 0.0)
+        gate_f = tl.where(active, gate_f, 0.0)
+        gate_g = tl.where(active, gate_g, 0.0)
+        gate_o = tl.where(active, gate_o, 0.0)
+
+    state_offs = t64 * B * H + b * H + j
+    tl.store(y_ptr + state_offs, h_next.to(y_ptr.dtype.element_ty), mask=inside)
+    tl.store(c_seq_ptr + state_offs, c_next.to(c_seq_ptr.dtype.element_ty), mask=inside)
+    gates_row = gates_ptr + t64 * B * four_h + b * four_h + j
+    gate_ty = gates_ptr.dtype.element_ty
+    tl.store(gates_row + 0 * H, gate_i.to(gate_ty), mask=inside)
+    tl.store(gates_row + 1 * H, gate_f.to(gate_ty), mask=inside)
+    tl.store(gates_row + 2 * H, gate_g.to(gate_ty), mask=inside)
+    tl.store(gates_row + 3 * H, gate_o.to(gate_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["seed", "key2", "t", "t_prev", "t_next"])
+def lstm_backward_step_kernel(
+        grad_y_ptr,  # [T, B, H] x's dtype
+        w_hh_ptr,  # [4H, H] x's dtype
+        c0_ptr,  # [B, H] x's dtype
+        c_seq_ptr,  # [T, B, H] state dtype
+        gates_ptr,  # [T, B, 4H] state dtype
+        d_pre_ptr,  # [T, B, 4H] ACC: gradient of the pre-activations (written at t, read at t_next)
+        dh_ptr,  # [B, H] ACC in/out: in, m_h*dh direct term from step t_next; out, this step's
+        dc_ptr,  # [B, H] ACC in/out: gradient reaching c_t; out, c_{t-1}
+        lengths_ptr, params_ptr,
+        seed, key2, t, t_prev, t_next, B, H,
+        FIRST: tl.constexpr,  # t is the first processed step: c_{t-1} is c0
+        LAST: tl.constexpr,  # t is the last processed step: no later step feeds dh through W_hh
+        HAS_LENGTHS: tl.constexpr, MODE: tl.constexpr, TRAINING: tl.constexpr, DRAW_ZONEOUT: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, IEEE_DOT: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rj = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b = rb.to(tl.int64)[:, None]
+    j = rj.to(tl.int64)[None, :]
+    in_b = b < B
+    in_j = j < H
+    inside = in_b & in_j
+    t64 = t.to(tl.int64)
+    four_h = 4 * H
+    tile = b * H + j
+
+    # dh_t = direct term + d_pre[t_next] @ W_hh (the whole 4H reduction, for this tile).
+    dh = tl.load(dh_ptr + tile, mask=inside, other=0.0).to(ACC)
+    if not LAST:
+        acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        rk = tl.arange(0, BLOCK_K).to(tl.int64)
+        d_next = d_pre_ptr + t_next.to(tl.int64) * B * four_h
+        for k0 in range(0, four_h, BLOCK_K):
+            k_row = k0 + rk[None, :]
+            k_col = k0 + rk[:, None]
+            d_tile = tl.load(d_next + b * four_h + k_row, mask=in_b & (k_row < four_h), other=0.0)
+            w_tile = tl.load(w_hh_ptr + k_col * H + j, mask=(k_col < four_h) & in_j, other=0.0)
+            if IEEE_DOT:
+                acc = tl.dot(d_tile, w_tile, acc, input_precision="ieee")
+            else:  # 16-bit weights: round d_pre to their dtype for the tensor cores, accumulate in fp32
+                acc = tl.dot(d_tile.to(w_tile.dtype), w_tile, acc)
+        dh += acc
+    dh += tl.load(grad_y_ptr + t64 * B * H + tile, mask=inside, other=0.0).to(ACC)
+    dc = tl.load(dc_ptr + tile, mask=inside, other=0.0).to(ACC)
+
+    gates_row = gates_ptr + t64 * B * four_h + b * four_h + j
+    gate_i = tl.load(gates_row + 0 * H, mask=inside, other=0.0).to(ACC)
+    gate_f = tl.load(gates_row + 1 * H, mask=inside, other=0.0).to(ACC)
+    gate_g = tl.load(gates_row + 2 * H, mask=inside, other=0.0).to(ACC)
+    gate_o = tl.load(gates_row + 3 * H, mask=inside, other=0.0).to(ACC)
+    if FIRST:
+        c_prev = tl.load(c0_ptr + tile, mask=inside, other=0.0).to(ACC)
+    else:
+        c_prev = tl.load(c_seq_ptr + t_prev.to(tl.int64) * B * H + tile, mask=inside, other=0.0).to(ACC)
+    keep_cell, keep_hidden, update_scale = element_masks(seed, key2, t, b, j, B, H, params_ptr, MODE, TRAINING,
+                                                         DRAW_ZONEOUT, HAS_DROPOUT, ACC)
+
+    # cell_backward of zoneout_lstm.h: c~ recomputed from the saved gates and c_{t-1}.
+    c_candidate = gate_f * c_prev + update_scale * (gate_i * gate_g)
+    tanh_c = _tanh(c_candidate)
+    dh_candidate = (1.0 - keep_hidden) * dh
+    dc_candidate = (1.0 - keep_cell) * dc + dh_candidate * gate_o * (1.0 - tanh_c * tanh_c)
+    d_update = dc_candidate * update_scale
+    dc_prev = keep_cell * dc + gate_f * dc_candidate
+    dh_prev_direct = keep_hidden * dh
+    d_pre_i = d_update * gate_g * gate_i * (1.0 - gate_i)
+    d_pre_f = dc_candidate * c_prev * gate_f * (1.0 - gate_f)
+    d_pre_g = d_update * gate_i * (1.0 - gate_g * gate_g)
+    d_pre_o = dh_candidate * tanh_c * gate_o * (1.0 - gate_o)
+    if HAS_LENGTHS:  # past a sequence's end the step is the identity on (h, c)
+        length = tl.load(lengths_ptr + b, mask=in_b, other=0)
+        active = t64 < length
+        dc_prev = tl.where(active, dc_prev, dc)
+        dh_prev_direct = tl.where(active, dh_prev_direct, dh)
+        d_pre_i = tl.where(active, d_pre_i, 0.0)
+        d_pre_f = tl.where(active, d_pre_f, 0.0)
+        d_pre_g = tl.where(active, d_pre_g, 0.0)
+        d_pre_o = tl.where(active, d_pre_o, 0.0)
+
+    d_row = d_pre_ptr + t64 * B * four_h + b * four_h + j
+    tl.store(d_row + 0 * H, d_pre_i, mask=inside)
+    tl.store(d_row + 1 * H, d_pre_f, mask=inside)
+    tl.store(d_row + 2 * H, d_pre_g, mask=inside)
+    tl.store(d_row + 3 * H, d_pre_o, mask=inside)
+    tl.store(dh_ptr + tile, dh_prev_direct, mask=inside)
+    tl.store(dc_ptr + tile, dc_prev, mask=inside)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block sizes.
+# ---------------------------------------------------------------------------------------------
+_SM_COUNT = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def choose_blocks(batch: int, hidden: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps) for one step's [B, H] x [H, 4H] product.
+
+    Not timed (no GPU was available when this was written): a reasoned first guess, to be
+    replaced by measurements. A step moves W_hh (4H x H) once per B tile and h_{t-1} (B x H)
+    once per H tile, and does little arithmetic, so at the paper's sizes it is latency- and
+    bandwidth-bound, and the first aim is to give every SM a program. tl.dot needs tiles of at
+    least 16, so the candidates are BLOCK_B, BLOCK_H in {16, 32, 64} (BLOCK_B up to 128 for
+    B >= 128); we take the pair that puts the most programs on the SMs (capped at the SM count),
+    then the largest tile, then the largest BLOCK_B (W_hh, 4H^2 values, is re-read once per B
+    tile; h_{t-1}, B*H values, once per H tile, so B tiles cost more). On an H100 (132 SMs):
+        char-PTB  B=32,  H=1000: 16 x 16 -> 2 x 63  = 126 programs
+        word-PTB  B=20,  H=1500: 16 x 16 -> 2 x 94  = 188 (32 x 16 would give 94)
+        text8     B=128, H=2000: 64 x 16 -> 2 x 125 = 250
+        pMNIST    B=100, H=100 : 16 x 16 -> 7 x 7   = 49 (tiny: latency-bound whatever we pick)
+    BLOCK_K = 32 and num_warps = 8 for tiles of 1024 elements or more: compiled for sm_90a
+    with ptxas -v (Triton 3.9), the float32 forward at 16 x 16 x 64 used 255 registers and
+    spilled 36 bytes (the ieee product runs on FMA units and holds whole K slices in registers);
+    at BLOCK_K = 32 no variant spills (16 x 16: <= 134 registers; 64 x 16 at 8 warps: <= 124).
+    The same blocks serve the backward product (K = 4H). Under the interpreter the blocks only
+    change how many numpy calls run, so there they are the smallest legal tiles (H not a multiple
+    of them exercises the edge masks) with BLOCK_K covering small H in one iteration.
+    """
+    if device.type != "cuda":
+        return 16, 16, min(64, max(16, triton.next_power_of_2(hidden))), 4
+    sms = _sm_count(device)
+    b_options = [16, 32, 64] + ([128] if batch >= 128 else [])
+    best = None
+    for block_b in b_options:
+        if block_b > max(16, triton.next_power_of_2(batch)):
+            continue
+        for block_h in (16, 32, 64):
+            if block_h > max(16, triton.next_power_of_2(hidden)):
+                continue
+            programs = math.ceil(batch / block_b) * math.ceil(hidden / block_h)
+            score = (min(programs, sms), block_b * block_h, block_b)
+            if best is None or score > best[0]:
+                best = (score, block_b, block_h)
+    _, block_b, block_h = best
+    return block_b, block_h, 32, (8 if block_b * block_h >= 1024 else 4)
