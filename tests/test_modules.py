@@ -229,7 +229,7 @@ def test_fused_module_equals_reference(backend, case, packed, training):
     reference, fused = _pair(backend, dtype, input_size=3, hidden_size=5, **case)
     reference.train(training), fused.train(training)
     batch_first = case.get("batch_first", False)
-    x = torch.randn(4, 3, 3, dtype=dtype, device=DEVICE)
+    x = torch.randn(*((3, 4) if batch_first else (4, 3)), 3, dtype=dtype, device=DEVICE)  # T=4, B=3
     directions = 2 if case.get("bidirectional") else 1
     hx = tuple(torch.randn(case.get("num_layers", 1) * directions, 3, 5, dtype=dtype, device=DEVICE)
                for _ in range(2))
