@@ -206,6 +206,18 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
+def _compiled_layer(load_extension: Callable[[], Optional[str]], forward_op_name: str) -> Callable[[], Callable]:
+    """Loader of a compiled backend's layer op: imports its extension first (once)."""
+
+    def load():
+        error = load_extension()
+        if error is not None:
+            raise RuntimeError(error)
+        return _op_layer(forward_op_name)
+
+    return load
+
+
 def _load_triton_layer():
     from .triton import layer_forward
     return layer_forward
@@ -221,12 +233,13 @@ BACKENDS = {
     "reference": Backend("reference", lambda device: None, lambda: reference.lstm_layer,
                          lambda device: (torch.float32, torch.float64, torch.float16, torch.bfloat16),
                          supports_projection=True),
-    "cpu": Backend("cpu", _cpu_unavailable, lambda: _op_layer("zoneout_fused::cpu_layer_forward"),
+    "cpu": Backend("cpu", _cpu_unavailable, _compiled_layer(_load_cpu_extension, "zoneout_fused::cpu_layer_forward"),
                    lambda device: (torch.float32, torch.float64)),
     "triton": Backend("triton", _triton_unavailable, _load_triton_layer,
                       lambda device: ((torch.float32, torch.float16, torch.bfloat16) if device.type == "cuda"
                                       else (torch.float32, torch.float64))),
-    "cuda": Backend("cuda", _cuda_unavailable, lambda: _op_layer("zoneout_fused::cuda_layer_forward"),
+    "cuda": Backend("cuda", _cuda_unavailable,
+                    _compiled_layer(_load_cuda_extension, "zoneout_fused::cuda_layer_forward"),
                     _float_dtypes),
 }
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
