@@ -1,0 +1,159 @@
+// ops.cpp: the torch binding of the CPU backend, zoneout_fused::cpu_layer_{forward,backward}.
+//
+// Schemas are the ones in zoneout_fused/ops.py's docstring; the autograd formula and the
+// fake kernels are attached from Python (ops.register_layer_op_pair). The namespace is
+// shared with the CUDA extension, hence TORCH_LIBRARY_FRAGMENT.
+#include <optional>
+#include <string>
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/lstm_cpu.h"
+#include "zoneout_lstm.h"
+
+namespace {
+
+using at::Tensor;
+
+// Every floating tensor argument: defined, on the CPU, x's dtype, the expected shape.
+void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the cpu backend, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, " (that of x), got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_probability(double value, const char* name, bool one_allowed) {
+  TORCH_CHECK(value >= 0.0 && (one_allowed ? value <= 1.0 : value < 1.0), name, " must be in [0, 1",
+              one_allowed ? "]" : ")", ", got ", value);
+}
+
+struct LayerArgs {
+  Tensor x, h0, c0, w_ih, w_hh, bias, lengths;  // contiguous; bias, lengths may be undefined
+  zoneout::ZoneoutParams params;
+};
+
+// Validates the arguments the forward and backward ops share; returns contiguous copies.
+LayerArgs check_layer_args(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+                           const Tensor& w_hh, const std::optional<Tensor>& bias,
+                           const std::optional<Tensor>& lengths, const Tensor& seed, int64_t layer, int64_t direction,
+                           double zoneout_cell, double zoneout_hidden, double recurrent_dropout, int64_t mask_mode,
+                           bool training) {
+  TORCH_CHECK(x.defined() && x.dim() == 3, "x must be a [T, B, I] tensor, got ", x.defined() ? x.dim() : 0,
+              " dimensions");
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the cpu backend, got device ", x.device());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "x must be float32 or float64 for the cpu backend, got ",
+              dtype);
+  const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2);
+  TORCH_CHECK(steps >= 1, "x must have at least one time step, got T = ", steps);
+  TORCH_CHECK(w_hh.defined() && w_hh.dim() == 2 && w_hh.size(1) >= 1 && w_hh.size(0) == 4 * w_hh.size(1),
+              "w_hh must be a [4H, H] tensor with H >= 1, got shape ", w_hh.defined() ? w_hh.sizes() : at::IntArrayRef{});
+  const int64_t hidden = w_hh.size(1);
+  check_tensor(w_hh, "w_hh", dtype, {4 * hidden, hidden});
+  check_tensor(w_ih, "w_ih", dtype, {4 * hidden, input});
+  check_tensor(h0, "h0", dtype, {batch, hidden});
+  check_tensor(c0, "c0", dtype, {batch, hidden});
+  LayerArgs args;
+  if (bias.has_value() && bias->defined()) {
+    check_tensor(*bias, "bias", dtype, {4 * hidden});
+    args.bias = bias->contiguous();
+  }
+  if (lengths.has_value() && lengths->defined()) {
+    const Tensor& len = *lengths;
+    TORCH_CHECK(len.device().is_cpu(), "lengths must be on x's device (cpu), got ", len.device());
+    TORCH_CHECK(len.scalar_type() == at::kLong, "lengths must be an int64 tensor, got ", len.scalar_type());
+    TORCH_CHECK(len.dim() == 1 && len.size(0) == batch, "lengths must have shape [B] = [", batch, "], got ",
+                len.sizes());
+    args.lengths = len.contiguous();
+    if (batch > 0) {
+      const int64_t lo = args.lengths.min().item<int64_t>(), hi = args.lengths.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi <= steps, "lengths must be in [0, T] = [0, ", steps, "], got values in [", lo, ", ",
+                  hi, "]");
+    }
+  }
+  TORCH_CHECK(seed.defined() && seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "seed must be a 0-dim (one-element) int64 CPU tensor");
+  const int64_t seed_value = seed.item<int64_t>();
+  TORCH_CHECK(seed_value >= 0, "seed must be non-negative, got ", seed_value);
+  TORCH_CHECK(layer >= 0 && layer < (1 << 30), "layer must be in [0, 2^30), got ", layer);
+  TORCH_CHECK(direction == 0 || direction == 1, "direction must be 0 (forward) or 1 (reverse), got ", direction);
+  TORCH_CHECK(mask_mode >= zoneout::kIndependent && mask_mode <= zoneout::kStatic,
+              "mask_mode must be 0 (independent), 1 (shared), 2 (timestep) or 3 (static), got ", mask_mode);
+  check_probability(zoneout_cell, "zoneout_cell", true);
+  check_probability(zoneout_hidden, "zoneout_hidden", true);
+  check_probability(recurrent_dropout, "recurrent_dropout", false);
+
+  args.x = x.contiguous();
+  args.h0 = h0.contiguous();
+  args.c0 = c0.contiguous();
+  args.w_ih = w_ih.contiguous();
+  args.w_hh = w_hh.contiguous();
+  zoneout::ZoneoutParams& p = args.params;
+  p.seed = static_cast<uint64_t>(seed_value);
+  p.layer = static_cast<int>(layer);
+  p.direction = static_cast<int>(direction);
+  p.mask_mode = static_cast<int>(mask_mode);
+  p.zoneout_cell = zoneout_cell;
+  p.zoneout_hidden = zoneout_hidden;
+  p.recurrent_dropout = recurrent_dropout;
+  // With every probability 0 the training masks are the constants keep = 0, scale = 1, which
+  // are also the evaluation-mode expectations: skip the Philox draws.
+  p.training = training && (zoneout_cell > 0.0 || zoneout_hidden > 0.0 || recurrent_dropout > 0.0);
+  p.batch = batch;
+  p.hidden = hidden;
+  return args;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_layer_forward(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& lengths, const Tensor& seed, int64_t layer,
+    int64_t direction, double zoneout_cell, double zoneout_hidden, double recurrent_dropout, int64_t mask_mode,
+    bool training) {
+  const LayerArgs a = check_layer_args(x, h0, c0, w_ih, w_hh, bias, lengths, seed, layer, direction, zoneout_cell,
+                                       zoneout_hidden, recurrent_dropout, mask_mode, training);
+  return zoneout_cpu::layer_forward(a.x, a.h0, a.c0, a.w_ih, a.w_hh, a.bias, a.lengths, a.params);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_layer_backward(
+    const Tensor& grad_y, const Tensor& grad_c_n, const Tensor& x, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& bias, const std::optional<Tensor>& lengths,
+    const Tensor& seed, int64_t layer, int64_t direction, double zoneout_cell, double zoneout_hidden,
+    double recurrent_dropout, int64_t mask_mode, bool training, const Tensor& y, const Tensor& c_seq,
+    const Tensor& gates) {
+  const LayerArgs a = check_layer_args(x, h0, c0, w_ih, w_hh, bias, lengths, seed, layer, direction, zoneout_cell,
+                                       zoneout_hidden, recurrent_dropout, mask_mode, training);
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = a.params.hidden;
+  const auto dtype = x.scalar_type();
+  check_tensor(grad_y, "grad_y", dtype, {steps, batch, hidden});
+  check_tensor(grad_c_n, "grad_c_n", dtype, {batch, hidden});
+  check_tensor(y, "y", dtype, {steps, batch, hidden});
+  check_tensor(c_seq, "c_seq", dtype, {steps, batch, hidden});
+  check_tensor(gates, "gates", dtype, {steps, batch, 4 * hidden});
+  return zoneout_cpu::layer_backward(grad_y.contiguous(), grad_c_n.contiguous(), a.x, a.h0, a.c0, a.w_ih, a.w_hh,
+                                     a.lengths, y.contiguous(), c_seq.contiguous(), gates.contiguous(), a.params);
+}
+
+}  // namespace
+
+// Importing zoneout_fused._C runs the registrations below; the module itself is empty.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
+
+TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
+  m.def(
+      "cpu_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias, "
+      "Tensor? lengths, Tensor seed, int layer, int direction, float zoneout_cell, float zoneout_hidden, "
+      "float recurrent_dropout, int mask_mode, bool training) -> (Tensor y, Tensor c_n, Tensor c_seq, Tensor gates)");
+  m.def(
+      "cpu_layer_backward(Tensor grad_y, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
+      "Tensor w_hh, Tensor? bias, Tensor? lengths, Tensor seed, int layer, int direction, float zoneout_cell, "
+      "float zoneout_hidden, float recurrent_dropout, int mask_mode, bool training, Tensor y, Tensor c_seq, "
+      "Tensor gates) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_IMPL(zoneout_fused, CPU, m) {
+  m.impl("cpu_layer_forward", &cpu_layer_forward);
+  m.impl("cpu_layer_backward", &cpu_layer_backward);
+}
