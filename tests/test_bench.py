@@ -1,0 +1,90 @@
+"""The benchmark program on a micro case: its records, and that its correctness check can fail."""
+import json
+
+import torch
+
+import zoneout_fused as zf
+from zoneout_fused.bench import Peer, main
+
+REQUIRED_FIELDS = ("device", "torch", "triton", "commit", "config", "backend", "mode", "dtype", "median_ms",
+                   "peak_mem_mb", "batch", "steps", "input_size", "hidden_size", "num_layers", "check",
+                   "zoneout_cell", "zoneout_hidden", "speedup_vs_reference", "speedup_vs_nn_lstm")
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.01
+
+
+class _WrongGradient(zf.ZoneoutLSTM):
+    """Right values, gradients 1 % off: only the gradient half of the check can see it."""
+
+    def forward(self, input, hx=None):
+        output, state = super().forward(input, hx)
+        return _ScaleGradient.apply(output), state
+
+
+def _wrong_masks(lstm, zoneout_kwargs):
+    # Half the cell zoneout rate: other masks, an O(1) change in the states.
+    kwargs = dict(zoneout_kwargs, zoneout_cell=zoneout_kwargs["zoneout_cell"] / 2)
+    return zf.ZoneoutLSTM.from_lstm(lstm, backend="reference", **kwargs)
+
+
+def _wrong_gradient(lstm, zoneout_kwargs):
+    return _WrongGradient.from_lstm(lstm, backend="reference", **zoneout_kwargs)
+
+
+def test_bench_records_and_check(tmp_path):
+    fused = [name for name in ("cpu",) if name in zf.available_backends("cpu")]
+    backends = ["reference", "nn.LSTM", "triton"] + fused  # triton: an "unavailable" row on CPU
+    path, table = tmp_path / "tiny.json", tmp_path / "tiny.md"
+    threads = torch.get_num_threads()
+    records = main(["--device", "cpu", "--config", "tiny", "--backends", ",".join(backends), "--repeats", "2",
+                    "--warmup", "0", "--json", str(path), "--markdown", str(table), "--quiet"],
+                   extra_peers={"wrong-masks": Peer("wrong-masks", _wrong_masks),
+                                "wrong-gradient": Peer("wrong-gradient", _wrong_gradient)})
+    assert torch.get_num_threads() == threads
+
+    written = json.loads(path.read_text())["records"]
+    assert written == json.loads(json.dumps(records))
+    by_key = {(r["backend"], r["mode"]): r for r in written}
+    expected_keys = {(b, m) for b in backends + ["wrong-masks", "wrong-gradient"] for m in ("fwd", "fwd+bwd")}
+    assert set(by_key) == expected_keys and len(written) == len(expected_keys)
+
+    for record in written:
+        assert all(field in record for field in REQUIRED_FIELDS), set(REQUIRED_FIELDS) - set(record)
+        assert record["config"] == "tiny" and record["dtype"] == "float32" and record["device_type"] == "cpu"
+        assert (record["batch"], record["steps"], record["input_size"], record["hidden_size"],
+                record["num_layers"]) == (3, 5, 4, 8, 2)
+        assert (record["zoneout_cell"], record["zoneout_hidden"]) == (0.5, 0.05)
+        assert record["torch"] == torch.__version__
+
+    for backend in ["reference", "nn.LSTM"] + fused:
+        for mode in ("fwd", "fwd+bwd"):
+            record = by_key[(backend, mode)]
+            assert record["check"] == ("reference" if backend == "reference" else "ok"), record
+            assert record["median_ms"] > 0 and record["repeats"] == 2 and len(record["times_ms"]) == 2
+            assert record["error"] is None
+            assert record["speedup_vs_reference"] > 0 and record["speedup_vs_nn_lstm"] > 0
+    assert by_key[("reference", "fwd+bwd")]["speedup_vs_reference"] == 1.0
+    assert "zoneout 0" in by_key[("nn.LSTM", "fwd")]["check_detail"]
+    assert by_key[("triton", "fwd")]["check"] == "unavailable" and by_key[("triton", "fwd")]["median_ms"] is None
+
+    # The check fails for wrong masks and for wrong gradients alone, and nothing wrong is timed.
+    for backend, culprit in (("wrong-masks", None), ("wrong-gradient", "grad_")):
+        for mode in ("fwd", "fwd+bwd"):
+            record = by_key[(backend, mode)]
+            assert record["check"] == "mismatch", record
+            assert record["median_ms"] is None and record["times_ms"] == [] and record["peak_mem_mb"] is None
+            assert record["check_max_err"] > 1e-3
+            assert "differ from the reference" in record["error"]
+        if culprit:
+            assert culprit in by_key[(backend, "fwd")]["check_detail"]
+
+    markdown = table.read_text()
+    assert "| backend |" in markdown and "wrong-masks" in markdown and "**tiny**" in markdown

@@ -1,0 +1,619 @@
+"""The benchmark: check every backend against the reference, then time it beside its peers.
+
+For each case and dtype one torch.nn.LSTM is built with a fixed seed; every peer gets a copy
+of its weights (ZoneoutLSTM.from_lstm), so all of them run the same model on the same input:
+
+    reference            ZoneoutLSTM(backend="reference"): the readable Python loop (the oracle)
+    reference-compiled   the same module under torch.compile (a compile failure becomes an error row)
+    nn.LSTM              torch's LSTM without zoneout (cuDNN on GPU): the speed ceiling
+    cpu / triton / cuda  the fused backends available for the device
+
+Check: before anything is timed, each peer's output, h_n, c_n and the gradients of the input
+and of every weight are compared with the reference's on the same input under the same
+torch.manual_seed (so the same zoneout masks are drawn). nn.LSTM is compared with the reference
+at zoneout 0. A peer that mismatches or fails is reported, not timed.
+
+Timing: "fwd" is the training-mode forward (masks drawn, autograd graph recorded, as in
+training); "fwd+bwd" adds backward from a fixed output gradient. The peers run round-robin, one
+call each per repeat with the order rotated, so load changes on a shared machine hit them all
+alike; the figure is the median. CPU calls are timed with time.perf_counter, CUDA calls with
+CUDA events.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..nn import ZoneoutLSTM
+from ..ops import BACKENDS
+from .cases import PUBLIC_CONFIGS, Case, cases_for
+from .memory import PeakMemory
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+MODES = ("fwd", "fwd+bwd")
+FUSED_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+BASE_PEERS = ("reference", "reference-compiled", "nn.LSTM")
+ALL_PEERS = BASE_PEERS + ("cpu", "triton", "cuda")
+
+# Normalised max error (max |a - b| / max |b|) allowed against the reference. One flipped mask
+# bit moves a state by O(z) = O(0.1..1) of its size, far above these; summation-order noise of
+# a fused backend over T steps stays below them. 16-bit peers are compared with a float32
+# reference (the same masks: they are drawn in float32 whatever the dtype).
+TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+# Above this much work (B*T*H*(I+H) per layer, summed) the CPU check runs on the first
+# CHECK_STEPS_LARGE steps only: the Python reference takes minutes at the paper's sizes, and
+# the per-step code of every backend is the same at step 8 as at step 800.
+CHECK_WORK_LIMIT_CPU = 5e8
+CHECK_STEPS_LARGE = 8
+
+DEFAULT_REPEATS = {"cpu": 5, "cuda": 20}
+DEFAULT_WARMUP = {"cpu": 1, "cuda": 3}
+DEFAULT_COMPILE_TIMEOUT = {"cpu": 60.0, "cuda": 600.0}
+# Inductor options of reference-compiled.
+# - fallback_random: the zoneout seed is drawn with torch.randint inside forward; inductor's own
+#   RNG would draw another one than eager under the same torch.manual_seed, so other masks.
+# - realize_opcount_threshold=4 (default 30): the mask oracle's Philox rounds are long chains of
+#   integer pointwise ops that reuse each value; inlined, inductor's lowering grows exponentially
+#   with the chain (at T=2, B=3, H=8 it had not finished after 600 s on 2 loaded cores). With 4 it
+#   materialises intermediates and compiles in 34 s at T=2, 234 s at T=20 on the same machine.
+COMPILE_OPTIONS = {"fallback_random": True, "realize_opcount_threshold": 4}
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Peer:
+    """A contender: build(lstm, zoneout_kwargs) returns a module with nn.LSTM's forward."""
+
+    name: str
+    build: Callable[[nn.LSTM, dict], nn.Module]
+    zoneout: bool = True  # False: it has no zoneout, and is checked against the reference at z = 0
+    unavailable: Optional[str] = None  # why it cannot run here (reported as a row)
+
+
+def _zoneout_module(lstm: nn.LSTM, zoneout_kwargs: dict, backend: str) -> ZoneoutLSTM:
+    return ZoneoutLSTM.from_lstm(lstm, backend=backend, **zoneout_kwargs)
+
+
+def _compiled_reference(lstm: nn.LSTM, zoneout_kwargs: dict) -> nn.Module:
+    # A fresh dynamo cache per case: guards from earlier shapes would otherwise pile up to the
+    # recompile limit, after which torch.compile silently runs eager code.
+    torch._dynamo.reset()
+    return torch.compile(_zoneout_module(lstm, zoneout_kwargs, "reference"), dynamic=False,
+                         options=COMPILE_OPTIONS)
+
+
+class CompileTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: Optional[float], what: str):
+    """Raises CompileTimeout in the main thread after `seconds` (SIGALRM; no limit elsewhere).
+
+    torch.compile unrolls the reference's Python time loop: at T = 100 on 2 cores inductor
+    takes minutes, at T = 784 far longer, so its compile gets a budget and becomes an error row.
+    """
+    usable = (seconds and seconds > 0 and hasattr(signal, "SIGALRM")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CompileTimeout(f"{what} took longer than {seconds:g} s (--compile-timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _lstm_copy(lstm: nn.LSTM, zoneout_kwargs: dict) -> nn.LSTM:
+    module = copy.deepcopy(lstm)
+    module.flatten_parameters()  # cuDNN wants one weight buffer (a no-op on CPU)
+    return module
+
+
+def fused_peer(name: str, device: torch.device) -> Peer:
+    if name == "triton" and device.type == "cpu":
+        reason = "Triton runs on CPU only under its interpreter (TRITON_INTERPRET=1), which is never benchmarked"
+    else:
+        reason = BACKENDS[name].unavailable_reason(device)
+    return Peer(name, lambda lstm, zkw: _zoneout_module(lstm, zkw, name), unavailable=reason)
+
+
+def select_peers(device: torch.device, requested: Optional[list[str]],
+                 extra_peers: Optional[dict[str, Peer]] = None) -> list[Peer]:
+    """The peers to run, in table order; `requested` None means all for the device."""
+    builders = {
+        "reference": Peer("reference", lambda lstm, zkw: _zoneout_module(lstm, zkw, "reference")),
+        "reference-compiled": Peer("reference-compiled", _compiled_reference),
+        "nn.LSTM": Peer("nn.LSTM", _lstm_copy, zoneout=False),
+    }
+    names = list(requested) if requested else list(BASE_PEERS) + list(FUSED_BACKENDS.get(device.type, ()))
+    peers = []
+    for name in names:
+        if name in builders:
+            peers.append(builders[name])
+        elif name in ("cpu", "triton", "cuda"):
+            peers.append(fused_peer(name, device))
+        else:
+            raise ValueError(f"unknown backend {name!r}; choose from {ALL_PEERS}")
+    peers += list((extra_peers or {}).values())
+    return peers
+
+
+# ---------------------------------------------------------------------------------------------
+# Check against the reference
+# ---------------------------------------------------------------------------------------------
+def _base_module(module: nn.Module) -> nn.Module:
+    return getattr(module, "_orig_mod", module)  # torch.compile's wrapper keeps the original here
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor, grads: tuple, seed: int) -> dict:
+    """Output, final states and all gradients of one seeded training step (the check's data)."""
+    x = x.detach().clone().requires_grad_(True)
+    base = _base_module(module)
+    for parameter in base.parameters():
+        parameter.grad = None
+    torch.manual_seed(seed)  # the zoneout seed is drawn from here: same seed, same masks
+    output, (h_n, c_n) = module(x)
+    grad_output, grad_h, grad_c = grads
+    torch.autograd.backward((output, h_n, c_n), (grad_output, grad_h, grad_c))
+    tensors = {"output": output, "h_n": h_n, "c_n": c_n, "grad_input": x.grad}
+    tensors.update({f"grad_{name}": p.grad for name, p in base.named_parameters()})
+    return {name: t.detach() for name, t in tensors.items()}
+
+
+def compare(actual: dict, expected: dict, dtype: torch.dtype) -> tuple[bool, float, str]:
+    """(within tolerance, worst normalised error, the tensor it came from)."""
+    worst, worst_name = 0.0, ""
+    for name, want in expected.items():
+        got = actual.get(name)
+        if got is None or got.shape != want.shape:
+            return False, float("inf"), f"{name}: missing or shape {None if got is None else tuple(got.shape)}" \
+                                        f" != {tuple(want.shape)}"
+        got, want = got.double().cpu(), want.double().cpu()
+        if not torch.isfinite(got).all():
+            return False, float("inf"), f"{name}: non-finite values"
+        error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+        if error > worst:
+            worst, worst_name = error, name
+    return worst <= TOLERANCES[dtype], worst, worst_name
+
+
+def check_steps_for(case: Case, device: torch.device, override: Optional[int]) -> int:
+    if override:
+        return min(override, case.steps)
+    if device.type == "cpu":
+        work = case.batch * case.steps * case.hidden_size * (case.input_size + case.hidden_size) * case.num_layers
+        if work > CHECK_WORK_LIMIT_CPU:
+            return min(CHECK_STEPS_LARGE, case.steps)
+    return case.steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def make_step(module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor, mode: str):
+    """(prepare, step): prepare clears gradients outside the timed region; step is one call."""
+    params = list(_base_module(module).parameters())
+    x = x.detach().clone().requires_grad_(True)  # the input of a model with an embedding needs its grad
+
+    def prepare():
+        for parameter in params:
+            parameter.grad = None
+        x.grad = None
+
+    if mode == "fwd":
+        def step():
+            module(x)  # training forward; the graph is freed on return, inside the timed region
+    else:
+        def step():
+            output, _ = module(x)
+            output.backward(grad_output)
+    return prepare, step
+
+
+# ---------------------------------------------------------------------------------------------
+# One case
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PeerState:
+    peer: Peer
+    module: Optional[nn.Module] = None
+    check: str = "pending"  # ok | reference | mismatch | error | unavailable
+    check_error: Optional[float] = None
+    check_detail: str = ""
+    error: Optional[str] = None
+    times: dict = field(default_factory=dict)  # mode -> [ms]
+    errors: dict = field(default_factory=dict)  # mode -> message (a failure while timing)
+    peak_mb: dict = field(default_factory=dict)
+    memory_errors: dict = field(default_factory=dict)
+    first_call_s: Optional[float] = None  # the check's seeded fwd+bwd call: includes torch.compile's work
+
+
+def _short(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
+
+
+def zoneout_kwargs_for(case: Case, opts) -> dict:
+    return dict(zoneout_cell=opts.zoneout_cell if opts.zoneout_cell is not None else
+                (case.zoneout_cell if case.zoneout_cell is not None else 0.5),
+                zoneout_hidden=opts.zoneout_hidden if opts.zoneout_hidden is not None else
+                (case.zoneout_hidden if case.zoneout_hidden is not None else 0.05),
+                recurrent_dropout=opts.recurrent_dropout,
+                mask_mode=opts.mask_mode or case.mask_mode or "independent")
+
+
+class CaseData:
+    """One case's model and data on a device, and the check of a module against the reference."""
+
+    def __init__(self, case: Case, dtype: torch.dtype, device: torch.device, *, seed: int = 0,
+                 zoneout_kwargs: dict, check_steps: Optional[int] = None):
+        self.case, self.dtype, self.device, self.seed = case, dtype, device, seed
+        self.zoneout_kwargs = zoneout_kwargs
+        torch.manual_seed(seed)
+        self.lstm = nn.LSTM(case.input_size, case.hidden_size, case.num_layers).to(device=device, dtype=dtype)
+        self.lstm.train()
+        self.x = torch.randn(case.steps, case.batch, case.input_size, device=device, dtype=dtype)
+        self.grad_output = torch.randn(case.steps, case.batch, case.hidden_size, device=device, dtype=dtype)
+        state_shape = (case.num_layers, case.batch, case.hidden_size)
+        self.grad_h = torch.randn(state_shape, device=device, dtype=dtype)
+        self.grad_c = torch.randn(state_shape, device=device, dtype=dtype)
+        self.check_steps = check_steps_for(case, device, check_steps)
+        self._expected: dict = {}
+
+    def _check_inputs(self, dtype: torch.dtype):
+        steps = self.check_steps
+        return (self.x[:steps].to(dtype),
+                tuple(g.to(dtype) for g in (self.grad_output[:steps], self.grad_h, self.grad_c)))
+
+    def expected(self, zoneout: bool) -> dict:
+        """The reference's tensors (float32 for 16-bit cases), cached per zoneout on/off."""
+        if zoneout not in self._expected:
+            kwargs = self.zoneout_kwargs if zoneout else dict(self.zoneout_kwargs, zoneout_cell=0.0,
+                                                              zoneout_hidden=0.0, recurrent_dropout=0.0)
+            ref_dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+            reference = ZoneoutLSTM.from_lstm(copy.deepcopy(self.lstm).to(ref_dtype), backend="reference", **kwargs)
+            x, grads = self._check_inputs(ref_dtype)
+            self._expected[zoneout] = forward_backward(reference, x, grads, self.seed + 1)
+        return self._expected[zoneout]
+
+    def check(self, peer: Peer, module: nn.Module) -> tuple[bool, float, str]:
+        """(agrees with the reference, worst normalised error, a one-line description)."""
+        x, grads = self._check_inputs(self.dtype)
+        got = forward_backward(module, x, grads, self.seed + 1)
+        ok, worst, where = compare(got, self.expected(peer.zoneout), self.dtype)
+        detail = (f"max err {worst:.2e} ({where}) over {self.check_steps}/{self.case.steps} steps"
+                  + ("" if peer.zoneout else ", vs reference at zoneout 0"))
+        return ok, worst, detail
+
+
+def run_case(case: Case, dtype: torch.dtype, device: torch.device, peers: list[Peer], opts,
+             memory: PeakMemory, progress) -> list[PeerState]:
+    data = CaseData(case, dtype, device, seed=opts.seed, zoneout_kwargs=zoneout_kwargs_for(case, opts),
+                    check_steps=opts.check_steps)
+    x, grad_output = data.x, data.grad_output
+    states = [PeerState(peer) for peer in peers]
+    for state in states:
+        peer = state.peer
+        if peer.unavailable:
+            state.check, state.error = "unavailable", peer.unavailable
+            continue
+        if peer.name == "reference-compiled" and opts.compile_timed_out:
+            # Spend the budget once per run: where inductor cannot lower the unrolled loop in time
+            # for one case it will not for the next (on the 2-core dev machine not even at T=2).
+            state.check, state.error = "error", f"skipped: {opts.compile_timed_out}"
+            continue
+        try:
+            state.module = peer.build(data.lstm, data.zoneout_kwargs)
+        except Exception as error:  # noqa: BLE001  (any failure becomes a row, not a crash)
+            state.check, state.error = "error", f"build failed: {_short(error)}"
+            continue
+        if peer.name == "reference":
+            state.check, state.check_detail = "reference", "the oracle"
+            continue
+        compiled = peer.name == "reference-compiled"
+        try:
+            started = time.perf_counter()
+            with time_limit(opts.compile_timeout if compiled else None, "torch.compile of the reference"):
+                ok, state.check_error, state.check_detail = data.check(peer, state.module)
+                if compiled and ok and data.check_steps < case.steps:
+                    # The timed shape compiles again: do it here, inside the budget.
+                    prepare, step = make_step(state.module, x, grad_output, "fwd+bwd")
+                    prepare()
+                    step()
+            # For reference-compiled this is mostly compile time.
+            state.first_call_s = time.perf_counter() - started
+        except BaseException as error:  # noqa: BLE001  (CompileTimeout may surface wrapped by dynamo)
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            timed_out = isinstance(error, CompileTimeout) or "CompileTimeout" in repr(error)
+            if timed_out:  # dynamo wraps our exception; its first line would not say what happened
+                message = f"compile timed out: torch.compile of the reference took longer than {opts.compile_timeout:g} s"
+            else:
+                message = f"{'compile or run failed' if compiled else 'check run failed'}: {_short(error)}"
+            state.check, state.error = "error", message
+            state.module = None
+            if compiled:
+                torch._dynamo.reset()
+                if timed_out:
+                    opts.compile_timed_out = (f"torch.compile timed out on {case.name} (T={case.steps}) after "
+                                              f"{opts.compile_timeout:g} s; --compile-timeout to allow more")
+            continue
+        state.check = "ok" if ok else "mismatch"
+        if compiled:
+            state.check_detail += f"; inductor options {COMPILE_OPTIONS}"
+        if not ok:
+            state.error = f"output/gradients differ from the reference: {state.check_detail}"
+            state.module = None
+    del data._expected
+
+    timed = [s for s in states if s.module is not None]
+    for mode in opts.modes:
+        calls = {s.peer.name: make_step(s.module, x, grad_output, mode) for s in timed}
+        live = list(timed)
+
+        def run_one(state, timing: bool):
+            prepare, step = calls[state.peer.name]
+            prepare()
+            try:
+                if timing:
+                    state.times.setdefault(mode, []).append(_timed_call(step, device))
+                else:
+                    step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+            except Exception as error:  # noqa: BLE001  (e.g. out of memory at a big config)
+                state.errors[mode] = _short(error)
+                live.remove(state)
+
+        for _ in range(opts.warmup):
+            for state in list(live):
+                run_one(state, timing=False)
+        done = 0
+        for repeat in range(opts.repeats):
+            # Rotate the order so no peer always runs right after the same neighbour.
+            order = live[repeat % len(live):] + live[:repeat % len(live)] if live else []
+            for state in order:
+                run_one(state, timing=True)
+                progress.update(1)
+                done += 1
+        # Calls that did not happen (failed check or run) still count as done for the bar.
+        progress.update(sum(1 for s in states if not s.peer.unavailable) * opts.repeats - done)
+        for state in live:
+            prepare, step = calls[state.peer.name]
+            prepare()
+            try:
+                state.peak_mb[mode] = memory.measure(step)
+            except Exception as error:  # noqa: BLE001  (the timings stand; only the memory figure is lost)
+                state.peak_mb[mode] = None
+                state.memory_errors[mode] = _short(error)
+        del calls
+    return states
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = None
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model or platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
+
+
+def git_commit() -> tuple[Optional[str], Optional[bool]]:
+    """(HEAD of the source tree, whether tracked files differ from it), or (None, None)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--"], capture_output=True,
+                               timeout=10).returncode != 0
+        return head or None, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def environment(device: torch.device, memory: PeakMemory) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit, dirty = git_commit()
+    return dict(device=device_name(device), device_type=device.type, torch=torch.__version__,
+                triton=triton_version, cuda=torch.version.cuda if device.type == "cuda" else None,
+                commit=commit, commit_dirty=dirty, python=platform.python_version(),
+                threads=torch.get_num_threads() if device.type == "cpu" else None,
+                peak_mem_method=memory.method,
+                timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def case_records(case: Case, group: str, dtype_name: str, states: list[PeerState], env: dict, opts) -> list[dict]:
+    zkw = zoneout_kwargs_for(case, opts)
+    steps = check_steps_for(case, torch.device(opts.device), opts.check_steps)
+    medians = {(s.peer.name, mode): statistics.median(s.times[mode])
+               for s in states for mode in opts.modes if s.times.get(mode) and mode not in s.errors}
+    records = []
+    for state in states:
+        for mode in opts.modes:
+            median = medians.get((state.peer.name, mode))
+            times = state.times.get(mode, []) if median is not None else []
+            ref, lstm = medians.get(("reference", mode)), medians.get(("nn.LSTM", mode))
+            records.append(dict(
+                env, config=case.name, group=group, backend=state.peer.name, mode=mode, dtype=dtype_name,
+                median_ms=median, min_ms=min(times) if times else None,
+                ms_per_step=median / case.steps if median is not None else None,
+                times_ms=[round(t, 4) for t in times], repeats=len(times), warmup=opts.warmup,
+                peak_mem_mb=state.peak_mb.get(mode) if median is not None else None,
+                peak_mem_error=state.memory_errors.get(mode),
+                speedup_vs_reference=ref / median if (ref and median) else None,
+                speedup_vs_nn_lstm=lstm / median if (lstm and median) else None,
+                check=state.check, check_max_err=state.check_error, check_steps=steps,
+                check_detail=state.check_detail, check_call_s=state.first_call_s, error=state.errors.get(mode) or state.error,
+                zoneout=state.peer.zoneout, **case.shape_fields(), **zkw))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m zoneout_fused.bench",
+        description="Times the zoneout LSTM backends against the reference loop, the reference under "
+                    "torch.compile and torch.nn.LSTM, after checking each against the reference.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=("cpu", "cuda"))
+    # "tiny" is accepted but not advertised: it is the test suite's micro case.
+    parser.add_argument("--config", default="small", choices=PUBLIC_CONFIGS + ("tiny",),
+                        metavar="{" + ",".join(PUBLIC_CONFIGS) + "}",
+                        help="shapes: small (the CPU targets), the paper's char-ptb, word-ptb, text8, pmnist, "
+                             "sweep (H in 64..512 at B=32 T=50 I=64, for the plot), or all")
+    parser.add_argument("--dtype", default="float32",
+                        help="comma list of " + ", ".join(DTYPES) + " (default float32)")
+    parser.add_argument("--backends", default="all",
+                        help="comma list of " + ", ".join(ALL_PEERS) + "; default all for the device")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, fwd+bwd")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per backend and mode (default: 5 on CPU, 20 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls first (default: 1 on CPU, 3 on CUDA)")
+    parser.add_argument("--zoneout-cell", type=float, default=None,
+                        help="z_c (default 0.5; pmnist: 0.15, the paper's)")
+    parser.add_argument("--zoneout-hidden", type=float, default=None,
+                        help="z_h (default 0.05; pmnist: 0.15, the paper's)")
+    parser.add_argument("--recurrent-dropout", type=float, default=0.0)
+    parser.add_argument("--mask-mode", default=None, choices=("independent", "shared", "timestep", "static"),
+                        help="default independent (pmnist: shared)")
+    parser.add_argument("--check-steps", type=int, default=None,
+                        help="steps the check runs (default: all, or the first 8 for large CPU cases)")
+    parser.add_argument("--compile-timeout", type=float, default=None,
+                        help="seconds torch.compile of the reference may take before it is reported as an "
+                             "error (default: 60 on CPU, 600 on CUDA; 0: no limit)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--json", default=None, metavar="PATH", help='write {"records": [...]} here')
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="write the table as markdown here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    opts = parser.parse_args(argv)
+
+    opts.dtypes = [d.strip() for d in opts.dtype.split(",") if d.strip()]
+    for name in opts.dtypes:
+        if name not in DTYPES:
+            parser.error(f"--dtype: unknown dtype {name!r}; choose from {tuple(DTYPES)}")
+    opts.backend_list = None if opts.backends == "all" else [b.strip() for b in opts.backends.split(",") if b.strip()]
+    for name in opts.backend_list or ():
+        if name not in ALL_PEERS:
+            parser.error(f"--backends: unknown backend {name!r}; choose from {ALL_PEERS}")
+    opts.modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
+    for mode in opts.modes:
+        if mode not in MODES:
+            parser.error(f"--modes: unknown mode {mode!r}; choose from {MODES}")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    opts.repeats = DEFAULT_REPEATS[opts.device] if opts.repeats is None else opts.repeats
+    opts.warmup = DEFAULT_WARMUP[opts.device] if opts.warmup is None else opts.warmup
+    opts.compile_timed_out = None  # set by the first case whose compile runs out of time
+    if opts.compile_timeout is None:
+        opts.compile_timeout = DEFAULT_COMPILE_TIMEOUT[opts.device]
+    if opts.repeats < 1 or opts.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    return opts
+
+
+def main(argv=None, *, extra_peers: Optional[dict[str, Peer]] = None) -> list[dict]:
+    """Runs the benchmark; returns the records (also written to --json). extra_peers: for tests."""
+    from . import report  # here, so `python -m zoneout_fused.bench.report` finds it unimported
+
+    opts = parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = torch.device(opts.device)
+    peers = select_peers(device, opts.backend_list, extra_peers)
+    if any(p.name == "reference-compiled" for p in peers) and opts.warmup < 1:
+        opts.warmup = 1  # the compiled peer's first call at the timed shape compiles
+    cases = cases_for(opts.config)
+    memory = PeakMemory(device)
+    env = environment(device, memory)
+
+    from tqdm.auto import tqdm
+
+    runnable = sum(1 for p in peers if not p.unavailable)
+    total = len(cases) * len(opts.dtypes) * len(opts.modes) * runnable * opts.repeats
+    records = []
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit "
+          f"{(env['commit'] or 'unknown')[:12]}{' (modified)' if env['commit_dirty'] else ''}  "
+          f"threads {env['threads']}")
+    print(f"peak memory: {memory.method}")
+    with tqdm(total=total, desc="timing", unit="call", disable=opts.quiet, leave=False) as progress:
+        for case in cases:
+            for dtype_name in opts.dtypes:
+                progress.set_postfix_str(f"{case.name} {dtype_name}")
+                states = run_case(case, DTYPES[dtype_name], device, peers, opts, memory, progress)
+                case_records_ = case_records(case, opts.config, dtype_name, states, env, opts)
+                for record in case_records_:  # a loaded machine explains noisy figures
+                    record["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+                records += case_records_
+                progress.clear()
+                print(report.text_table(case, dtype_name, case_records_, zoneout_kwargs_for(case, opts)), flush=True)
+    if opts.json:
+        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
+        with open(opts.json, "w") as out:
+            json.dump({"records": records}, out, indent=1)
+            out.write("\n")
+        print(f"wrote {len(records)} records to {opts.json}")
+    if opts.markdown:
+        with open(opts.markdown, "w") as out:
+            out.write(report.markdown(records))
+        print(f"wrote {opts.markdown}")
+    return records
