@@ -31,3 +31,18 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def offline_data(monkeypatch):
+    """No test downloads: downloads are switched off, urlopen fails loudly, and the project's
+    real copies (../shared/data) are kept out of the data search path."""
+    from zoneout_fused.train import data
+
+    monkeypatch.setenv(data.OFFLINE_ENV, "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a test tried to download")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(data, "candidate_dirs", lambda data_dir, name: [data.Path(data_dir), data.Path(data_dir) / name])

@@ -39,7 +39,7 @@ ACCURACY_ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 @pytest.fixture(scope="module", autouse=True)
 def cuda_extension():
     if torch.cuda.is_available():
-        reason = ops._load_cuda_extension()
+        reason = ops._load_extension("cuda")
         if reason is not None:
             pytest.fail(reason)
 
@@ -378,7 +378,7 @@ SANITIZER_SCRIPT = textwrap.dedent("""
     import torch
     from zoneout_fused import ops
     from zoneout_fused.masks import MASK_MODE_CODES
-    assert ops._load_cuda_extension() is None
+    assert ops._load_extension("cuda") is None
     layer = ops.BACKENDS["cuda"].layer
     for recurrence in ("fused", "cublas"):
         os.environ["ZONEOUT_FUSED_CUDA_RECURRENCE"] = recurrence

@@ -11,16 +11,7 @@ os.environ["ZONEOUT_FUSED_OFFLINE"] = "1"  # no code path here may download
 from zoneout_fused.train import data as D  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv(D.OFFLINE_ENV, "1")
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("a test tried to download")
-
-    monkeypatch.setattr(D.urllib.request, "urlopen", no_network)
-    # Keep the project's real copies (../shared/data) out of the search path.
-    monkeypatch.setattr(D, "candidate_dirs", lambda data_dir, name: [D.Path(data_dir), D.Path(data_dir) / name])
+pytestmark = pytest.mark.usefixtures("offline_data")
 
 
 def write_idx(path, array: torch.Tensor):

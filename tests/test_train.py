@@ -19,15 +19,7 @@ TINY_COPY = ["--hidden-size", "8", "--embed-size", "4", "--batch-size", "4", "--
              "--epochs", "2", "--no-progress", "--no-plot", "--backend", "reference", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv(D.OFFLINE_ENV, "1")
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("a test tried to download")
-
-    monkeypatch.setattr(D.urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(D, "candidate_dirs", lambda data_dir, name: [D.Path(data_dir), D.Path(data_dir) / name])
+pytestmark = pytest.mark.usefixtures("offline_data")
 
 
 def run(argv):

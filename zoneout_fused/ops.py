@@ -41,6 +41,7 @@ opaque op per direction. Forward schema (backward appends grads and saved tensor
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -141,48 +142,43 @@ class Backend:
         return self._layer(*args)
 
 
-_CPU_EXT_ERROR: Optional[str] = None
-_CUDA_EXT_ERROR: Optional[str] = None
+# Why each compiled extension failed to import ("" once it imported); filled on first use.
+_EXTENSION_ERRORS: dict = {}
+_HOW_TO_BUILD = {
+    "cpu": "build it with `pip install --no-build-isolation -e .` from the source tree",
+    "cuda": ("it builds when torch has CUDA and nvcc is found: `pip install --no-build-isolation -e .` "
+             "(ZONEOUT_FUSED_FORCE_CUDA=1 to insist)"),
+}
 
 
-def _load_cpu_extension() -> Optional[str]:
-    """Import zoneout_fused._C once; returns None on success, else why it failed."""
-    global _CPU_EXT_ERROR
-    if _CPU_EXT_ERROR is None:
+def _load_extension(backend: str) -> Optional[str]:
+    """Import the extension of a compiled backend once, registering autograd for its ops.
+
+    Returns None on success, else why it failed and how to build it.
+    """
+    if backend not in _EXTENSION_ERRORS:
+        module = {"cpu": "_C", "cuda": "_C_cuda"}[backend]
         try:
-            from . import _C  # noqa: F401  (registers zoneout_fused::cpu_layer_*)
-            register_layer_op_pair("zoneout_fused::cpu_layer_forward", "zoneout_fused::cpu_layer_backward")
-            _CPU_EXT_ERROR = ""
+            importlib.import_module(f"{__package__}.{module}")  # registers zoneout_fused::{backend}_layer_*
+            register_layer_op_pair(f"zoneout_fused::{backend}_layer_forward",
+                                   f"zoneout_fused::{backend}_layer_backward")
+            _EXTENSION_ERRORS[backend] = ""
         except ImportError as error:
-            _CPU_EXT_ERROR = (f"the C++ extension zoneout_fused._C is not built ({error}); build it with "
-                              "`pip install --no-build-isolation -e .` from the source tree")
-    return _CPU_EXT_ERROR or None
-
-
-def _load_cuda_extension() -> Optional[str]:
-    global _CUDA_EXT_ERROR
-    if _CUDA_EXT_ERROR is None:
-        try:
-            from . import _C_cuda  # noqa: F401  (registers zoneout_fused::cuda_layer_*)
-            register_layer_op_pair("zoneout_fused::cuda_layer_forward", "zoneout_fused::cuda_layer_backward")
-            _CUDA_EXT_ERROR = ""
-        except ImportError as error:
-            _CUDA_EXT_ERROR = (f"the CUDA extension zoneout_fused._C_cuda is not built ({error}); it builds "
-                               "when torch has CUDA and nvcc is found: `pip install --no-build-isolation -e .` "
-                               "(ZONEOUT_FUSED_FORCE_CUDA=1 to insist)")
-    return _CUDA_EXT_ERROR or None
+            _EXTENSION_ERRORS[backend] = (f"the extension zoneout_fused.{module} is not built ({error}); "
+                                          + _HOW_TO_BUILD[backend])
+    return _EXTENSION_ERRORS[backend] or None
 
 
 def _cpu_unavailable(device: torch.device) -> Optional[str]:
     if device.type != "cpu":
         return f"backend 'cpu' runs on CPU tensors only, got device {device}"
-    return _load_cpu_extension()
+    return _load_extension("cpu")
 
 
 def _cuda_unavailable(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return f"backend 'cuda' runs on CUDA tensors only, got device {device}"
-    return _load_cuda_extension()
+    return _load_extension("cuda")
 
 
 def triton_interpreter_enabled() -> bool:
@@ -206,14 +202,14 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
-def _compiled_layer(load_extension: Callable[[], Optional[str]], forward_op_name: str) -> Callable[[], Callable]:
+def _compiled_layer(backend: str) -> Callable[[], Callable]:
     """Loader of a compiled backend's layer op: imports its extension first (once)."""
 
     def load():
-        error = load_extension()
+        error = _load_extension(backend)
         if error is not None:
             raise RuntimeError(error)
-        return _op_layer(forward_op_name)
+        return _op_layer(f"zoneout_fused::{backend}_layer_forward")
 
     return load
 
@@ -233,14 +229,12 @@ BACKENDS = {
     "reference": Backend("reference", lambda device: None, lambda: reference.lstm_layer,
                          lambda device: (torch.float32, torch.float64, torch.float16, torch.bfloat16),
                          supports_projection=True),
-    "cpu": Backend("cpu", _cpu_unavailable, _compiled_layer(_load_cpu_extension, "zoneout_fused::cpu_layer_forward"),
+    "cpu": Backend("cpu", _cpu_unavailable, _compiled_layer("cpu"),
                    lambda device: (torch.float32, torch.float64)),
     "triton": Backend("triton", _triton_unavailable, _load_triton_layer,
                       lambda device: ((torch.float32, torch.float16, torch.bfloat16) if device.type == "cuda"
                                       else (torch.float32, torch.float64))),
-    "cuda": Backend("cuda", _cuda_unavailable,
-                    _compiled_layer(_load_cuda_extension, "zoneout_fused::cuda_layer_forward"),
-                    _float_dtypes),
+    "cuda": Backend("cuda", _cuda_unavailable, _compiled_layer("cuda"), _float_dtypes),
 }
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 
