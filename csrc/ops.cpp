@@ -5,6 +5,7 @@
 // shared with the CUDA extension, hence TORCH_LIBRARY_FRAGMENT.
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -135,6 +136,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_layer_backward(
                                      a.lengths, y.contiguous(), c_seq.contiguous(), gates.contiguous(), a.params);
 }
 
+// Test hook (tests/test_cpu.py): int64 [2, 3, n] holding uint32 words r0, r1, r2 of Philox
+// counters (first + k, c2, c3): [0] from the CPU kernels' draw path (path: -1 the one they
+// use, 0 scalar, 1 AVX2, 2 AVX-512; an empty tensor if unavailable here), [1] from
+// zoneout::philox4x32_10 element by element. seed and first are reinterpreted as uint64.
+Tensor philox_words_cpu(int64_t seed, int64_t first, int64_t c2, int64_t c3, int64_t n, int64_t path) {
+  TORCH_CHECK(n >= 0, "n must be >= 0");
+  std::vector<uint32_t> w(static_cast<size_t>(6 * n));
+  const uint64_t s = static_cast<uint64_t>(seed), f = static_cast<uint64_t>(first);
+  if (!zoneout_cpu::philox_words_test_hook(s, f, static_cast<uint32_t>(c2), static_cast<uint32_t>(c3), n, w.data(),
+                                           w.data() + n, w.data() + 2 * n, path)) {
+    return at::empty({0}, at::kLong);
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const uint64_t c = f + static_cast<uint64_t>(k);
+    const zoneout::Philox4 r = zoneout::philox4x32_10(s, static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32),
+                                                      static_cast<uint32_t>(c2), static_cast<uint32_t>(c3));
+    w[3 * n + k] = r.r0;
+    w[4 * n + k] = r.r1;
+    w[5 * n + k] = r.r2;
+  }
+  Tensor out = at::empty({2, 3, n}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (size_t i = 0; i < w.size(); ++i) o[i] = static_cast<int64_t>(w[i]);
+  return out;
+}
+
 }  // namespace
 
 // Importing zoneout_fused._C runs the registrations below; the module itself is empty.
@@ -151,9 +178,13 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
       "float zoneout_hidden, float recurrent_dropout, int mask_mode, bool training, Tensor y, Tensor c_seq, "
       "Tensor gates) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias)");
+  m.def("_philox_words_cpu(int seed, int first, int c2, int c3, int n, int path=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zoneout_fused, CPU, m) {
   m.impl("cpu_layer_forward", &cpu_layer_forward);
   m.impl("cpu_layer_backward", &cpu_layer_backward);
 }
+
+// No tensor arguments: registered for every dispatch key.
+TORCH_LIBRARY_IMPL(zoneout_fused, CompositeExplicitAutograd, m) { m.impl("_philox_words_cpu", &philox_words_cpu); }

@@ -23,4 +23,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& lengths,
     const at::Tensor& y, const at::Tensor& c_seq, const at::Tensor& gates, const zoneout::ZoneoutParams& params);
 
+// Test hook: words r0..r2 of Philox counters (first + k, c2, c3), k < n, drawn the way the
+// CPU mask loop draws them (vectorized where the CPU allows, in chunks), so tests can check
+// them bit for bit against zoneout::philox4x32_10. path: -1 the one the kernels use, 0 scalar,
+// 1 AVX2, 2 AVX-512; returns false where that path is unavailable on this CPU or build.
+bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
+                            uint32_t* r1, uint32_t* r2, int64_t path);
+
 }  // namespace zoneout_cpu
