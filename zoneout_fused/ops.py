@@ -85,6 +85,9 @@ def register_layer_op_pair(forward_op_name: str, backward_op_name: str) -> None:
     def setup_context(ctx, inputs, output):
         y, _, c_seq, gates = output
         ctx.mark_non_differentiable(c_seq, gates)
+        # No zero tensors for the outputs nobody differentiates (c_seq, gates, often c_n):
+        # backward treats a None gradient as zero itself.
+        ctx.set_materialize_grads(False)
         tensors = inputs[:8]  # x, h0, c0, w_ih, w_hh, bias, lengths, seed
         ctx.has_bias = inputs[5] is not None
         ctx.has_lengths = inputs[6] is not None
