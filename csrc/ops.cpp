@@ -91,19 +91,8 @@ LayerArgs check_layer_args(const Tensor& x, const Tensor& h0, const Tensor& c0, 
   args.c0 = c0.contiguous();
   args.w_ih = w_ih.contiguous();
   args.w_hh = w_hh.contiguous();
-  zoneout::ZoneoutParams& p = args.params;
-  p.seed = static_cast<uint64_t>(seed_value);
-  p.layer = static_cast<int>(layer);
-  p.direction = static_cast<int>(direction);
-  p.mask_mode = static_cast<int>(mask_mode);
-  p.zoneout_cell = zoneout_cell;
-  p.zoneout_hidden = zoneout_hidden;
-  p.recurrent_dropout = recurrent_dropout;
-  // With every probability 0 the training masks are the constants keep = 0, scale = 1, which
-  // are also the evaluation-mode expectations: skip the Philox draws.
-  p.training = training && (zoneout_cell > 0.0 || zoneout_hidden > 0.0 || recurrent_dropout > 0.0);
-  p.batch = batch;
-  p.hidden = hidden;
+  args.params = zoneout::make_params(static_cast<uint64_t>(seed_value), layer, direction, mask_mode, zoneout_cell,
+                                     zoneout_hidden, recurrent_dropout, training, batch, hidden);
   return args;
 }
 

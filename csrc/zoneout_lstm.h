@@ -96,6 +96,25 @@ struct ZoneoutParams {
   int64_t hidden;           // H
 };
 
+// The params of one layer-direction call, as both bindings build them. With every probability
+// 0 the training masks are the evaluation constants (keep 0, scale 1), so no draw is made.
+inline ZoneoutParams make_params(uint64_t seed, int64_t layer, int64_t direction, int64_t mask_mode,
+                                 double zoneout_cell, double zoneout_hidden, double recurrent_dropout, bool training,
+                                 int64_t batch, int64_t hidden) {
+  ZoneoutParams p{};
+  p.seed = seed;
+  p.layer = static_cast<int>(layer);
+  p.direction = static_cast<int>(direction);
+  p.mask_mode = static_cast<int>(mask_mode);
+  p.zoneout_cell = zoneout_cell;
+  p.zoneout_hidden = zoneout_hidden;
+  p.recurrent_dropout = recurrent_dropout;
+  p.training = training && (zoneout_cell > 0.0 || zoneout_hidden > 0.0 || recurrent_dropout > 0.0);
+  p.batch = batch;
+  p.hidden = hidden;
+  return p;
+}
+
 // The multipliers of one element, in the accumulation type:
 //   keep_cell / keep_hidden: m_c, m_h (0 or 1 in training, z in evaluation)
 //   update_scale: d / (1 - p) (0 or 1/(1-p) in training, 1 in evaluation)

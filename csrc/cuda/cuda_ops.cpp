@@ -160,18 +160,9 @@ std::pair<LayerShape, zoneout::ZoneoutParams> check_layer_args(
   TORCH_CHECK_VALUE(recurrent_dropout >= 0.0 && recurrent_dropout < 1.0,
                     "zoneout_fused cuda: recurrent_dropout must be in [0, 1), got ", recurrent_dropout);
 
-  zoneout::ZoneoutParams p{};
-  p.seed = training ? static_cast<uint64_t>(seed.item<int64_t>()) : 0;  // CPU tensor: no device sync
-  p.layer = static_cast<int>(layer);
-  p.direction = static_cast<int>(direction);
-  p.mask_mode = static_cast<int>(mask_mode);
-  // Plain assignments: exact if ZoneoutParams holds doubles, rounded to float32 while it holds floats.
-  p.zoneout_cell = zoneout_cell;
-  p.zoneout_hidden = zoneout_hidden;
-  p.recurrent_dropout = recurrent_dropout;
-  p.training = training;
-  p.batch = s.batch;
-  p.hidden = s.hidden;
+  const uint64_t seed_value = training ? static_cast<uint64_t>(seed.item<int64_t>()) : 0;  // CPU: no device sync
+  const zoneout::ZoneoutParams p = zoneout::make_params(seed_value, layer, direction, mask_mode, zoneout_cell,
+                                                        zoneout_hidden, recurrent_dropout, training, s.batch, s.hidden);
   return {s, p};
 }
 
