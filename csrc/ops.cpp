@@ -126,15 +126,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_layer_backward(
 }
 
 // Test hook (tests/test_cpu.py): int64 [2, 3, n] holding uint32 words r0, r1, r2 of Philox
-// counters (first + k, c2, c3): [0] from the CPU kernels' draw path (path: -1 the one they
-// use, 0 scalar, 1 AVX2, 2 AVX-512; an empty tensor if unavailable here), [1] from
-// zoneout::philox4x32_10 element by element. seed and first are reinterpreted as uint64.
-Tensor philox_words_cpu(int64_t seed, int64_t first, int64_t c2, int64_t c3, int64_t n, int64_t path) {
+// counters (first + k, c2, c3): [0] from the CPU kernels' draw path of instruction set isa
+// (-1 the active one, 0 scalar, 1 AVX2, 2 AVX-512; an empty tensor if unavailable here), [1]
+// from zoneout::philox4x32_10 element by element. seed and first are reinterpreted as uint64.
+Tensor philox_words_cpu(int64_t seed, int64_t first, int64_t c2, int64_t c3, int64_t n, int64_t isa) {
   TORCH_CHECK(n >= 0, "n must be >= 0");
   std::vector<uint32_t> w(static_cast<size_t>(6 * n));
   const uint64_t s = static_cast<uint64_t>(seed), f = static_cast<uint64_t>(first);
   if (!zoneout_cpu::philox_words_test_hook(s, f, static_cast<uint32_t>(c2), static_cast<uint32_t>(c3), n, w.data(),
-                                           w.data() + n, w.data() + 2 * n, path)) {
+                                           w.data() + n, w.data() + 2 * n, isa)) {
     return at::empty({0}, at::kLong);
   }
   for (int64_t k = 0; k < n; ++k) {
@@ -167,7 +167,11 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
       "float zoneout_hidden, float recurrent_dropout, int mask_mode, bool training, Tensor y, Tensor c_seq, "
       "Tensor gates) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias)");
-  m.def("_philox_words_cpu(int seed, int first, int c2, int c3, int n, int path=-1) -> Tensor");
+  m.def("_philox_words_cpu(int seed, int first, int c2, int c3, int n, int isa=-1) -> Tensor");
+  // The CPU kernels' instruction set (zoneout_fused.cpu_isa wraps these).
+  m.def("_cpu_isa_supported(int isa) -> bool");
+  m.def("_cpu_isa() -> int");
+  m.def("_set_cpu_isa(int isa) -> int");
 }
 
 TORCH_LIBRARY_IMPL(zoneout_fused, CPU, m) {
@@ -176,4 +180,9 @@ TORCH_LIBRARY_IMPL(zoneout_fused, CPU, m) {
 }
 
 // No tensor arguments: registered for every dispatch key.
-TORCH_LIBRARY_IMPL(zoneout_fused, CompositeExplicitAutograd, m) { m.impl("_philox_words_cpu", &philox_words_cpu); }
+TORCH_LIBRARY_IMPL(zoneout_fused, CompositeExplicitAutograd, m) {
+  m.impl("_philox_words_cpu", &philox_words_cpu);
+  m.impl("_cpu_isa_supported", &zoneout_cpu::cpu_isa_supported);
+  m.impl("_cpu_isa", &zoneout_cpu::cpu_isa);
+  m.impl("_set_cpu_isa", &zoneout_cpu::set_cpu_isa);
+}

@@ -26,21 +26,25 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 #include <algorithm>
 #include <cstring>
 
+// The element kernels and the vectorized Philox are compiled once per instruction set
+// (AVX-512, AVX2, baseline x86-64) and one copy is picked at run time (select_isa below): the
+// best the CPU has, or the one ZONEOUT_FUSED_CPU_ISA or the test hook asks for, so every copy
+// is tested on any machine that can run it, whatever the best one there is. setup.py builds
+// for the baseline ISA.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define ZF_X86_PHILOX 1
+#define ZF_TARGET_AVX512 __attribute__((target("avx512f")))
+#define ZF_TARGET_AVX2 __attribute__((target("avx2")))
 #endif
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-// The element kernels are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
-// time (GCC function multiversioning), as setup.py builds for the baseline ISA.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define ZF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ZF_CPU_CLONES
-#endif
 #if defined(__GNUC__)
 #define ZF_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -136,13 +140,13 @@ constexpr uint32_t kPhiloxRoundA = 0xD2511F53u, kPhiloxRoundB = 0xCD9E8D57u;
     k1 += kPhiloxKeyB;                                                   \
   }
 
-__attribute__((target("avx512f"))) inline __m512i xor3_512(__m512i a, __m512i b, __m512i c) {
+ZF_TARGET_AVX512 inline __m512i xor3_512(__m512i a, __m512i b, __m512i c) {
   return _mm512_ternarylogic_epi64(a, b, c, 0x96);
 }
 
 // kGroups groups of 16 counters (2 registers of 8) per pass.
 template <int kGroups>
-__attribute__((target("avx512f"))) inline void philox_block_avx512(uint64_t seed, uint32_t lo, uint32_t hi,
+ZF_TARGET_AVX512 inline void philox_block_avx512(uint64_t seed, uint32_t lo, uint32_t hi,
                                                                     uint32_t c2, uint32_t c3, uint32_t* r0,
                                                                     uint32_t* r1, uint32_t* r2) {
   constexpr int kRegs = 2 * kGroups;
@@ -165,7 +169,7 @@ __attribute__((target("avx512f"))) inline void philox_block_avx512(uint64_t seed
   }
 }
 
-__attribute__((target("avx512f"))) void philox_run_avx512(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2,
+ZF_TARGET_AVX512 void philox_run_avx512(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2,
                                                            uint32_t c3, int64_t n, uint32_t* r0, uint32_t* r1,
                                                            uint32_t* r2) {
   int64_t k = 0;
@@ -176,13 +180,13 @@ __attribute__((target("avx512f"))) void philox_run_avx512(uint64_t seed, uint32_
   if (k < n) philox_run_scalar(seed, lo + static_cast<uint32_t>(k), hi, c2, c3, n - k, r0 + k, r1 + k, r2 + k);
 }
 
-__attribute__((target("avx2"))) inline __m256i xor3_256(__m256i a, __m256i b, __m256i c) {
+ZF_TARGET_AVX2 inline __m256i xor3_256(__m256i a, __m256i b, __m256i c) {
   return _mm256_xor_si256(_mm256_xor_si256(a, b), c);
 }
 
 // kGroups groups of 8 counters (2 registers of 4) per pass.
 template <int kGroups>
-__attribute__((target("avx2"))) inline void philox_block_avx2(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2,
+ZF_TARGET_AVX2 inline void philox_block_avx2(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2,
                                                                uint32_t c3, uint32_t* r0, uint32_t* r1,
                                                                uint32_t* r2) {
   constexpr int kRegs = 2 * kGroups;
@@ -208,7 +212,7 @@ __attribute__((target("avx2"))) inline void philox_block_avx2(uint64_t seed, uin
   }
 }
 
-__attribute__((target("avx2"))) void philox_run_avx2(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2,
+ZF_TARGET_AVX2 void philox_run_avx2(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2,
                                                      uint32_t c3, int64_t n, uint32_t* r0, uint32_t* r1,
                                                      uint32_t* r2) {
   int64_t k = 0;
@@ -220,21 +224,10 @@ __attribute__((target("avx2"))) void philox_run_avx2(uint64_t seed, uint32_t lo,
 }
 #undef ZF_PHILOX_ROUNDS
 
-PhiloxRunFn select_philox_run() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return philox_run_avx512;
-  if (__builtin_cpu_supports("avx2")) return philox_run_avx2;
-  return philox_run_scalar;
-}
-#else
-PhiloxRunFn select_philox_run() { return philox_run_scalar; }
 #endif
-
-const PhiloxRunFn philox_run_best = select_philox_run();
-
-// Words of counters (first + k, c2, c3), k < n, on the fastest path available.
+// Words of counters (first + k, c2, c3), k < n, with `run` for the carry-free part.
 inline void philox_words(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
-                         uint32_t* r1, uint32_t* r2, PhiloxRunFn run = philox_run_best) {
+                         uint32_t* r1, uint32_t* r2, PhiloxRunFn run) {
   const uint32_t lo = static_cast<uint32_t>(first), hi = static_cast<uint32_t>(first >> 32);
   if (n > 0 && static_cast<uint64_t>(lo) + static_cast<uint64_t>(n - 1) <= 0xFFFFFFFFull) {
     run(seed, lo, hi, c2, c3, n, r0, r1, r2);
@@ -271,11 +264,11 @@ ZF_ALWAYS_INLINE void draw_masks(MaskChunk<scalar_t>& out, const ZoneoutParams& 
 // zoneout::element_masks' mapping from words to masks for these two modes, unchanged.
 template <typename scalar_t, int kMode>
 ZF_ALWAYS_INLINE void draw_masks_stream0(MaskChunk<scalar_t>& out, const ZoneoutParams& p, int64_t t, int64_t b,
-                                         int64_t j0, int64_t n) {
+                                         int64_t j0, int64_t n, PhiloxRunFn run) {
   uint32_t w0[kChunk], w1[kChunk], w2[kChunk];
   const uint32_t key2 = static_cast<uint32_t>(2 * p.layer + p.direction);
   const uint64_t first = static_cast<uint64_t>((t * p.batch + b) * p.hidden + j0);
-  philox_words(p.seed, first, key2, 0u, n, w0, w1, w2);
+  philox_words(p.seed, first, key2, 0u, n, w0, w1, w2, run);
   const float z_cell = static_cast<float>(p.zoneout_cell), z_hidden = static_cast<float>(p.zoneout_hidden);
   const float p_drop = static_cast<float>(p.recurrent_dropout);
   const bool dropout = p.recurrent_dropout > 0.0;
@@ -293,7 +286,7 @@ ZF_ALWAYS_INLINE void draw_masks_stream0(MaskChunk<scalar_t>& out, const Zoneout
 // Masks of units j0 .. j0+n-1 of example b at step t (n <= kChunk).
 template <typename scalar_t>
 ZF_ALWAYS_INLINE void chunk_masks(MaskChunk<scalar_t>& out, const ZoneoutParams& p, int64_t t, int64_t b,
-                                  int64_t j0, int64_t n) {
+                                  int64_t j0, int64_t n, PhiloxRunFn run) {
   if (!p.training) {  // the expectations: one constant for every unit
     const auto m = zoneout::element_masks<scalar_t>(p, t, b, j0);
     std::fill_n(out.keep_cell, n, m.keep_cell);
@@ -302,8 +295,8 @@ ZF_ALWAYS_INLINE void chunk_masks(MaskChunk<scalar_t>& out, const ZoneoutParams&
     return;
   }
   switch (p.mask_mode) {
-    case zoneout::kIndependent: draw_masks_stream0<scalar_t, zoneout::kIndependent>(out, p, t, b, j0, n); break;
-    case zoneout::kShared: draw_masks_stream0<scalar_t, zoneout::kShared>(out, p, t, b, j0, n); break;
+    case zoneout::kIndependent: draw_masks_stream0<scalar_t, zoneout::kIndependent>(out, p, t, b, j0, n, run); break;
+    case zoneout::kShared: draw_masks_stream0<scalar_t, zoneout::kShared>(out, p, t, b, j0, n, run); break;
     case zoneout::kTimestep: draw_masks<scalar_t, zoneout::kTimestep>(out, p, t, b, j0, n); break;
     default: draw_masks<scalar_t, zoneout::kStatic>(out, p, t, b, j0, n); break;
   }
@@ -314,12 +307,13 @@ ZF_ALWAYS_INLINE void chunk_masks(MaskChunk<scalar_t>& out, const ZoneoutParams&
 template <typename scalar_t>
 ZF_ALWAYS_INLINE void forward_row(scalar_t* __restrict g, const scalar_t* __restrict hp,
                                   const scalar_t* __restrict cp, scalar_t* __restrict yo, scalar_t* __restrict co,
-                                  int64_t t, int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p) {
+                                  int64_t t, int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p,
+                                  PhiloxRunFn run) {
   const int64_t hidden = p.hidden;
   MaskChunk<scalar_t> masks;
   for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
     const int64_t n = std::min(kChunk, j1 - c0);
-    chunk_masks(masks, p, t, b, c0, n);
+    chunk_masks(masks, p, t, b, c0, n, run);
     for (int64_t k = 0; k < n; ++k) {
       const int64_t j = c0 + k;
       const auto r = zoneout::cell_forward<scalar_t>(g[j], g[hidden + j], g[2 * hidden + j], g[3 * hidden + j],
@@ -342,12 +336,12 @@ template <typename scalar_t>
 ZF_ALWAYS_INLINE void backward_row(const scalar_t* __restrict g, const scalar_t* __restrict gy,
                                    const scalar_t* __restrict cp, scalar_t* __restrict dh, scalar_t* __restrict dc,
                                    scalar_t* __restrict dp, int64_t t, int64_t b, int64_t j0, int64_t j1,
-                                   const ZoneoutParams& p) {
+                                   const ZoneoutParams& p, PhiloxRunFn run) {
   const int64_t hidden = p.hidden;
   MaskChunk<scalar_t> masks;
   for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
     const int64_t n = std::min(kChunk, j1 - c0);
-    chunk_masks(masks, p, t, b, c0, n);
+    chunk_masks(masks, p, t, b, c0, n, run);
     for (int64_t k = 0; k < n; ++k) {
       const int64_t j = c0 + k;
       const auto r = zoneout::cell_backward<scalar_t>(gy[j] + dh[j], dc[j], g[j], g[hidden + j], g[2 * hidden + j],
@@ -362,46 +356,114 @@ ZF_ALWAYS_INLINE void backward_row(const scalar_t* __restrict g, const scalar_t*
   }
 }
 
-// Non-template entry points, one multiversioned copy per dtype.
-ZF_CPU_CLONES void forward_row_f32(float* g, const float* hp, const float* cp, float* yo, float* co, int64_t t,
-                                   int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p) {
-  forward_row<float>(g, hp, cp, yo, co, t, b, j0, j1, p);
+// ---------------------------------------------------------------------------------------
+// One copy of the row kernels per instruction set, gathered in a table (CpuKernels); the
+// copies differ only in what the compiler may use (FMA contraction, vector width, libmvec
+// variants), so their results agree to rounding, and their masks bit for bit.
+// ---------------------------------------------------------------------------------------
+template <typename scalar_t>
+using ForwardRowFn = void (*)(scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, int64_t, int64_t,
+                              int64_t, int64_t, const ZoneoutParams&);
+template <typename scalar_t>
+using BackwardRowFn = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*,
+                               int64_t, int64_t, int64_t, int64_t, const ZoneoutParams&);
+
+struct CpuKernels {
+  PhiloxRunFn philox_run;
+  ForwardRowFn<float> forward_f32;
+  ForwardRowFn<double> forward_f64;
+  BackwardRowFn<float> backward_f32;
+  BackwardRowFn<double> backward_f64;
+  ForwardRowFn<float> forward(float*) const { return forward_f32; }
+  ForwardRowFn<double> forward(double*) const { return forward_f64; }
+  BackwardRowFn<float> backward(float*) const { return backward_f32; }
+  BackwardRowFn<double> backward(double*) const { return backward_f64; }
+};
+
+#define ZF_ROW_KERNELS(SUFFIX, TARGET, PHILOX_RUN)                                                                  \
+  template <typename scalar_t>                                                                                     \
+  TARGET void forward_row_##SUFFIX(scalar_t* g, const scalar_t* hp, const scalar_t* cp, scalar_t* yo, scalar_t* co, \
+                                   int64_t t, int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p) {         \
+    forward_row<scalar_t>(g, hp, cp, yo, co, t, b, j0, j1, p, PHILOX_RUN);                                         \
+  }                                                                                                                \
+  template <typename scalar_t>                                                                                     \
+  TARGET void backward_row_##SUFFIX(const scalar_t* g, const scalar_t* gy, const scalar_t* cp, scalar_t* dh,      \
+                                    scalar_t* dc, scalar_t* dp, int64_t t, int64_t b, int64_t j0, int64_t j1,      \
+                                    const ZoneoutParams& p) {                                                      \
+    backward_row<scalar_t>(g, gy, cp, dh, dc, dp, t, b, j0, j1, p, PHILOX_RUN);                                    \
+  }                                                                                                                \
+  constexpr CpuKernels kKernels_##SUFFIX = {PHILOX_RUN, forward_row_##SUFFIX<float>, forward_row_##SUFFIX<double>, \
+                                            backward_row_##SUFFIX<float>, backward_row_##SUFFIX<double>};
+
+#define ZF_NO_TARGET
+ZF_ROW_KERNELS(scalar, ZF_NO_TARGET, philox_run_scalar)
+#if defined(ZF_X86_PHILOX)
+ZF_ROW_KERNELS(avx2, ZF_TARGET_AVX2, philox_run_avx2)
+ZF_ROW_KERNELS(avx512, ZF_TARGET_AVX512, philox_run_avx512)
+#endif
+#undef ZF_ROW_KERNELS
+#undef ZF_NO_TARGET
+
+bool isa_supported(int64_t isa) {
+#if defined(ZF_X86_PHILOX)
+  __builtin_cpu_init();
+  switch (isa) {
+    case kIsaScalar: return true;
+    case kIsaAvx2: return __builtin_cpu_supports("avx2");
+    case kIsaAvx512: return __builtin_cpu_supports("avx512f");
+    default: return false;
+  }
+#else
+  return isa == kIsaScalar;
+#endif
 }
-ZF_CPU_CLONES void forward_row_f64(double* g, const double* hp, const double* cp, double* yo, double* co, int64_t t,
-                                   int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p) {
-  forward_row<double>(g, hp, cp, yo, co, t, b, j0, j1, p);
+
+const CpuKernels& kernels_for(int64_t isa) {
+#if defined(ZF_X86_PHILOX)
+  if (isa == kIsaAvx512) return kKernels_avx512;
+  if (isa == kIsaAvx2) return kKernels_avx2;
+#endif
+  return kKernels_scalar;
 }
-ZF_CPU_CLONES void backward_row_f32(const float* g, const float* gy, const float* cp, float* dh, float* dc, float* dp,
-                                    int64_t t, int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p) {
-  backward_row<float>(g, gy, cp, dh, dc, dp, t, b, j0, j1, p);
+
+int64_t best_isa() {
+  for (int64_t isa = kIsaAvx512; isa > kIsaScalar; --isa)
+    if (isa_supported(isa)) return isa;
+  return kIsaScalar;
 }
-ZF_CPU_CLONES void backward_row_f64(const double* g, const double* gy, const double* cp, double* dh, double* dc,
-                                    double* dp, int64_t t, int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p) {
-  backward_row<double>(g, gy, cp, dh, dc, dp, t, b, j0, j1, p);
+
+// ZONEOUT_FUSED_CPU_ISA = auto | scalar | avx2 | avx512; a value this CPU cannot run is
+// reported by the first kernel call (a Python RuntimeError), not at load.
+std::string environment_isa_error;
+int64_t isa_from_environment() {
+  const char* value = std::getenv("ZONEOUT_FUSED_CPU_ISA");
+  if (value == nullptr || std::string(value).empty() || std::string(value) == "auto") return best_isa();
+  for (int64_t isa = kIsaScalar; isa <= kIsaAvx512; ++isa) {
+    if (std::string(value) != isa_name(isa)) continue;
+    if (isa_supported(isa)) return isa;
+    environment_isa_error = std::string("ZONEOUT_FUSED_CPU_ISA=") + value + ": this CPU (or build) cannot run it";
+    return best_isa();
+  }
+  environment_isa_error =
+      std::string("ZONEOUT_FUSED_CPU_ISA=") + value + " is not one of auto, scalar, avx2, avx512";
+  return best_isa();
 }
-inline void forward_row_dispatch(float* g, const float* hp, const float* cp, float* yo, float* co, int64_t t, int64_t b,
-                                 int64_t j0, int64_t j1, const ZoneoutParams& p) {
-  forward_row_f32(g, hp, cp, yo, co, t, b, j0, j1, p);
-}
-inline void forward_row_dispatch(double* g, const double* hp, const double* cp, double* yo, double* co, int64_t t,
-                                 int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p) {
-  forward_row_f64(g, hp, cp, yo, co, t, b, j0, j1, p);
-}
-inline void backward_row_dispatch(const float* g, const float* gy, const float* cp, float* dh, float* dc, float* dp,
-                                  int64_t t, int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p) {
-  backward_row_f32(g, gy, cp, dh, dc, dp, t, b, j0, j1, p);
-}
-inline void backward_row_dispatch(const double* g, const double* gy, const double* cp, double* dh, double* dc,
-                                  double* dp, int64_t t, int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p) {
-  backward_row_f64(g, gy, cp, dh, dc, dp, t, b, j0, j1, p);
+
+std::atomic<int64_t> active_isa{isa_from_environment()};
+
+const CpuKernels& active_kernels() {
+  TORCH_CHECK(environment_isa_error.empty(), environment_isa_error);
+  return kernels_for(active_isa.load(std::memory_order_relaxed));
 }
 
 // One step's fused element-wise forward: gates_t holds the pre-activations [B, 4H] and is
 // overwritten with the activations; writes y[t] and c_seq[t].
 template <typename scalar_t>
 void forward_pointwise(scalar_t* gates_t, const scalar_t* h_prev, const scalar_t* c_prev, scalar_t* y_t,
-                       scalar_t* c_t, const int64_t* lengths, int64_t t, const ZoneoutParams& p) {
+                       scalar_t* c_t, const int64_t* lengths, int64_t t, const ZoneoutParams& p,
+                       const CpuKernels& kernels) {
   const int64_t batch = p.batch, hidden = p.hidden;
+  const ForwardRowFn<scalar_t> forward_row_isa = kernels.forward(gates_t);
   at::parallel_for(0, batch * hidden, kGrain, [&](int64_t begin, int64_t end) {
     for_row_segments(begin, end, hidden, [&](int64_t b, int64_t j0, int64_t j1) {
       scalar_t* g = gates_t + b * 4 * hidden;
@@ -410,7 +472,7 @@ void forward_pointwise(scalar_t* gates_t, const scalar_t* h_prev, const scalar_t
       scalar_t* yo = y_t + b * hidden;
       scalar_t* co = c_t + b * hidden;
       if (zoneout::step_active(t, lengths, b)) {
-        forward_row_dispatch(g, hp, cp, yo, co, t, b, j0, j1, p);
+        forward_row_isa(g, hp, cp, yo, co, t, b, j0, j1, p);
         return;
       }
       for (int64_t j = j0; j < j1; ++j) {  // past the sequence's end: state frozen, gates 0
@@ -425,16 +487,18 @@ void forward_pointwise(scalar_t* gates_t, const scalar_t* h_prev, const scalar_t
 // One step's fused element-wise backward (see backward_row for dh and dc).
 template <typename scalar_t>
 void backward_pointwise(const scalar_t* grad_y_t, const scalar_t* gates_t, const scalar_t* c_prev, scalar_t* dh,
-                        scalar_t* dc, scalar_t* d_pre_t, const int64_t* lengths, int64_t t, const ZoneoutParams& p) {
+                        scalar_t* dc, scalar_t* d_pre_t, const int64_t* lengths, int64_t t, const ZoneoutParams& p,
+                        const CpuKernels& kernels) {
   const int64_t batch = p.batch, hidden = p.hidden;
+  const BackwardRowFn<scalar_t> backward_row_isa = kernels.backward(d_pre_t);
   at::parallel_for(0, batch * hidden, kGrain, [&](int64_t begin, int64_t end) {
     for_row_segments(begin, end, hidden, [&](int64_t b, int64_t j0, int64_t j1) {
       const scalar_t* gy = grad_y_t + b * hidden;
       scalar_t* dh_b = dh + b * hidden;
       scalar_t* dp = d_pre_t + b * 4 * hidden;
       if (zoneout::step_active(t, lengths, b)) {
-        backward_row_dispatch(gates_t + b * 4 * hidden, gy, c_prev + b * hidden, dh_b, dc + b * hidden, dp, t, b, j0,
-                              j1, p);
+        backward_row_isa(gates_t + b * 4 * hidden, gy, c_prev + b * hidden, dh_b, dc + b * hidden, dp, t, b, j0, j1,
+                         p);
         return;
       }
       for (int64_t j = j0; j < j1; ++j) {  // the state passed through: so do its gradients
@@ -447,25 +511,33 @@ void backward_pointwise(const scalar_t* grad_y_t, const scalar_t* gates_t, const
 
 }  // namespace
 
+const char* isa_name(int64_t isa) {
+  switch (isa) {
+    case kIsaScalar: return "scalar";
+    case kIsaAvx2: return "avx2";
+    case kIsaAvx512: return "avx512";
+    default: return "unknown";
+  }
+}
+
+bool cpu_isa_supported(int64_t isa) { return isa_supported(isa); }
+
+int64_t cpu_isa() { return active_isa.load(); }
+
+int64_t set_cpu_isa(int64_t isa) {
+  TORCH_CHECK(isa >= kIsaScalar && isa <= kIsaAvx512, "isa must be 0 (scalar), 1 (avx2) or 2 (avx512), got ", isa);
+  TORCH_CHECK(isa_supported(isa), "this CPU (or build) cannot run the ", isa_name(isa), " kernels");
+  return active_isa.exchange(isa);
+}
+
 bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
-                            uint32_t* r1, uint32_t* r2, int64_t path) {
-  PhiloxRunFn fn = philox_run_best;
-  if (path == 0) fn = philox_run_scalar;
-#if defined(ZF_X86_PHILOX)
-  if (path == 1) {
-    if (!__builtin_cpu_supports("avx2")) return false;
-    fn = philox_run_avx2;
-  }
-  if (path == 2) {
-    if (!__builtin_cpu_supports("avx512f")) return false;
-    fn = philox_run_avx512;
-  }
-#else
-  if (path > 0) return false;
-#endif
+                            uint32_t* r1, uint32_t* r2, int64_t isa) {
+  if (isa < 0) isa = active_isa.load();
+  if (!isa_supported(isa)) return false;
+  const PhiloxRunFn run = kernels_for(isa).philox_run;
   for (int64_t k0 = 0; k0 < n; k0 += kChunk) {  // the chunking draw_masks_stream0 uses
     const int64_t m = std::min(kChunk, n - k0);
-    philox_words(seed, first + static_cast<uint64_t>(k0), c2, c3, m, r0 + k0, r1 + k0, r2 + k0, fn);
+    philox_words(seed, first + static_cast<uint64_t>(k0), c2, c3, m, r0 + k0, r1 + k0, r2 + k0, run);
   }
   return true;
 }
@@ -488,6 +560,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
   const Tensor w_hh_t = w_hh.t();
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const int direction = params.direction;
+  const CpuKernels& kernels = active_kernels();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_layer_forward", [&] {
     // Raw pointers per step: only the GEMM's operands are Tensor views (each select costs
@@ -504,7 +577,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
       Tensor gates_t = gates[t];
       gates_t.addmm_(h_prev, w_hh_t);  // the step's one GEMM, accumulated onto x_t W_ih^T + b
       forward_pointwise<scalar_t>(g_p + t * 4 * state, h_prev.data_ptr<scalar_t>(), c_prev, y_p + t * state,
-                                  c_p + t * state, len, t, params);
+                                  c_p + t * state, len, t, params, kernels);
     }
   });
   Tensor c_n = c_seq[step_position(steps - 1, steps, direction)].clone();
@@ -522,6 +595,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
   Tensor d_pre = at::empty({steps, batch, 4 * hidden}, x.options());
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   Tensor dc = grad_c_n.clone();
+  const CpuKernels& kernels = active_kernels();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_layer_backward", [&] {
     const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
@@ -533,7 +607,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
       const scalar_t* c_prev = s == 0 ? c0.data_ptr<scalar_t>() : c_p + step_position(s - 1, steps, direction) * state;
       Tensor d_pre_t = d_pre[t];
       backward_pointwise<scalar_t>(gy_p + t * state, g_p + t * 4 * state, c_prev, dh.data_ptr<scalar_t>(),
-                                   dc.data_ptr<scalar_t>(), d_pre_t.data_ptr<scalar_t>(), len, t, params);
+                                   dc.data_ptr<scalar_t>(), d_pre_t.data_ptr<scalar_t>(), len, t, params, kernels);
       dh.addmm_(d_pre_t, w_hh);  // the step's one GEMM: the W_hh path to h_{t-1}
     }
   });

@@ -23,11 +23,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& lengths,
     const at::Tensor& y, const at::Tensor& c_seq, const at::Tensor& gates, const zoneout::ZoneoutParams& params);
 
+// Instruction sets of the element kernels and the vectorized Philox. The kernels run the
+// active one: the best this CPU has, unless ZONEOUT_FUSED_CPU_ISA (auto, scalar, avx2,
+// avx512) or set_cpu_isa chose another. Results differ between them only by rounding
+// (FMA contraction, vector math); masks are bit-identical.
+constexpr int64_t kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2;
+const char* isa_name(int64_t isa);
+bool cpu_isa_supported(int64_t isa);
+int64_t cpu_isa();
+// Makes `isa` the active one (raises if this CPU cannot run it); returns the previous one.
+int64_t set_cpu_isa(int64_t isa);
+
 // Test hook: words r0..r2 of Philox counters (first + k, c2, c3), k < n, drawn the way the
-// CPU mask loop draws them (vectorized where the CPU allows, in chunks), so tests can check
-// them bit for bit against zoneout::philox4x32_10. path: -1 the one the kernels use, 0 scalar,
-// 1 AVX2, 2 AVX-512; returns false where that path is unavailable on this CPU or build.
+// CPU mask loop of instruction set `isa` (-1: the active one) draws them, in chunks, so tests
+// can check them bit for bit against zoneout::philox4x32_10; returns false where that
+// instruction set is unavailable on this CPU or build.
 bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
-                            uint32_t* r1, uint32_t* r2, int64_t path);
+                            uint32_t* r1, uint32_t* r2, int64_t isa);
 
 }  // namespace zoneout_cpu

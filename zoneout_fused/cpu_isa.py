@@ -1,0 +1,62 @@
+"""Which instruction set the C++ CPU kernels run.
+
+The CPU extension holds one copy of its element kernels and vectorized Philox per instruction
+set (baseline x86-64 "scalar", "avx2", "avx512") and runs the best one this CPU has. The
+environment variable ZONEOUT_FUSED_CPU_ISA (auto, scalar, avx2, avx512; read when the extension
+loads) or `set_cpu_isa` picks another, e.g. to test every copy on one machine. The copies draw
+bit-identical masks; their results differ only by rounding (FMA contraction, vector math).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+CPU_ISAS = ("scalar", "avx2", "avx512")
+
+
+def _ops():
+    from .ops import _load_extension
+
+    error = _load_extension("cpu")
+    if error is not None:
+        raise RuntimeError(error)
+    return torch.ops.zoneout_fused
+
+
+def _code(isa: str) -> int:
+    if isa not in CPU_ISAS:
+        raise ValueError(f"isa must be one of {CPU_ISAS}, got {isa!r}")
+    return CPU_ISAS.index(isa)
+
+
+def supported_cpu_isas() -> list[str]:
+    """The instruction sets this CPU (and build) can run, slowest first."""
+    ops = _ops()
+    return [isa for code, isa in enumerate(CPU_ISAS) if ops._cpu_isa_supported(code)]
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run now."""
+    return CPU_ISAS[_ops()._cpu_isa()]
+
+
+def set_cpu_isa(isa: str) -> str:
+    """Makes the CPU kernels run `isa`; returns the previous one. Raises ValueError if this CPU
+    cannot run it."""
+    code = _code(isa)
+    ops = _ops()
+    if not ops._cpu_isa_supported(code):
+        raise ValueError(f"isa={isa!r} cannot run on this CPU; supported: {supported_cpu_isas()}")
+    return CPU_ISAS[ops._set_cpu_isa(code)]
+
+
+@contextlib.contextmanager
+def use_cpu_isa(isa: str) -> Iterator[None]:
+    """Runs the block's CPU kernels with `isa`, then restores the previous choice."""
+    previous = set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        set_cpu_isa(previous)
