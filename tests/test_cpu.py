@@ -1,18 +1,23 @@
 """The fused C++ CPU backend (zoneout_fused::cpu_layer_*) against the reference oracle.
 
 Training-mode comparisons use the same seed on both sides: both regenerate the contract's
-Philox masks, so outputs and every gradient must agree element for element, with tolerances
-far too tight to hide one flipped mask bit.
+Philox masks, so outputs and every gradient must agree element for element: tightly in
+float64, and by the three-way rule (zoneout_fused/testing.py) in float32, whose bound follows this
+machine's rounding yet stays far too tight to hide one flipped mask bit. Every instruction-set
+copy of the kernels this CPU can run is tested (the `isa` parameter); the session header says
+which ones this machine cannot run.
 """
 import math
+import os
 
 import pytest
 import torch
 from torch import nn
 
 import zoneout_fused as zf
-from zoneout_fused import ops, reference
-from conftest import assert_close
+from zoneout_fused import cpu_isa, masks, ops, reference
+from zoneout_fused.testing import assert_all_three_way, three_way_error
+from conftest import assert_close, isa_param
 
 # CI always builds the extension: a missing build is a failure, not a skip.
 _UNAVAILABLE = ops.BACKENDS["cpu"].unavailable_reason(torch.device("cpu"))
@@ -54,35 +59,50 @@ def run(layer_fn, tensors, lengths=None, seed=SEED, layer=0, direction=0, zoneou
     return y.detach(), c_n.detach(), [t.grad if t is not None else None for t in leaves]
 
 
+RESULT_NAMES = ("y", "c_n") + tuple(f"grad of {name}" for name in ("x", "h0", "c0", "w_ih", "w_hh", "bias"))
+
+
+def _flat(result):
+    y, c_n, grads = result
+    return [y, c_n, *grads]
+
+
 def assert_same_as_reference(tensors, dtype, **kwargs):
-    y, c_n, grads = run(cpu_layer, tensors, **kwargs)
-    y_ref, c_ref, grads_ref = run(reference.lstm_layer, tensors, **kwargs)
-    assert_close(y, y_ref, dtype, msg="y")
-    assert_close(c_n, c_ref, dtype, msg="c_n")
-    for name, grad, grad_ref in zip(("x", "h0", "c0", "w_ih", "w_hh", "bias"), grads, grads_ref):
-        if grad_ref is None:
-            assert grad is None
-            continue
-        assert_close(grad, grad_ref, dtype, msg=f"grad of {name}")
+    """float64: tight agreement; float32: the three-way rule against a float64 reference run on
+    the same (cast-up) inputs and the same masks."""
+    actual = _flat(run(cpu_layer, tensors, **kwargs))
+    same_dtype = _flat(run(reference.lstm_layer, tensors, **kwargs))
+    if dtype == torch.float64:
+        for name, a, e in zip(RESULT_NAMES, actual, same_dtype):
+            if e is None:
+                assert a is None, name
+                continue
+            assert_close(a, e, dtype, msg=name)
+        return
+    tensors64 = [t.double() if t is not None else None for t in tensors]
+    exact = _flat(run(reference.lstm_layer, tensors64, **kwargs))
+    assert_all_three_way(actual, same_dtype, exact, RESULT_NAMES)
 
 
 # --------------------------------------------------------------------------------------
 # Agreement with the reference.
 # --------------------------------------------------------------------------------------
+@isa_param
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("direction", [0, 1])
 @pytest.mark.parametrize("mask_mode", MODES)
-def test_matches_reference(mask_mode, direction, training, dtype):
+def test_matches_reference(mask_mode, direction, training, dtype, isa):
     tensors = make_inputs(7, 3, 5, 37, dtype)  # odd T, H not a multiple of 32
     assert_same_as_reference(tensors, dtype, layer=1, direction=direction, zoneout_cell=0.35, zoneout_hidden=0.2,
                              mask_mode=mask_mode, training=training)
 
 
+@isa_param
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("mask_mode", MODES)
-def test_recurrent_dropout_matches_reference(mask_mode, training, dtype):
+def test_recurrent_dropout_matches_reference(mask_mode, training, dtype, isa):
     tensors = make_inputs(6, 4, 3, 10, dtype)
     assert_same_as_reference(tensors, dtype, direction=1, zoneout_cell=0.25, zoneout_hidden=0.4,
                              recurrent_dropout=0.3, mask_mode=mask_mode, training=training)
@@ -106,7 +126,8 @@ def test_lengths_match_reference(mask_mode, direction, dtype):
     (5, 20, 3, 70),   # B*H above the parallel grain: several threads share a step
     (4, 1, 1, 1),     # H = 1, I = 1
 ], ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
-def test_shapes_match_reference(shape, dtype):
+@isa_param
+def test_shapes_match_reference(shape, dtype, isa):
     tensors = make_inputs(*shape, dtype=dtype)
     assert_same_as_reference(tensors, dtype, direction=0, zoneout_cell=0.5, zoneout_hidden=0.05, mask_mode=0)
     assert_same_as_reference(tensors, dtype, direction=1, zoneout_cell=0.2, zoneout_hidden=0.3, mask_mode=1,
@@ -143,12 +164,11 @@ def test_non_contiguous_inputs(dtype):
     strided = [x_nc, h0_nc, c0_nc, w_ih_nc, w_hh_nc, bias_nc]
     assert not any(t.is_contiguous() for t in strided)
     kwargs = dict(direction=1, zoneout_cell=0.3, zoneout_hidden=0.2, recurrent_dropout=0.1, training=True)
-    y, c_n, grads = run(cpu_layer, strided, **kwargs)
-    y_ref, c_ref, grads_ref = run(reference.lstm_layer, [x, h0, c0, w_ih, w_hh, bias], **kwargs)
-    assert_close(y, y_ref, dtype)
-    assert_close(c_n, c_ref, dtype)
-    for grad, grad_ref in zip(grads, grads_ref):
-        assert_close(grad, grad_ref, dtype)
+    # The op makes its operands contiguous: the same bits as from contiguous copies.
+    for name, a, b in zip(RESULT_NAMES, _flat(run(cpu_layer, strided, **kwargs)),
+                          _flat(run(cpu_layer, [x, h0, c0, w_ih, w_hh, bias], **kwargs))):
+        assert torch.equal(a, b), name
+    assert_same_as_reference(strided, dtype, **kwargs)
     # A non-contiguous grad_y (e.g. from a transposed output) in the backward op itself.
     seed = torch.tensor(SEED)
     args = (x, h0, c0, w_ih, w_hh, bias, None, seed, 0, 0, 0.3, 0.2, 0.0, 0, True)
@@ -339,15 +359,15 @@ def test_full_zoneout_freezes_state():
     assert torch.count_nonzero(grads[0]) == 0 and torch.count_nonzero(grads[3]) == 0
 
 
-@pytest.mark.parametrize("path", [-1, 0, 1, 2])
+@pytest.mark.parametrize("path", ["active"] + list(cpu_isa.CPU_ISAS))
 def test_philox_words_match_header(path):
     """The CPU mask loop's vectorized Philox (AVX-512 / AVX2 specialisations of the header's
     philox4x32_10) is bit-identical to the header and to the Python oracle, including runs
     whose low counter word carries into the high word and chunk tails."""
-    from zoneout_fused import _C  # noqa: F401  (registers the hook)
-    from zoneout_fused import masks
-
     op = torch.ops.zoneout_fused._philox_words_cpu
+    code = -1 if path == "active" else cpu_isa.CPU_ISAS.index(path)
+    if path != "active" and path not in cpu_isa.supported_cpu_isas():
+        pytest.skip(f"this CPU cannot run the {path} kernels")
 
     def as_int64(v):  # the schema's int is int64; the hook reinterprets it as uint64
         return v - 2**64 if v >= 2**63 else v
@@ -357,13 +377,155 @@ def test_philox_words_match_header(path):
         for first in (0, 5, 2**32 - 70, 2**33 + 3, 2**64 - 40):
             for c2, c3 in ((0, 0), (3, 0), (1, 2), (2**32 - 1, 2**32 - 1)):
                 for n in (1, 15, 17, 64, 1000):
-                    words = op(as_int64(seed), as_int64(first), c2, c3, n, path)
-                    if words.numel() == 0:
-                        pytest.skip(f"path {path} unavailable on this CPU")
+                    words = op(as_int64(seed), as_int64(first), c2, c3, n, code)
+                    assert words.numel() > 0, f"{path} reported unavailable"
                     assert torch.equal(words[0], words[1]), (seed, first, c2, c3, n)
                     checked += 1
     assert checked == 500
-    words = op(42, 7, 1, 0, 777, path)
+    words = op(42, 7, 1, 0, 777, code)
     counters = torch.arange(777, dtype=torch.int64) + 7
     expected = torch.stack(masks.philox4x32_10(42, counters, 0, 1, 0)[:3])
     assert torch.equal(words[0], expected)
+
+
+# --------------------------------------------------------------------------------------
+# Instruction sets: every copy of the kernels draws the oracle's masks bit for bit.
+# --------------------------------------------------------------------------------------
+@isa_param
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", [0, 1])
+@pytest.mark.parametrize("mask_mode", MODES)
+def test_masks_bit_for_bit_on_each_isa(mask_mode, direction, dtype, isa):
+    """A zoned-out unit copies its previous state exactly (1 * prev + 0 * candidate), an updated
+    one takes a candidate that differs from it, so the forward's outputs reveal the masks it drew:
+    they must be the oracle's, every bit, on every instruction set. H = 150 spans full vector
+    blocks, a chunk boundary (64) and a tail."""
+    steps, batch, hidden = 5, 3, 150
+    x, h0, c0, w_ih, w_hh, bias = make_inputs(steps, batch, 4, hidden, dtype)
+    seed, layer, z_c, z_h = 987654321987, 2, 0.4, 0.3
+    y, _, c_seq, _ = FORWARD(x, h0, c0, w_ih, w_hh, bias, None, torch.tensor(seed), layer, direction, z_c, z_h, 0.0,
+                             mask_mode, True)
+    mode = masks.MASK_MODES[mask_mode]
+    m_c, m_h, _ = masks.sequence_masks(seed, layer, direction, steps, batch, hidden, zoneout_cell=z_c,
+                                       zoneout_hidden=z_h, mask_mode=mode)
+    order = list(range(steps)) if direction == 0 else list(range(steps - 1, -1, -1))
+    h_prev, c_prev = h0, c0
+    for t in order:
+        assert torch.equal(y[t] == h_prev, m_h[t]), f"hidden mask differs at t={t} ({isa})"
+        assert torch.equal(c_seq[t] == c_prev, m_c[t]), f"cell mask differs at t={t} ({isa})"
+        h_prev, c_prev = y[t], c_seq[t]
+    assert m_h.any() and (~m_h).any() and m_c.any() and (~m_c).any()
+
+
+def test_isa_choice_is_checked_and_restored():
+    supported = cpu_isa.supported_cpu_isas()
+    assert supported[0] == "scalar" and cpu_isa.cpu_isa() == supported[-1]  # the best one by default
+    with pytest.raises(ValueError, match="isa"):
+        cpu_isa.set_cpu_isa("sse9")
+    for name in cpu_isa.CPU_ISAS:
+        if name not in supported:
+            with pytest.raises(ValueError, match=name):
+                cpu_isa.set_cpu_isa(name)
+    with cpu_isa.use_cpu_isa("scalar"):
+        assert cpu_isa.cpu_isa() == "scalar"
+    assert cpu_isa.cpu_isa() == supported[-1]
+
+
+def test_isa_from_the_environment():
+    """ZONEOUT_FUSED_CPU_ISA picks the copy when the extension loads; a value this CPU cannot run
+    fails the first kernel call with a message naming the variable."""
+    import subprocess
+    import sys
+
+    code = ("import torch, zoneout_fused as zf; from zoneout_fused import cpu_isa; print(cpu_isa.cpu_isa()); "
+            "zf.ZoneoutLSTM(2, 3, backend='cpu')(torch.randn(2, 1, 2))")
+    for value, expected in (("scalar", "scalar"), ("auto", cpu_isa.supported_cpu_isas()[-1])):
+        result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZONEOUT_FUSED_CPU_ISA": value},
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and result.stdout.split() == [expected], result.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZONEOUT_FUSED_CPU_ISA": "sse9"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "ZONEOUT_FUSED_CPU_ISA=sse9" in result.stderr
+
+
+# --------------------------------------------------------------------------------------
+# The accuracy rule itself: tight enough to catch the bugs it is there for.
+# --------------------------------------------------------------------------------------
+def _three_way_failures(monkeypatch, **kwargs):
+    """Runs the float32 cpu-vs-reference comparison with the reference's masks or math broken
+    as kwargs say; returns the three-way rule's messages (empty when it passes)."""
+    shape, settings = (9, 3, 4, 33), dict(zoneout_cell=0.5, zoneout_hidden=0.05, layer=1)
+    settings.update(kwargs.pop("settings", {}))
+    tensors = make_inputs(*shape, dtype=torch.float32)
+    actual = _flat(run(cpu_layer, tensors, **settings))
+    for name, value in kwargs.items():
+        monkeypatch.setattr(reference, name, value, raising=False)
+    same_dtype = _flat(run(reference.lstm_layer, tensors, **settings))
+    exact = _flat(run(reference.lstm_layer, [t.double() for t in tensors], **settings))
+    monkeypatch.undo()
+    return [m for m in map(three_way_error, actual, same_dtype, exact, RESULT_NAMES) if m is not None]
+
+
+def test_three_way_rule_passes_the_correct_kernel(monkeypatch):
+    assert _three_way_failures(monkeypatch) == []
+
+
+def test_three_way_rule_catches_one_flipped_mask_bit(monkeypatch):
+    """One unit of h kept instead of updated at one step of 9 (or the other way round)."""
+    real_step_masks = reference.step_masks
+    for t_flip, which in ((0, 1), (4, 0), (8, 1)):
+        def flipped(seed, layer, direction, t, *args, **kwargs):
+            out = list(real_step_masks(seed, layer, direction, t, *args, **kwargs))
+            if t == t_flip:
+                out[which] = out[which].clone()
+                out[which][1, 7] = ~out[which][1, 7]
+            return tuple(out)
+
+        failures = _three_way_failures(monkeypatch, step_masks=flipped)
+        assert failures, f"a flipped {'hc'[which]} mask bit at t={t_flip} went unnoticed"
+
+
+def test_three_way_rule_catches_a_wrong_derivative_sign(monkeypatch):
+    """The forget gate's activation with the derivative's sign flipped (sigmoid(a) -> 1 - sigmoid(-a)
+    is the same value; a custom function gives the same forward and a negated backward)."""
+
+    class SignFlippedSigmoid(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            s = torch.sigmoid(a)
+            ctx.save_for_backward(s)
+            return s
+
+        @staticmethod
+        def backward(ctx, grad):
+            s, = ctx.saved_tensors
+            return -grad * s * (1 - s)
+
+    calls = []
+
+    def sigmoid(a):  # the reference calls sigmoid for i, f, o in that order: flip only f
+        calls.append(1)
+        return SignFlippedSigmoid.apply(a) if len(calls) % 3 == 2 else torch.sigmoid(a)
+
+    fake_torch = type("torch_with_flipped_f", (), {"__getattr__": lambda self, name: getattr(torch, name),
+                                                   "sigmoid": staticmethod(sigmoid)})()
+    failures = _three_way_failures(monkeypatch, torch=fake_torch)
+    assert calls, "the reference no longer calls torch.sigmoid: update this test"
+    assert any("grad" in m for m in failures) and not any(m.startswith(("y ", "c_n ")) for m in failures)
+
+
+def test_three_way_rule_catches_the_wrong_step_order(monkeypatch):
+    """The reverse direction processed first-to-last (with its own masks) instead of last-to-first."""
+    import builtins
+
+    reversed_loops = []
+
+    def forward_instead_of_reverse(*args):
+        if len(args) == 3 and args[2] == -1:  # range(T - 1, -1, -1): the reverse loop
+            reversed_loops.append(args)
+            return builtins.range(args[1] + 1, args[0] + 1)
+        return builtins.range(*args)
+
+    failures = _three_way_failures(monkeypatch, settings=dict(direction=1), range=forward_instead_of_reverse)
+    assert reversed_loops, "the reference no longer loops with range(T - 1, -1, -1): update this test"
+    assert any(m.startswith("y ") for m in failures) and any("grad of w_hh" in m for m in failures)

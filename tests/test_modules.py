@@ -1,5 +1,6 @@
 """ZoneoutLSTM / ZoneoutLSTMCell: API, state_dicts, backend selection, bad input, determinism,
 and every fused backend available on this machine against the reference through the modules."""
+import copy
 import os
 
 import pytest
@@ -9,6 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import zoneout_fused as zf
 from zoneout_fused import ops
+from zoneout_fused.testing import assert_all_three_way
 from conftest import assert_close
 
 # CI sets this so that a backend that failed to build fails the tests instead of skipping them.
@@ -191,9 +193,9 @@ def test_same_seed_same_bits_new_seed_new_masks():
 def test_no_zoneout_draws_no_seed():
     """z = 0 and p = 0 consume no random numbers, so dropout between layers matches nn.LSTM's."""
     torch.manual_seed(0)
-    lstm = nn.LSTM(3, 4, num_layers=3, dropout=0.5)
+    lstm = nn.LSTM(3, 4, num_layers=3, dropout=0.5, dtype=torch.float64)
     model = zf.ZoneoutLSTM.from_lstm(lstm, backend="reference")
-    x = torch.randn(5, 2, 3)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
     torch.manual_seed(1)
     expected = lstm(x)[0]
     torch.manual_seed(1)
@@ -208,6 +210,23 @@ def _pair(backend, dtype, **kwargs):
     fused = zf.ZoneoutLSTM(backend=backend, dtype=dtype, device=DEVICE, **kwargs)
     fused.load_state_dict(reference.state_dict())
     return reference, fused
+
+
+def _with_float64_copy(fused, reference):
+    """(fused, reference), plus the reference in float64 when they compute in a rounding dtype."""
+    models = (fused, reference)
+    if next(reference.parameters()).dtype != torch.float64:
+        models += (copy.deepcopy(reference).double(),)
+    return models
+
+
+def _assert_agree(results, names):
+    """results: per model of _with_float64_copy, its tensors in the order of names."""
+    if len(results) == 2:  # float64: the reference is the truth
+        for name, a, e in zip(names, *results):
+            assert_close(a, e, torch.float64, msg=name)
+    else:
+        assert_all_three_way(*results, names)
 
 
 MODULE_CASES = [
@@ -234,19 +253,22 @@ def test_fused_module_equals_reference(backend, case, packed, training):
     hx = tuple(torch.randn(case.get("num_layers", 1) * directions, 3, 5, dtype=dtype, device=DEVICE)
                for _ in range(2))
     results = []
-    for model in (reference, fused):
-        x_ = x.clone().requires_grad_()
-        hx_ = tuple(h.clone().requires_grad_() for h in hx)
+    for model in _with_float64_copy(fused, reference):
+        model.train(training)
+        x_ = x.to(next(model.parameters()).dtype).clone().requires_grad_()
+        hx_ = tuple(h.to(x_.dtype).clone().requires_grad_() for h in hx)
         inputs = pack_padded_sequence(x_, torch.tensor([4, 2, 3]), enforce_sorted=False,
                                       batch_first=batch_first) if packed else x_
         torch.manual_seed(11)
         output, (h_n, c_n) = model(inputs, hx_)
         output = output.data if packed else output
-        loss = (output * torch.linspace(-1, 1, output.numel(), dtype=dtype, device=DEVICE).view_as(output)).sum()
+        weights = torch.linspace(-1, 1, output.numel(), dtype=dtype, device=DEVICE).to(output.dtype)
+        loss = (output * weights.view_as(output)).sum()
         (loss + (h_n * 0.5).sum() + (c_n * 0.25).sum()).backward()
-        results.append([output, h_n, c_n, x_.grad, *(h.grad for h in hx_), *(p.grad for p in model.parameters())])
-    for a, e in zip(results[1], results[0]):
-        assert_close(a.detach(), e.detach())
+        results.append([t.detach() for t in [output, h_n, c_n, x_.grad, *(h.grad for h in hx_),
+                                             *(p.grad for p in model.parameters())]])
+    names = ["output", "h_n", "c_n", "grad x", "grad h0", "grad c0"] + [n for n, _ in reference.named_parameters()]
+    _assert_agree(results, names)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -260,11 +282,10 @@ def test_fused_cell_equals_reference(backend, unbatched):
     cells[1].load_state_dict(cells[0].state_dict())
     x = torch.randn(*(() if unbatched else (4,)), 3, dtype=dtype, device=DEVICE)
     outputs = []
-    for cell in cells:
+    for cell in _with_float64_copy(cells[1], cells[0]):
         torch.manual_seed(2)
-        outputs.append(cell(x))
-    for a, e in zip(outputs[1], outputs[0]):
-        assert_close(a.detach(), e.detach())
+        outputs.append([t.detach() for t in cell(x.to(cell.weight_ih.dtype))])
+    _assert_agree(outputs, ["h", "c"])
 
 
 def test_auto_picks_the_fastest_built_backend():
@@ -287,8 +308,9 @@ def test_torch_compile_fullgraph(backend):
     if backend != "reference":
         _backend_or_skip(backend, "cpu")
     torch.manual_seed(0)
-    model = zf.ZoneoutLSTM(3, 5, num_layers=2, zoneout_cell=0.5, zoneout_hidden=0.05, backend=backend)
-    x = torch.randn(4, 2, 3, requires_grad=True)
+    model = zf.ZoneoutLSTM(3, 5, num_layers=2, zoneout_cell=0.5, zoneout_hidden=0.05, backend=backend,
+                           dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=(backend != "reference"))
     model.eval()
