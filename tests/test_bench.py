@@ -41,7 +41,7 @@ def _wrong_gradient(lstm, zoneout_kwargs):
 
 def test_bench_records_and_check(tmp_path):
     fused = [name for name in ("cpu",) if name in zf.available_backends("cpu")]
-    backends = ["reference", "nn.LSTM", "triton"] + fused  # triton: an "unavailable" row on CPU
+    backends = ["plain-loop", "reference", "nn.LSTM", "triton"] + fused  # triton: an "unavailable" row on CPU
     path, table = tmp_path / "tiny.json", tmp_path / "tiny.md"
     threads = torch.get_num_threads()
     records = main(["--device", "cpu", "--config", "tiny", "--backends", ",".join(backends), "--repeats", "2",
@@ -64,15 +64,21 @@ def test_bench_records_and_check(tmp_path):
         assert (record["zoneout_cell"], record["zoneout_hidden"]) == (0.5, 0.05)
         assert record["torch"] == torch.__version__
 
-    for backend in ["reference", "nn.LSTM"] + fused:
+    for backend in ["plain-loop", "reference", "nn.LSTM"] + fused:
         for mode in ("fwd", "fwd+bwd"):
             record = by_key[(backend, mode)]
             assert record["check"] == ("reference" if backend == "reference" else "ok"), record
             assert record["median_ms"] > 0 and record["repeats"] == 2 and len(record["times_ms"]) == 2
             assert record["error"] is None
             assert record["speedup_vs_reference"] > 0 and record["speedup_vs_nn_lstm"] > 0
+            assert record["speedup_vs_plain_loop"] > 0 and record["baseline"] == "nn.LSTM"
+            assert 0 < record["floor_ms"] and record["floor_fraction"] == record["floor_ms"] / record["median_ms"]
     assert by_key[("reference", "fwd+bwd")]["speedup_vs_reference"] == 1.0
+    assert by_key[("plain-loop", "fwd+bwd")]["speedup_vs_plain_loop"] == 1.0
+    assert by_key[("reference", "fwd")]["floor_ms"] < by_key[("reference", "fwd+bwd")]["floor_ms"]
+    # The plain loop draws its masks from torch's generator: checked with zoneout off, timed with it on.
     assert "zoneout 0" in by_key[("nn.LSTM", "fwd")]["check_detail"]
+    assert "zoneout 0" in by_key[("plain-loop", "fwd")]["check_detail"]
     assert by_key[("triton", "fwd")]["check"] == "unavailable" and by_key[("triton", "fwd")]["median_ms"] is None
 
     # The check fails for wrong masks and for wrong gradients alone, and nothing wrong is timed.
@@ -88,3 +94,35 @@ def test_bench_records_and_check(tmp_path):
 
     markdown = table.read_text()
     assert "| backend |" in markdown and "wrong-masks" in markdown and "**tiny**" in markdown
+
+
+def test_decode_steps_the_cell_api(tmp_path):
+    """The cell cases: eval, fwd and fwd+bwd of the cell stepped once per frame, against nn.LSTMCell."""
+    fused = [name for name in ("cpu",) if name in zf.available_backends("cpu")]
+    records = main(["--device", "cpu", "--config", "tiny-decode", "--repeats", "2", "--warmup", "0", "--quiet",
+                    "--markdown", str(tmp_path / "decode.md")])
+    by_key = {(r["backend"], r["mode"]): r for r in records}
+    backends = ["plain-loop", "nn.LSTMCell", "reference"] + fused
+    assert set(by_key) == {(b, m) for b in backends for m in ("eval", "fwd", "fwd+bwd")}
+    for record in records:
+        assert record["cell"] and record["baseline"] == "nn.LSTMCell" and record["floor_ms"] > 0
+        assert record["check"] == ("reference" if record["backend"] == "reference" else "ok"), record
+        assert record["median_ms"] > 0 and record["speedup_vs_nn_lstm"] > 0
+    assert "vs nn.LSTMCell eval" in (tmp_path / "decode.md").read_text()
+
+
+def test_matmul_floor_counts_every_product():
+    """The floor's shapes: fwd is the input projection plus one recurrent product per step;
+    fwd+bwd adds the gradient products (the same flops as forward, twice)."""
+    from zoneout_fused.bench.cases import Case
+    from zoneout_fused.bench.runner import matmul_shapes
+
+    def flops(case, mode):
+        return sum(2 * count * m * k * n for count, m, k, n in matmul_shapes(case, mode))
+
+    for cell in (False, True):
+        case = Case("c", batch=3, steps=5, input_size=4, hidden_size=8, num_layers=2, cell=cell)
+        # T=5, B=3, 4H=32; layer inputs I=4, then H=8: x W_ih^T and h W_hh^T at every step
+        per_layer = [2 * 5 * 3 * layer_input * 32 + 2 * 5 * 3 * 8 * 32 for layer_input in (4, 8)]
+        assert flops(case, "fwd") == flops(case, "eval") == sum(per_layer)
+        assert flops(case, "fwd+bwd") == 3 * flops(case, "fwd")

@@ -24,6 +24,8 @@ class Case:
     zoneout_hidden: Optional[float] = None
     mask_mode: Optional[str] = None
     note: str = ""
+    # True: the cell API stepped `steps` times (an autoregressive decoder), not a sequence layer.
+    cell: bool = False
 
     def shape_fields(self) -> dict:
         return dict(batch=self.batch, steps=self.steps, input_size=self.input_size,
@@ -31,12 +33,15 @@ class Case:
 
     def describe(self) -> str:
         return (f"{self.name}: B={self.batch} T={self.steps} I={self.input_size} H={self.hidden_size}"
-                f" layers={self.num_layers}" + (f" ({self.note})" if self.note else ""))
+                f" layers={self.num_layers}" + (" cell stepped T times" if self.cell else "")
+                + (f" ({self.note})" if self.note else ""))
 
 
 CONFIGS: dict[str, tuple[Case, ...]] = {
     # Hidden from --help: the test suite's micro case (2 layers, so the layer loop is exercised).
     "tiny": (Case("tiny", batch=3, steps=5, input_size=4, hidden_size=8, num_layers=2),),
+    "tiny-decode": (Case("tiny-decode", batch=2, steps=3, input_size=4, hidden_size=8, zoneout_cell=0.1,
+                         zoneout_hidden=0.1, cell=True),),
     # The CPU targets; about a minute on 2 cores with the default repeats.
     "small": (Case("small-h256", batch=32, steps=100, input_size=64, hidden_size=256),
               Case("small-h128", batch=64, steps=50, input_size=32, hidden_size=128)),
@@ -51,14 +56,19 @@ CONFIGS: dict[str, tuple[Case, ...]] = {
                     zoneout_hidden=0.15, mask_mode="shared", note="shared mask, z_c = z_h = 0.15"),),
     # Time per step against hidden size, fixed B, T, I (the plot's input).
     "sweep": tuple(Case(f"sweep-h{h}", batch=32, steps=50, input_size=64, hidden_size=h) for h in SWEEP_HIDDEN),
+    # Autoregressive decoding (Tacotron 2's decoder cell: I=512 from the prenet and attention
+    # context, H=1024, zoneout 0.1 on c and h): ZoneoutLSTMCell called once per frame.
+    "decode": tuple(Case(f"decode-b{b}", batch=b, steps=20, input_size=512, hidden_size=1024, zoneout_cell=0.1,
+                         zoneout_hidden=0.1, cell=True, note="Tacotron 2 decoder cell")
+                    for b in (1, 32)),
 }
 PAPER_CONFIGS = ("char-ptb", "word-ptb", "text8", "pmnist")
-PUBLIC_CONFIGS = ("small",) + PAPER_CONFIGS + ("sweep", "all")
+PUBLIC_CONFIGS = ("small",) + PAPER_CONFIGS + ("sweep", "decode", "all")
 
 
 def cases_for(config: str) -> list[Case]:
     if config == "all":
-        return [case for name in ("small",) + PAPER_CONFIGS + ("sweep",) for case in CONFIGS[name]]
+        return [case for name in ("small",) + PAPER_CONFIGS + ("sweep", "decode") for case in CONFIGS[name]]
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose from {PUBLIC_CONFIGS}")
     return list(CONFIGS[config])

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-COLUMNS = ("backend", "check", "fwd ms", "fwd+bwd ms", "f+b us/step", "peak MB", "vs ref fwd", "vs ref f+b",
-           "vs nn.LSTM fwd", "vs nn.LSTM f+b")
+MODE_ORDER = ("eval", "fwd", "fwd+bwd")
+SHORT = {"eval": "eval", "fwd": "fwd", "fwd+bwd": "f+b"}
 
 
 def _ms(value):
@@ -26,22 +26,50 @@ def _load(records: list[dict]) -> str:
     return f", 1-min load average {min(loads):.1f}-{max(loads):.1f} during the run" if loads else ""
 
 
+def _modes(records: list[dict]) -> list[str]:
+    present = {r["mode"] for r in records}
+    return [m for m in MODE_ORDER if m in present]
+
+
+def columns(records: list[dict]) -> tuple:
+    """backend, check, time per mode, us/step, memory, then speedups against the plain loop
+    (what users run today), the no-zoneout ceiling and the reference, per mode."""
+    modes = _modes(records)
+    baseline = next((r.get("baseline") for r in records if r.get("baseline")), "nn.LSTM")
+    last = SHORT[modes[-1]] if modes else "f+b"
+    return (("backend", "check") + tuple(f"{m} ms" for m in modes) + (f"{last} us/step", "peak MB")
+            + tuple(f"vs plain loop {SHORT[m]}" for m in modes) + tuple(f"vs {baseline} {SHORT[m]}" for m in modes)
+            + tuple(f"vs ref {SHORT[m]}" for m in modes))
+
+
 def rows(records: list[dict]) -> list[tuple]:
-    """One row per backend (fwd and fwd+bwd merged), in the records' order."""
+    """One row per backend (its modes merged), in the records' order."""
+    modes = _modes(records)
     by_backend: "OrderedDict[str, dict]" = OrderedDict()
     for record in records:
         by_backend.setdefault(record["backend"], {})[record["mode"]] = record
     out = []
-    for backend, modes in by_backend.items():
-        fwd, both = modes.get("fwd", {}), modes.get("fwd+bwd", {})
-        any_record = both or fwd
-        per_step = both.get("ms_per_step") if both else fwd.get("ms_per_step")
-        out.append((backend, any_record["check"], _ms(fwd.get("median_ms")), _ms(both.get("median_ms")),
-                    "-" if per_step is None else f"{per_step * 1e3:.0f}",
-                    _mb(both.get("peak_mem_mb") if both else fwd.get("peak_mem_mb")),
-                    _ratio(fwd.get("speedup_vs_reference")), _ratio(both.get("speedup_vs_reference")),
-                    _ratio(fwd.get("speedup_vs_nn_lstm")), _ratio(both.get("speedup_vs_nn_lstm"))))
+    for backend, by_mode in by_backend.items():
+        last = by_mode.get(modes[-1], {}) if modes else {}
+        any_record = next(iter(by_mode.values()))
+        per_step = last.get("ms_per_step")
+        out.append((backend, any_record["check"]) + tuple(_ms(by_mode.get(m, {}).get("median_ms")) for m in modes)
+                   + ("-" if per_step is None else f"{per_step * 1e3:.0f}", _mb(last.get("peak_mem_mb")))
+                   + tuple(_ratio(by_mode.get(m, {}).get("speedup_vs_plain_loop")) for m in modes)
+                   + tuple(_ratio(by_mode.get(m, {}).get("speedup_vs_nn_lstm")) for m in modes)
+                   + tuple(_ratio(by_mode.get(m, {}).get("speedup_vs_reference")) for m in modes))
     return out
+
+
+def floor_line(records: list[dict]) -> str:
+    """The matrix-product floor of the case per mode (each record also holds floor_fraction)."""
+    parts = []
+    for mode in _modes(records):
+        floor = next((r.get("floor_ms") for r in records if r["mode"] == mode and r.get("floor_ms")), None)
+        if floor is None:
+            continue
+        parts.append(f"{mode} {_ms(floor)} ms")
+    return ("matrix-product floor (torch.mm of the case's shapes, same run): " + ", ".join(parts)) if parts else ""
 
 
 def notes(records: list[dict]) -> list[str]:
@@ -58,14 +86,14 @@ def notes(records: list[dict]) -> list[str]:
 
 
 def text_table(case, dtype_name: str, records: list[dict], zoneout_kwargs: dict) -> str:
-    body = rows(records)
-    widths = [max(len(str(row[i])) for row in body + [COLUMNS]) for i in range(len(COLUMNS))]
+    body, head = rows(records), columns(records)
+    widths = [max(len(str(row[i])) for row in body + [head]) for i in range(len(head))]
     fmt = lambda row: "  ".join(str(cell).ljust(w) if i < 2 else str(cell).rjust(w)  # noqa: E731
                                 for i, (cell, w) in enumerate(zip(row, widths)))
     z = ", ".join(f"{k}={v}" for k, v in zoneout_kwargs.items())
-    lines = [f"\n== {case.describe()}  {dtype_name}  [{z}]", fmt(COLUMNS), fmt(["-" * w for w in widths])]
+    lines = [f"\n== {case.describe()}  {dtype_name}  [{z}]", fmt(head), fmt(["-" * w for w in widths])]
     lines += [fmt(row) for row in body]
-    lines += ["  " + note for note in notes(records)]
+    lines += ["  " + line for line in [floor_line(records)] + notes(records) if line]
     return "\n".join(lines)
 
 
@@ -84,12 +112,15 @@ def markdown(records: list[dict]) -> str:
         groups.setdefault((record["config"], record["dtype"]), []).append(record)
     for (config, dtype), group in groups.items():
         r = group[0]
+        head = columns(group)
         lines += [f"**{config}** (B={r['batch']}, T={r['steps']}, I={r['input_size']}, H={r['hidden_size']}, "
-                  f"layers={r['num_layers']}, z_c={r['zoneout_cell']}, z_h={r['zoneout_hidden']}, {dtype})", "",
-                  "| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(COLUMNS) - 2)) + "|"]
+                  f"layers={r['num_layers']}{', cell stepped T times' if r.get('cell') else ''}, "
+                  f"z_c={r['zoneout_cell']}, z_h={r['zoneout_hidden']}, {dtype})", "",
+                  "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
         lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows(group)]
         errors = [n for n in notes(group) if ": check " not in n]
-        lines += [""] + [f"- {n}" for n in errors] + ([""] if errors else [])
+        floor = floor_line(group)
+        lines += [""] + [f"- {n}" for n in ([floor] if floor else []) + errors] + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -124,7 +155,7 @@ def main(argv=None) -> None:
     parser.add_argument("json", nargs="+")
     parser.add_argument("-o", "--output", default=None, help="default: stdout")
     parser.add_argument("--pivot", action="store_true", help="one compact table: us/step, backend x case")
-    parser.add_argument("--mode", default="fwd+bwd", choices=("fwd", "fwd+bwd"), help="for --pivot")
+    parser.add_argument("--mode", default="fwd+bwd", choices=MODE_ORDER, help="for --pivot")
     opts = parser.parse_args(argv)
     parts = []
     for path in opts.json:

@@ -3,18 +3,30 @@
 For each case and dtype one torch.nn.LSTM is built with a fixed seed; every peer gets a copy
 of its weights (ZoneoutLSTM.from_lstm), so all of them run the same model on the same input:
 
+    plain-loop           what users write today: nn.LSTMCell + Bernoulli masks per step (loops.py)
+    plain-loop-compiled  the same under torch.compile
+    nn.LSTM              torch's LSTM without zoneout (oneDNN / cuDNN): the speed ceiling
     reference            ZoneoutLSTM(backend="reference"): the readable Python loop (the oracle)
     reference-compiled   the same module under torch.compile (a compile failure becomes an error row)
-    nn.LSTM              torch's LSTM without zoneout (cuDNN on GPU): the speed ceiling
     cpu / triton / cuda  the fused backends available for the device
+
+Cell cases (`--config decode`) step the cell API once per frame instead: plain-loop's cell,
+nn.LSTMCell (the ceiling) and ZoneoutLSTMCell on each backend.
 
 Check: before anything is timed, each peer's output, h_n, c_n and the gradients of the input
 and of every weight are compared with the reference's on the same input under the same
-torch.manual_seed (so the same zoneout masks are drawn). nn.LSTM is compared with the reference
-at zoneout 0. A peer that mismatches or fails is reported, not timed.
+torch.manual_seed (so the same zoneout masks are drawn), by the three-way rule against the
+reference in float64. nn.LSTM is compared with the reference at zoneout 0, and so is the plain
+loop, built with zoneout off (its masks come from torch's generator). A peer that mismatches or
+fails is reported, not timed.
 
-Timing: "fwd" is the training-mode forward (masks drawn, autograd graph recorded, as in
-training); "fwd+bwd" adds backward from a fixed output gradient. The peers run round-robin, one
+Floor: beside each case, the time of the matrix products the case needs (the input projection,
+one recurrent product per step, and in backward their gradients), measured with torch.mm on the
+same device in the same run: what no LSTM implementation can beat.
+
+Timing: "eval" is the forward in evaluation mode without autograd; "fwd" the training-mode
+forward (masks drawn, autograd graph recorded, as in training); "fwd+bwd" adds backward from a
+fixed output gradient. The peers run round-robin, one
 call each per repeat with the order rotated, so load changes on a shared machine hit them all
 alike; the figure is the median. CPU calls are timed with time.perf_counter, CUDA calls with
 CUDA events.
@@ -39,18 +51,26 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..nn import ZoneoutLSTM
+from ..nn import ZoneoutLSTM, ZoneoutLSTMCell
 from ..ops import BACKENDS
 from ..testing import three_way_error
 from .cases import PUBLIC_CONFIGS, Case, cases_for
+from .loops import PlainZoneoutCell, SteppedCells, canonical_parameter_name, lstm_cells
 from .memory import PeakMemory
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
-MODES = ("fwd", "fwd+bwd")
+MODES = ("eval", "fwd", "fwd+bwd")
+DEFAULT_MODES = {False: ("fwd", "fwd+bwd"), True: ("eval", "fwd", "fwd+bwd")}  # by Case.cell
 FUSED_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
-BASE_PEERS = ("reference", "reference-compiled", "nn.LSTM")
-ALL_PEERS = BASE_PEERS + ("cpu", "triton", "cuda")
+# What users would otherwise run first (the plain loop with zoneout, eager and compiled, and
+# torch's own layer without zoneout: the ceiling), then the oracle and the fused backends.
+BASE_PEERS = ("plain-loop", "plain-loop-compiled", "nn.LSTM", "reference", "reference-compiled")
+ALL_PEERS = BASE_PEERS + ("nn.LSTMCell", "cpu", "triton", "cuda")
+# Peers of the cell cases (`decode`): the cell API stepped once per frame.
+CELL_PEERS = ("plain-loop", "nn.LSTMCell", "reference")
+# The no-zoneout ceiling of each kind of case ("vs nn.LSTM" columns); either name asks for it.
+BASELINE = {False: "nn.LSTM", True: "nn.LSTMCell"}
 
 # The check: every output and gradient of a peer against the reference run in float64 on the
 # same inputs and masks (they are drawn in float32 whatever the dtype). float64 peers: normalised
@@ -89,18 +109,40 @@ class Peer:
     build: Callable[[nn.LSTM, dict], nn.Module]
     zoneout: bool = True  # False: it has no zoneout, and is checked against the reference at z = 0
     unavailable: Optional[str] = None  # why it cannot run here (reported as a row)
+    # Its masks come from torch's generator, not the contract's Philox: it is checked built with
+    # zoneout off against the reference at z = 0 (the same LSTM math), and timed with zoneout on.
+    check_without_zoneout: bool = False
+    compiled: bool = False  # torch.compile'd: its first call runs under --compile-timeout
 
 
 def _zoneout_module(lstm: nn.LSTM, zoneout_kwargs: dict, backend: str) -> ZoneoutLSTM:
     return ZoneoutLSTM.from_lstm(lstm, backend=backend, **zoneout_kwargs)
 
 
-def _compiled_reference(lstm: nn.LSTM, zoneout_kwargs: dict) -> nn.Module:
+def _compiled(module: nn.Module, **options) -> nn.Module:
     # A fresh dynamo cache per case: guards from earlier shapes would otherwise pile up to the
     # recompile limit, after which torch.compile silently runs eager code.
     torch._dynamo.reset()
-    return torch.compile(_zoneout_module(lstm, zoneout_kwargs, "reference"), dynamic=False,
-                         options=COMPILE_OPTIONS)
+    return torch.compile(module, dynamic=False, **options)
+
+
+def _compiled_reference(lstm: nn.LSTM, zoneout_kwargs: dict) -> nn.Module:
+    return _compiled(_zoneout_module(lstm, zoneout_kwargs, "reference"), options=COMPILE_OPTIONS)
+
+
+def _plain_loop(lstm: nn.LSTM, zoneout_kwargs: dict) -> nn.Module:
+    return SteppedCells([PlainZoneoutCell(cell, zoneout_kwargs["zoneout_cell"], zoneout_kwargs["zoneout_hidden"])
+                         for cell in lstm_cells(lstm)])
+
+
+def _zoneout_cells(lstm: nn.LSTM, zoneout_kwargs: dict, backend: str) -> nn.Module:
+    cells = []
+    for cell in lstm_cells(lstm):
+        zoneout_cell = ZoneoutLSTMCell(cell.input_size, cell.hidden_size, bias=cell.bias, backend=backend,
+                                       device=cell.weight_hh.device, dtype=cell.weight_hh.dtype, **zoneout_kwargs)
+        zoneout_cell.load_state_dict(cell.state_dict())
+        cells.append(zoneout_cell)
+    return SteppedCells(cells)
 
 
 class CompileTimeout(Exception):
@@ -138,30 +180,47 @@ def _lstm_copy(lstm: nn.LSTM, zoneout_kwargs: dict) -> nn.LSTM:
     return module
 
 
-def fused_peer(name: str, device: torch.device) -> Peer:
+def fused_peer(name: str, device: torch.device, cell: bool = False) -> Peer:
     if name == "triton" and device.type == "cpu":
         reason = "Triton runs on CPU only under its interpreter (TRITON_INTERPRET=1), which is never benchmarked"
     else:
         reason = BACKENDS[name].unavailable_reason(device)
+    if cell:
+        return Peer(name, lambda lstm, zkw: _zoneout_cells(lstm, zkw, name), unavailable=reason)
     return Peer(name, lambda lstm, zkw: _zoneout_module(lstm, zkw, name), unavailable=reason)
 
 
 def select_peers(device: torch.device, requested: Optional[list[str]],
-                 extra_peers: Optional[dict[str, Peer]] = None) -> list[Peer]:
-    """The peers to run, in table order; `requested` None means all for the device."""
-    builders = {
-        "reference": Peer("reference", lambda lstm, zkw: _zoneout_module(lstm, zkw, "reference")),
-        "reference-compiled": Peer("reference-compiled", _compiled_reference),
-        "nn.LSTM": Peer("nn.LSTM", _lstm_copy, zoneout=False),
-    }
-    names = list(requested) if requested else list(BASE_PEERS) + list(FUSED_BACKENDS.get(device.type, ()))
+                 extra_peers: Optional[dict[str, Peer]] = None, cell: bool = False) -> list[Peer]:
+    """The peers of a sequence case (cell=False) or a cell case, in the order of `requested`
+    (default: all for the device); names that do not apply to the kind of case are left out."""
+    if cell:
+        builders = {
+            "plain-loop": Peer("plain-loop", _plain_loop, check_without_zoneout=True),
+            "nn.LSTMCell": Peer("nn.LSTMCell", lambda lstm, zkw: SteppedCells(lstm_cells(lstm)), zoneout=False),
+            "reference": Peer("reference", lambda lstm, zkw: _zoneout_cells(lstm, zkw, "reference")),
+        }
+        default = CELL_PEERS
+    else:
+        builders = {
+            "plain-loop": Peer("plain-loop", _plain_loop, check_without_zoneout=True),
+            "plain-loop-compiled": Peer("plain-loop-compiled", lambda lstm, zkw: _compiled(_plain_loop(lstm, zkw)),
+                                        check_without_zoneout=True, compiled=True),
+            "nn.LSTM": Peer("nn.LSTM", _lstm_copy, zoneout=False),
+            "reference": Peer("reference", lambda lstm, zkw: _zoneout_module(lstm, zkw, "reference")),
+            "reference-compiled": Peer("reference-compiled", _compiled_reference, compiled=True),
+        }
+        default = BASE_PEERS
+    names = list(requested) if requested else list(default) + list(FUSED_BACKENDS.get(device.type, ()))
     peers = []
     for name in names:
+        if name in BASELINE.values():
+            name = BASELINE[cell]
         if name in builders:
             peers.append(builders[name])
         elif name in ("cpu", "triton", "cuda"):
-            peers.append(fused_peer(name, device))
-        else:
+            peers.append(fused_peer(name, device, cell))
+        elif name not in ALL_PEERS:
             raise ValueError(f"unknown backend {name!r}; choose from {ALL_PEERS}")
     peers += list((extra_peers or {}).values())
     return peers
@@ -185,7 +244,7 @@ def forward_backward(module: nn.Module, x: torch.Tensor, grads: tuple, seed: int
     grad_output, grad_h, grad_c = grads
     torch.autograd.backward((output, h_n, c_n), (grad_output, grad_h, grad_c))
     tensors = {"output": output, "h_n": h_n, "c_n": c_n, "grad_input": x.grad}
-    tensors.update({f"grad_{name}": p.grad for name, p in base.named_parameters()})
+    tensors.update({f"grad_{canonical_parameter_name(name)}": p.grad for name, p in base.named_parameters()})
     return {name: t.detach() for name, t in tensors.items()}
 
 
@@ -252,11 +311,16 @@ def make_step(module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor, mod
     x = x.detach().clone().requires_grad_(True)  # the input of a model with an embedding needs its grad
 
     def prepare():
+        module.train(mode != "eval")
         for parameter in params:
             parameter.grad = None
         x.grad = None
 
-    if mode == "fwd":
+    if mode == "eval":
+        def step():
+            with torch.no_grad():
+                module(x)  # evaluation: the masks' expectations, no graph
+    elif mode == "fwd":
         def step():
             module(x)  # training forward; the graph is freed on return, inside the timed region
     else:
@@ -264,6 +328,49 @@ def make_step(module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor, mod
             output, _ = module(x)
             output.backward(grad_output)
     return prepare, step
+
+
+def matmul_shapes(case: Case, mode: str) -> list[tuple[int, int, int, int]]:
+    """(count, m, k, n): the matrix products [m, k] @ [k, n] of one call of `mode`, per layer.
+
+    Sequence layers: one input projection over all steps, one recurrent product per step; in
+    backward one product per step for the gradient reaching h_{t-1}, then the input and weight
+    gradients over all steps. Cells (decode): both products at every step, and their gradients."""
+    T, B, H = case.steps, case.batch, case.hidden_size
+    shapes = []
+    for layer in range(case.num_layers):
+        I = case.input_size if layer == 0 else H
+        if case.cell:
+            shapes += [(T, B, I, 4 * H), (T, B, H, 4 * H)]
+            if mode == "fwd+bwd":
+                shapes += [(T, B, 4 * H, I), (T, B, 4 * H, H), (T, 4 * H, B, I), (T, 4 * H, B, H)]
+        else:
+            shapes += [(1, T * B, I, 4 * H), (T, B, H, 4 * H)]
+            if mode == "fwd+bwd":
+                shapes += [(T, B, 4 * H, H), (1, T * B, 4 * H, I), (1, 4 * H, T * B, I), (1, 4 * H, T * B, H)]
+    return shapes
+
+
+def matmul_floor_ms(case: Case, dtype: torch.dtype, device: torch.device, modes, repeats: int) -> dict:
+    """mode -> milliseconds of the case's matrix products (medians of `repeats` timed torch.mm
+    calls per distinct shape, times their count): the floor no implementation beats."""
+    medians: dict = {}
+    floors = {}
+    for mode in modes:
+        total = 0.0
+        for count, m, k, n in matmul_shapes(case, mode):
+            if (m, k, n) not in medians:
+                a = torch.randn(m, k, device=device, dtype=dtype)
+                b = torch.randn(k, n, device=device, dtype=dtype)
+                out = torch.empty(m, n, device=device, dtype=dtype)
+                calls = max(1, min(count, 50))  # time `calls` back-to-back products, as a step loop runs them
+                torch.mm(a, b, out=out)
+                times = [_timed_call(lambda: [torch.mm(a, b, out=out) for _ in range(calls)], device) / calls
+                         for _ in range(max(3, repeats))]
+                medians[(m, k, n)] = statistics.median(times)
+            total += count * medians[(m, k, n)]
+        floors[mode] = total
+    return floors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +396,10 @@ def _short(error: BaseException) -> str:
     return text[0][:300] if text else type(error).__name__
 
 
+def modes_for(case: Case, opts) -> tuple:
+    return tuple(opts.modes) if opts.modes else DEFAULT_MODES[case.cell]
+
+
 def zoneout_kwargs_for(case: Case, opts) -> dict:
     return dict(zoneout_cell=opts.zoneout_cell if opts.zoneout_cell is not None else
                 (case.zoneout_cell if case.zoneout_cell is not None else 0.5),
@@ -296,6 +407,10 @@ def zoneout_kwargs_for(case: Case, opts) -> dict:
                 (case.zoneout_hidden if case.zoneout_hidden is not None else 0.05),
                 recurrent_dropout=opts.recurrent_dropout,
                 mask_mode=opts.mask_mode or case.mask_mode or "independent")
+
+
+def without_zoneout(zoneout_kwargs: dict) -> dict:
+    return dict(zoneout_kwargs, zoneout_cell=0.0, zoneout_hidden=0.0, recurrent_dropout=0.0)
 
 
 class CaseData:
@@ -324,9 +439,12 @@ class CaseData:
     def expected(self, zoneout: bool, dtype: torch.dtype) -> dict:
         """The reference's tensors in `dtype` on the case's inputs, cached per (zoneout on/off, dtype)."""
         if (zoneout, dtype) not in self._expected:
-            kwargs = self.zoneout_kwargs if zoneout else dict(self.zoneout_kwargs, zoneout_cell=0.0,
-                                                              zoneout_hidden=0.0, recurrent_dropout=0.0)
-            reference = ZoneoutLSTM.from_lstm(copy.deepcopy(self.lstm).to(dtype), backend="reference", **kwargs)
+            kwargs = self.zoneout_kwargs if zoneout else without_zoneout(self.zoneout_kwargs)
+            lstm = copy.deepcopy(self.lstm).to(dtype)
+            if self.case.cell:
+                reference = _zoneout_cells(lstm, kwargs, "reference")
+            else:
+                reference = ZoneoutLSTM.from_lstm(lstm, backend="reference", **kwargs)
             # The case's own values (in self.dtype), cast: float64 sees exactly the peer's inputs.
             x, grads = self._check_inputs(self.dtype)
             x, grads = x.to(dtype), tuple(g.to(dtype) for g in grads)
@@ -337,10 +455,11 @@ class CaseData:
         """(agrees with the reference, worst normalised error, a one-line description)."""
         x, grads = self._check_inputs(self.dtype)
         got = forward_backward(module, x, grads, self.seed + 1)
-        same_dtype = None if self.dtype == torch.float64 else self.expected(peer.zoneout, self.dtype)
-        ok, worst, where = compare(got, self.expected(peer.zoneout, torch.float64), same_dtype)
+        zoneout = peer.zoneout and not peer.check_without_zoneout
+        same_dtype = None if self.dtype == torch.float64 else self.expected(zoneout, self.dtype)
+        ok, worst, where = compare(got, self.expected(zoneout, torch.float64), same_dtype)
         detail = (f"max err {worst:.2e} ({where}) over {self.check_steps}/{self.case.steps} steps"
-                  + ("" if peer.zoneout else ", vs reference at zoneout 0"))
+                  + ("" if zoneout else ", vs reference at zoneout 0"))
         return ok, worst, detail
 
 
@@ -355,37 +474,39 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, peers: list[P
         if peer.unavailable:
             state.check, state.error = "unavailable", peer.unavailable
             continue
-        if peer.name == "reference-compiled" and opts.compile_timed_out:
+        if peer.compiled and peer.name in opts.compile_timed_out:
             # Spend the budget once per run: where inductor cannot lower the unrolled loop in time
             # for one case it will not for the next (on the 2-core dev machine not even at T=2).
-            state.check, state.error = "error", f"skipped: {opts.compile_timed_out}"
+            state.check, state.error = "error", f"skipped: {opts.compile_timed_out[peer.name]}"
             continue
         try:
             state.module = peer.build(data.lstm, data.zoneout_kwargs)
+            checked = (peer.build(data.lstm, without_zoneout(data.zoneout_kwargs)) if peer.check_without_zoneout
+                       else state.module)
         except Exception as error:  # noqa: BLE001  (any failure becomes a row, not a crash)
             state.check, state.error = "error", f"build failed: {_short(error)}"
             continue
         if peer.name == "reference":
             state.check, state.check_detail = "reference", "the oracle"
             continue
-        compiled = peer.name == "reference-compiled"
+        compiled = peer.compiled
         try:
             started = time.perf_counter()
-            with time_limit(opts.compile_timeout if compiled else None, "torch.compile of the reference"):
-                ok, state.check_error, state.check_detail = data.check(peer, state.module)
-                if compiled and ok and data.check_steps < case.steps:
-                    # The timed shape compiles again: do it here, inside the budget.
+            with time_limit(opts.compile_timeout if compiled else None, f"torch.compile of {peer.name}"):
+                ok, state.check_error, state.check_detail = data.check(peer, checked)
+                if compiled and ok and (data.check_steps < case.steps or checked is not state.module):
+                    # The timed shape or module compiles again: do it here, inside the budget.
                     prepare, step = make_step(state.module, x, grad_output, "fwd+bwd")
                     prepare()
                     step()
-            # For reference-compiled this is mostly compile time.
+            # For compiled peers this is mostly compile time.
             state.first_call_s = time.perf_counter() - started
         except BaseException as error:  # noqa: BLE001  (CompileTimeout may surface wrapped by dynamo)
             if isinstance(error, KeyboardInterrupt):
                 raise
             timed_out = isinstance(error, CompileTimeout) or "CompileTimeout" in repr(error)
             if timed_out:  # dynamo wraps our exception; its first line would not say what happened
-                message = f"compile timed out: torch.compile of the reference took longer than {opts.compile_timeout:g} s"
+                message = f"compile timed out: torch.compile of {peer.name} took longer than {opts.compile_timeout:g} s"
             else:
                 message = f"{'compile or run failed' if compiled else 'check run failed'}: {_short(error)}"
             state.check, state.error = "error", message
@@ -393,11 +514,12 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, peers: list[P
             if compiled:
                 torch._dynamo.reset()
                 if timed_out:
-                    opts.compile_timed_out = (f"torch.compile timed out on {case.name} (T={case.steps}) after "
-                                              f"{opts.compile_timeout:g} s; --compile-timeout to allow more")
+                    opts.compile_timed_out[peer.name] = (
+                        f"torch.compile timed out on {case.name} (T={case.steps}) after "
+                        f"{opts.compile_timeout:g} s; --compile-timeout to allow more")
             continue
         state.check = "ok" if ok else "mismatch"
-        if compiled:
+        if peer.name == "reference-compiled":
             state.check_detail += f"; inductor options {COMPILE_OPTIONS}"
         if not ok:
             state.error = f"output/gradients differ from the reference: {state.check_detail}"
@@ -405,7 +527,7 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, peers: list[P
     del data._expected
 
     timed = [s for s in states if s.module is not None]
-    for mode in opts.modes:
+    for mode in modes_for(case, opts):
         calls = {s.peer.name: make_step(s.module, x, grad_output, mode) for s in timed}
         live = list(timed)
 
@@ -494,17 +616,24 @@ def environment(device: torch.device, memory: PeakMemory) -> dict:
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-def case_records(case: Case, group: str, dtype_name: str, states: list[PeerState], env: dict, opts) -> list[dict]:
+def case_records(case: Case, group: str, dtype_name: str, states: list[PeerState], env: dict, opts,
+                 floors: Optional[dict] = None) -> list[dict]:
+    """One record per (peer, mode). speedup_vs_nn_lstm is against the case's no-zoneout ceiling
+    (nn.LSTM, or nn.LSTMCell for cell cases); floor_ms is the case's matrix products alone."""
     zkw = zoneout_kwargs_for(case, opts)
     steps = check_steps_for(case, torch.device(opts.device), opts.check_steps)
+    modes = modes_for(case, opts)
+    floors = floors or {}
     medians = {(s.peer.name, mode): statistics.median(s.times[mode])
-               for s in states for mode in opts.modes if s.times.get(mode) and mode not in s.errors}
+               for s in states for mode in modes if s.times.get(mode) and mode not in s.errors}
     records = []
     for state in states:
-        for mode in opts.modes:
+        for mode in modes:
             median = medians.get((state.peer.name, mode))
             times = state.times.get(mode, []) if median is not None else []
-            ref, lstm = medians.get(("reference", mode)), medians.get(("nn.LSTM", mode))
+            ref, lstm = medians.get(("reference", mode)), medians.get((BASELINE[case.cell], mode))
+            plain = medians.get(("plain-loop", mode))
+            floor = floors.get(mode)
             records.append(dict(
                 env, config=case.name, group=group, backend=state.peer.name, mode=mode, dtype=dtype_name,
                 median_ms=median, min_ms=min(times) if times else None,
@@ -514,6 +643,9 @@ def case_records(case: Case, group: str, dtype_name: str, states: list[PeerState
                 peak_mem_error=state.memory_errors.get(mode),
                 speedup_vs_reference=ref / median if (ref and median) else None,
                 speedup_vs_nn_lstm=lstm / median if (lstm and median) else None,
+                speedup_vs_plain_loop=plain / median if (plain and median) else None,
+                floor_ms=floor, floor_fraction=floor / median if (floor and median) else None,
+                baseline=BASELINE[case.cell], cell=case.cell,
                 check=state.check, check_max_err=state.check_error, check_steps=steps,
                 check_detail=state.check_detail, check_call_s=state.first_call_s, error=state.errors.get(mode) or state.error,
                 zoneout=state.peer.zoneout, **case.shape_fields(), **zkw))
@@ -530,8 +662,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "torch.compile and torch.nn.LSTM, after checking each against the reference.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=("cpu", "cuda"))
-    # "tiny" is accepted but not advertised: it is the test suite's micro case.
-    parser.add_argument("--config", default="small", choices=PUBLIC_CONFIGS + ("tiny",),
+    # "tiny" and "tiny-decode" are accepted but not advertised: the test suite's micro cases.
+    parser.add_argument("--config", default="small", choices=PUBLIC_CONFIGS + ("tiny", "tiny-decode"),
                         metavar="{" + ",".join(PUBLIC_CONFIGS) + "}",
                         help="shapes: small (the CPU targets), the paper's char-ptb, word-ptb, text8, pmnist, "
                              "sweep (H in 64..512 at B=32 T=50 I=64, for the plot), or all")
@@ -539,7 +671,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma list of " + ", ".join(DTYPES) + " (default float32)")
     parser.add_argument("--backends", default="all",
                         help="comma list of " + ", ".join(ALL_PEERS) + "; default all for the device")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, fwd+bwd")
+    parser.add_argument("--modes", default=None,
+                        help="comma list of eval, fwd, fwd+bwd (default: fwd,fwd+bwd; decode: all three)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per backend and mode (default: 5 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None,
@@ -571,15 +704,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in opts.backend_list or ():
         if name not in ALL_PEERS:
             parser.error(f"--backends: unknown backend {name!r}; choose from {ALL_PEERS}")
-    opts.modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
-    for mode in opts.modes:
+    opts.modes = [m.strip() for m in opts.modes.split(",") if m.strip()] if opts.modes else None
+    for mode in opts.modes or ():
         if mode not in MODES:
             parser.error(f"--modes: unknown mode {mode!r}; choose from {MODES}")
     if opts.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     opts.repeats = DEFAULT_REPEATS[opts.device] if opts.repeats is None else opts.repeats
     opts.warmup = DEFAULT_WARMUP[opts.device] if opts.warmup is None else opts.warmup
-    opts.compile_timed_out = None  # set by the first case whose compile runs out of time
+    opts.compile_timed_out = {}  # peer name -> why: set by the first case whose compile runs out of time
     if opts.compile_timeout is None:
         opts.compile_timeout = DEFAULT_COMPILE_TIMEOUT[opts.device]
     if opts.repeats < 1 or opts.warmup < 0:
@@ -595,17 +728,17 @@ def main(argv=None, *, extra_peers: Optional[dict[str, Peer]] = None) -> list[di
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
-    peers = select_peers(device, opts.backend_list, extra_peers)
-    if any(p.name == "reference-compiled" for p in peers) and opts.warmup < 1:
-        opts.warmup = 1  # the compiled peer's first call at the timed shape compiles
     cases = cases_for(opts.config)
+    peers_of = {cell: select_peers(device, opts.backend_list, extra_peers, cell) for cell in {c.cell for c in cases}}
+    if any(p.compiled for peers in peers_of.values() for p in peers) and opts.warmup < 1:
+        opts.warmup = 1  # a compiled peer's first call at the timed shape compiles
     memory = PeakMemory(device)
     env = environment(device, memory)
 
     from tqdm.auto import tqdm
 
-    runnable = sum(1 for p in peers if not p.unavailable)
-    total = len(cases) * len(opts.dtypes) * len(opts.modes) * runnable * opts.repeats
+    total = sum(len(opts.dtypes) * len(modes_for(case, opts)) * opts.repeats
+                * sum(1 for p in peers_of[case.cell] if not p.unavailable) for case in cases)
     records = []
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit "
           f"{(env['commit'] or 'unknown')[:12]}{' (modified)' if env['commit_dirty'] else ''}  "
@@ -615,8 +748,9 @@ def main(argv=None, *, extra_peers: Optional[dict[str, Peer]] = None) -> list[di
         for case in cases:
             for dtype_name in opts.dtypes:
                 progress.set_postfix_str(f"{case.name} {dtype_name}")
-                states = run_case(case, DTYPES[dtype_name], device, peers, opts, memory, progress)
-                case_records_ = case_records(case, opts.config, dtype_name, states, env, opts)
+                states = run_case(case, DTYPES[dtype_name], device, peers_of[case.cell], opts, memory, progress)
+                floors = matmul_floor_ms(case, DTYPES[dtype_name], device, modes_for(case, opts), opts.repeats)
+                case_records_ = case_records(case, opts.config, dtype_name, states, env, opts, floors)
                 for record in case_records_:  # a loaded machine explains noisy figures
                     record["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
                 records += case_records_
