@@ -134,18 +134,6 @@ def test_shapes_match_reference(shape, dtype, isa):
                              layer=2)
 
 
-@pytest.mark.parametrize("packed", ["1", "0"], ids=["mkl-packed", "addmm"])
-@pytest.mark.parametrize("shape", [(4, 1, 1, 1), (5, 3, 2, 7), (3, 33, 5, 40)], ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
-def test_both_recurrent_product_paths(shape, packed, monkeypatch):
-    """float32 steps multiply by W_hh packed once through MKL's packed GEMM where torch's BLAS
-    has it, else through addmm_ (ZONEOUT_FUSED_CPU_PACKED_GEMM=0 forces that): both agree with
-    the reference, forward and backward, including size-1 dimensions."""
-    monkeypatch.setenv("ZONEOUT_FUSED_CPU_PACKED_GEMM", packed)
-    tensors = make_inputs(*shape, dtype=torch.float32)
-    for direction in (0, 1):
-        assert_same_as_reference(tensors, torch.float32, direction=direction, zoneout_cell=0.3, zoneout_hidden=0.2)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_no_bias_matches_reference(dtype):
     tensors = make_inputs(6, 3, 4, 8, dtype, bias=False)

@@ -39,7 +39,6 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 #endif
 
 #include <atomic>
-#include <limits>
 #include <cstdlib>
 #include <string>
 
@@ -543,78 +542,6 @@ bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t
   return true;
 }
 
-// ---------------------------------------------------------------------------------------
-// The per-step recurrent products. Where torch's BLAS is MKL (its x86-64 wheels export MKL's
-// packed-GEMM API), W_hh is packed once per layer call and every step multiplies against the
-// packed copy through a raw BLAS call: no re-packing of the weights and no ATen dispatch per
-// step. Measured (AMD EPYC, 2 threads, float32, one step's product): B=32 H=256 207 -> 151 us,
-// B=64 H=128 60 -> 58 us, B=1 H=1024 400 -> 352 us. The declarations are weak: with another
-// BLAS they stay null and the steps use addmm_ (also for float64: MKL packs float32 only, and
-// with ZONEOUT_FUSED_CPU_PACKED_GEMM=0, read at each call, for comparisons).
-// ---------------------------------------------------------------------------------------
-}  // namespace zoneout_cpu
-
-#if defined(__GNUC__) && defined(__linux__)
-extern "C" {
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
-                      int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
-                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
-}
-#define ZF_PACKED_GEMM 1
-#endif
-
-namespace zoneout_cpu {
-namespace {
-
-// c [m, n] += a [m, k] @ b [k, n] for a fixed right operand b and many left operands.
-class StepProduct {
- public:
-  StepProduct(const Tensor& b, int64_t m) : b_(b), m_(m), k_(b.size(0)), n_(b.size(1)) {
-#if defined(ZF_PACKED_GEMM)
-    constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kBMatrix = 162;
-    const int64_t limit = std::numeric_limits<int>::max();
-    if (b.scalar_type() != at::kFloat || cblas_sgemm_pack == nullptr || cblas_sgemm_compute == nullptr ||
-        cblas_sgemm_pack_get_size == nullptr || m_ == 0 || std::max({m_, k_, n_}) > limit)
-      return;
-    const char* enabled = std::getenv("ZONEOUT_FUSED_CPU_PACKED_GEMM");
-    if (enabled != nullptr && std::string(enabled) == "0") return;
-    int trans, ld;  // (decided by contiguity: strides of size-1 dimensions say nothing)
-    if (b.is_contiguous()) {  // b itself is row-major [k, n]
-      trans = kNoTrans, ld = static_cast<int>(n_);
-    } else if (b.t().is_contiguous()) {  // b is the transpose of a row-major [n, k] (W_hh^T)
-      trans = kTrans, ld = static_cast<int>(k_);
-    } else {
-      return;
-    }
-    const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m_), int(n_), int(k_));
-    packed_ = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 16}, b.options());
-    cblas_sgemm_pack(kRowMajor, kBMatrix, trans, int(m_), int(n_), int(k_), 1.0f, b.data_ptr<float>(), ld,
-                     packed_.data_ptr<float>());
-#endif
-  }
-
-  // c += a @ b; a and c contiguous row-major, a with m rows.
-  void accumulate(const Tensor& a, Tensor& c) const {
-#if defined(ZF_PACKED_GEMM)
-    if (packed_.defined()) {
-      constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151;
-      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m_), int(n_), int(k_), a.data_ptr<float>(), int(k_),
-                          packed_.data_ptr<float>(), int(n_), 1.0f, c.data_ptr<float>(), int(n_));
-      return;
-    }
-#endif
-    c.addmm_(a, b_);
-  }
-
- private:
-  Tensor b_, packed_;
-  int64_t m_, k_, n_;
-};
-
-}  // namespace
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
                                                          const Tensor& w_ih, const Tensor& w_hh, const Tensor& bias,
                                                          const Tensor& lengths, const zoneout::ZoneoutParams& params) {
@@ -630,7 +557,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
   } else {
     at::mm_out(gates_2d, x.view({steps * batch, input}), w_ih.t());
   }
-  const StepProduct recurrent(w_hh.t(), batch);  // h_{t-1} W_hh^T
+  const Tensor w_hh_t = w_hh.t();
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const int direction = params.direction;
   const CpuKernels& kernels = active_kernels();
@@ -648,7 +575,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
       const Tensor h_prev = t_prev < 0 ? h0 : y[t_prev];
       const scalar_t* c_prev = t_prev < 0 ? c0.data_ptr<scalar_t>() : c_p + t_prev * state;
       Tensor gates_t = gates[t];
-      recurrent.accumulate(h_prev, gates_t);  // the step's one GEMM, accumulated onto x_t W_ih^T + b
+      gates_t.addmm_(h_prev, w_hh_t);  // the step's one GEMM, accumulated onto x_t W_ih^T + b
       forward_pointwise<scalar_t>(g_p + t * 4 * state, h_prev.data_ptr<scalar_t>(), c_prev, y_p + t * state,
                                   c_p + t * state, len, t, params, kernels);
     }
@@ -669,7 +596,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   Tensor dc = grad_c_n.clone();
   const CpuKernels& kernels = active_kernels();
-  const StepProduct recurrent(w_hh, batch);  // d_pre_t W_hh
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_layer_backward", [&] {
     const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
@@ -682,7 +608,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
       Tensor d_pre_t = d_pre[t];
       backward_pointwise<scalar_t>(gy_p + t * state, g_p + t * 4 * state, c_prev, dh.data_ptr<scalar_t>(),
                                    dc.data_ptr<scalar_t>(), d_pre_t.data_ptr<scalar_t>(), len, t, params, kernels);
-      recurrent.accumulate(d_pre_t, dh);  // the step's one GEMM: the W_hh path to h_{t-1}
+      dh.addmm_(d_pre_t, w_hh);  // the step's one GEMM: the W_hh path to h_{t-1}
     }
   });
 
