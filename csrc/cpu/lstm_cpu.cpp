@@ -43,6 +43,7 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 #include <string>
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Parallel.h>
 
 #if defined(__GNUC__)
@@ -545,6 +546,8 @@ bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
                                                          const Tensor& w_ih, const Tensor& w_hh, const Tensor& bias,
                                                          const Tensor& lengths, const zoneout::ZoneoutParams& params) {
+  // The internal views and products below are not for autograd: skip its bookkeeping.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), hidden = w_hh.size(1);
   Tensor y = at::empty({steps, batch, hidden}, x.options());
   Tensor c_seq = at::empty({steps, batch, hidden}, x.options());
@@ -588,6 +591,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
     const Tensor& grad_y, const Tensor& grad_c_n, const Tensor& x, const Tensor& h0, const Tensor& c0,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& lengths, const Tensor& y, const Tensor& c_seq,
     const Tensor& gates, const zoneout::ZoneoutParams& params) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in layer_forward
   const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), hidden = w_hh.size(1);
   const int direction = params.direction;
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
