@@ -15,7 +15,7 @@ def test_every_run_shares_the_scale_and_differs_in_the_regularizer():
         configs[name] = cli.resolve_config(cli.build_parser().parse_args(argv[3:]))
     for cfg in configs.values():
         assert (cfg.task, cfg.hidden_size, cfg.layers, cfg.epochs, cfg.steps_per_epoch, cfg.seed, cfg.threads,
-                cfg.dropout, cfg.optimizer) == ("word-ptb", 200, 2, 8, 150, 0, 1, 0.0, "sgd")
+                cfg.dropout, cfg.optimizer, cfg.lr_decay) == ("word-ptb", 200, 2, 12, 150, 0, 1, 0.0, "sgd", 1.0)
     assert configs["none"].regularizer == "none"
     paper = configs["zoneout c0.5 h0.05"]
     assert (paper.regularizer, paper.zoneout_cell, paper.zoneout_hidden) == ("zoneout", 0.5, 0.05)
