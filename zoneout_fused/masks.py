@@ -36,14 +36,20 @@ def _mul_hi_lo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32_10(seed: int, c0, c1, c2, c3):
+def philox4x32_10(seed, c0, c1, c2, c3):
     """Philox4x32 with 10 rounds, key = (seed & 0xffffffff, seed >> 32).
 
-    Counters are int64 tensors (or ints) holding uint32 values; returns four int64 tensors
-    holding uint32 values, bit-identical to ``triton.language.philox(seed, c0, c1, c2, c3)``.
+    seed: an int in [0, 2**64), or a 0-dim int64 tensor (its 64 bits, so that tracing and
+    torch.compile see no data-dependent Python int). Counters are int64 tensors (or ints) holding
+    uint32 values; returns four int64 tensors holding uint32 values, bit-identical to
+    ``triton.language.philox(seed, c0, c1, c2, c3)``.
     """
-    if not 0 <= seed < 2**64:
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.dim() != 0:
+            raise ValueError(f"seed must be a 0-dim int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+    elif not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    # For a tensor the shift is arithmetic, but the mask keeps exactly the high word's 32 bits.
     k0, k1 = seed & _U32, (seed >> 32) & _U32
     c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)))
     for _ in range(10):
@@ -62,7 +68,7 @@ def uint32_to_uniform(r: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
 
 
-def step_uniforms(seed: int, layer: int, direction: int, t: int, batch: int, hidden: int, mask_mode: str,
+def step_uniforms(seed, layer: int, direction: int, t: int, batch: int, hidden: int, mask_mode: str,
                   device=None):
     """The uniforms (u0, u1, u2), each [batch, hidden] float32, for time step ``t``.
 
@@ -83,7 +89,7 @@ def step_uniforms(seed: int, layer: int, direction: int, t: int, batch: int, hid
     return uint32_to_uniform(r0), uint32_to_uniform(r1), uint32_to_uniform(r2)
 
 
-def step_masks(seed: int, layer: int, direction: int, t: int, batch: int, hidden: int, *,
+def step_masks(seed, layer: int, direction: int, t: int, batch: int, hidden: int, *,
                zoneout_cell: float, zoneout_hidden: float, recurrent_dropout: float = 0.0,
                mask_mode: str = "independent", device=None):
     """Training-mode masks for step ``t``: (m_c, m_h, keep), each a [batch, hidden] bool tensor.
@@ -108,7 +114,7 @@ def step_masks(seed: int, layer: int, direction: int, t: int, batch: int, hidden
     return m_c, m_h, keep
 
 
-def sequence_masks(seed: int, layer: int, direction: int, steps: int, batch: int, hidden: int, **kwargs):
+def sequence_masks(seed, layer: int, direction: int, steps: int, batch: int, hidden: int, **kwargs):
     """step_masks for every step, stacked to [steps, batch, hidden] (for tests and inspection)."""
     per_step = [step_masks(seed, layer, direction, t, batch, hidden, **kwargs) for t in range(steps)]
     return tuple(torch.stack(ms) for ms in zip(*per_step))

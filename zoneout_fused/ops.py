@@ -100,13 +100,37 @@ def register_layer_op_pair(forward_op_name: str, backward_op_name: str) -> None:
         lengths = lengths if ctx.has_lengths else None
         grad_y = torch.zeros_like(y) if grad_y is None else grad_y.contiguous()
         grad_c_n = torch.zeros_like(h0) if grad_c_n is None else grad_c_n.contiguous()
-        grads = backward_op(grad_y, grad_c_n, x, h0, c0, w_ih, w_hh, bias, lengths, seed, *ctx.scalars,
-                            y, c_seq, gates)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
+            grads = differentiable_layer_backward(grad_y, grad_c_n, (x, h0, c0, w_ih, w_hh, bias), lengths, seed,
+                                                  ctx.scalars, ctx.needs_input_grad[:6])
+        else:
+            grads = backward_op(grad_y, grad_c_n, x, h0, c0, w_ih, w_hh, bias, lengths, seed, *ctx.scalars,
+                                y, c_seq, gates)
         grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias = grads
         return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias if ctx.has_bias else None,
                 None, None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd(forward_op_name, backward, setup_context=setup_context)
+
+
+def differentiable_layer_backward(grad_y, grad_c_n, tensors, lengths, seed, scalars, needs_grad):
+    """(grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias) as differentiable functions of
+    the layer's inputs and of grad_y, grad_c_n: what backward with create_graph=True needs
+    (gradient penalties, meta-learning, second-order gradients).
+
+    The fused backward ops are not differentiable, so the layer is run again by the reference,
+    which draws the same masks from the same seed (the same function, to rounding), and
+    differentiated with create_graph. Only then: a plain backward stays on the fused op.
+    """
+    with torch.enable_grad():
+        y, c_n = reference.lstm_layer(*tensors, lengths, seed, *scalars)
+        wanted = [t for t, need in zip(tensors, needs_grad) if t is not None and need]
+        found = iter(torch.autograd.grad((y, c_n), wanted, (grad_y, grad_c_n), create_graph=True, allow_unused=True))
+    grads = []
+    for t, need in zip(tensors, needs_grad):
+        grad = next(found) if (t is not None and need) else None
+        grads.append(torch.zeros_like(t) if grad is None and t is not None and need else grad)
+    return tuple(grads)
 
 
 def _resolve_op(qualified_name: str):

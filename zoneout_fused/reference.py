@@ -25,7 +25,7 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
     """
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1] if w_hr is None else w_hr.shape[1]
-    seed = int(seed)
+    # The seed stays a tensor (no int()): the oracle traces, exports and compiles.
     mode = MASK_MODES[mask_mode]
     x_projection = torch.matmul(x, w_ih.t())
     if bias is not None:

@@ -1,0 +1,92 @@
+"""ZoneoutLSTM / ZoneoutLSTMCell as true drop-ins for nn.LSTM / nn.LSTMCell: second-order
+gradients, torch's own exception types, tracing and export, autocast."""
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import zoneout_fused as zf
+from zoneout_fused import masks, ops
+from conftest import assert_close
+
+CPU_BACKENDS = [name for name in ("reference", "cpu", "triton") if name in zf.available_backends("cpu")]
+
+
+def _layer_inputs(seed=0, steps=3, batch=2, inputs=2, hidden=3):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(steps, batch, inputs), (batch, hidden), (batch, hidden), (4 * hidden, inputs), (4 * hidden, hidden),
+              (4 * hidden,)]
+    return [(torch.rand(*s, generator=g, dtype=torch.float64) - 0.5).requires_grad_() for s in shapes]
+
+
+# ----------------------------------------------------------------------------- 1. double backward
+# Both directions where a call is cheap; the Triton interpreter takes seconds a call, so one there
+# (the double-backward path is the same for every backend: ops.differentiable_layer_backward).
+GRADGRAD_CASES = [(b, d) for b in CPU_BACKENDS for d in ((0, 1) if b != "triton" else (1,))]
+
+
+@pytest.mark.parametrize("backend, direction", GRADGRAD_CASES)
+def test_gradgradcheck_with_zoneout(backend, direction):
+    tensors = _layer_inputs(hidden=2) if backend == "triton" else _layer_inputs()
+    lengths = torch.tensor([3, 2])
+    seed = torch.tensor(987654321)
+
+    def layer(*ts):
+        return ops.BACKENDS[backend].layer(*ts, lengths, seed, 0, direction, 0.4, 0.3, 0.2, 0, True)
+
+    assert torch.autograd.gradgradcheck(layer, tensors)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradient_penalty_reaches_every_weight(backend):
+    """The issue's example: nn.LSTM gives weight_hh_l0 a gradient here; so must every backend,
+    and the same one as the reference (the same masks)."""
+    grads = {}
+    for name in ("reference", backend):
+        torch.manual_seed(0)
+        model = zf.ZoneoutLSTM(2, 3, backend=name, dtype=torch.float64, zoneout_cell=0.3, zoneout_hidden=0.2)
+        x = torch.randn(4, 1, 2, dtype=torch.float64, requires_grad=True)
+        torch.manual_seed(1)
+        g, = torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
+        (g ** 2).sum().backward()
+        grads[name] = [p.grad for p in model.parameters()]
+    for actual, expected in zip(grads[backend], grads["reference"]):
+        assert actual is not None and actual.abs().sum() > 0
+        assert_close(actual, expected)
+
+
+# ----------------------------------------------------------------------------- 3. traceable oracle
+def test_tensor_seed_draws_the_int_seed_masks():
+    counters = torch.arange(300)
+    for seed in (0, 7, 2**32 + 5, 2**63 - 1, 2**63 + 11, 2**64 - 1):
+        as_tensor = torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
+        for a, b in zip(masks.philox4x32_10(seed, counters, 1, 2, 0), masks.philox4x32_10(as_tensor, counters, 1, 2, 0)):
+            assert torch.equal(a, b), seed
+    with pytest.raises(ValueError, match="seed"):
+        masks.philox4x32_10(torch.tensor([1, 2]), counters, 0, 0, 0)
+
+
+def test_export_of_the_reference_with_projection():
+    """auto picks the reference for proj_size > 0; nn.LSTM with proj_size exports, so must this."""
+    torch.manual_seed(0)
+    model = zf.ZoneoutLSTM(3, 4, proj_size=2, zoneout_cell=0.3, zoneout_hidden=0.1).eval()
+    x = torch.randn(5, 2, 3)
+    exported = torch.export.export(model, (x,))
+    for a, e in zip(torch.utils._pytree.tree_leaves(exported.module()(x)), torch.utils._pytree.tree_leaves(model(x))):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_of_the_reference_cell(training):
+    torch.manual_seed(0)
+    cell = zf.ZoneoutLSTMCell(3, 4, backend="reference", zoneout_cell=0.3, zoneout_hidden=0.2).train(training)
+    x = torch.randn(2, 3)
+    torch._dynamo.reset()
+    compiled = torch.compile(cell, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    actual = compiled(x)
+    torch.manual_seed(5)
+    expected = cell(x)
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)
