@@ -90,3 +90,85 @@ def test_compile_fullgraph_of_the_reference_cell(training):
     expected = cell(x)
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)
+
+
+# ----------------------------------------------------------------------------- 2. torch's exceptions
+def _torch_error_samples(module_info_func):
+    from torch.testing._internal import common_modules
+
+    for dtype in (torch.float32, torch.float64):
+        for sample in module_info_func(None, "cpu", dtype, False, True):
+            yield common_modules.ModuleErrorEnum, sample
+
+
+@pytest.mark.parametrize("module, samples", [
+    (zf.ZoneoutLSTM, "module_error_inputs_torch_nn_RNN_GRU"),      # nn.LSTM's test_errors samples
+    (zf.ZoneoutLSTMCell, "module_error_inputs_torch_nn_LSTMCell"),
+], ids=["ZoneoutLSTM", "ZoneoutLSTMCell"])
+def test_torch_error_samples(module, samples):
+    """PyTorch's own test_errors samples for nn.LSTM / nn.LSTMCell: the same exception type and a
+    message matching torch's regex, at construction or in forward."""
+    from torch.testing._internal import common_modules
+
+    checked = 0
+    for errors, sample in _torch_error_samples(getattr(common_modules, samples)):
+        inputs = sample.module_error_input
+        with pytest.raises(sample.error_type) as raised:
+            model = module(*inputs.constructor_input.args, **inputs.constructor_input.kwargs)
+            assert sample.error_on == errors.FORWARD_ERROR, "constructed without the expected error"
+            model(*inputs.forward_input.args, **inputs.forward_input.kwargs)
+        assert re.search(sample.error_regex, str(raised.value)), (sample.error_regex, str(raised.value))
+        checked += 1
+    assert checked >= 8
+
+
+# ----------------------------------------------------------------------------- 6. autocast
+def _autocast_runs(model_fn, x, device_type, dtype):
+    """(output under autocast, its parameters' gradient dtypes) of model_fn's module fed by a Linear."""
+    torch.manual_seed(0)
+    linear = nn.Linear(x.shape[-1], 3).to(x.device)
+    model = model_fn().to(x.device)
+    with torch.autocast(device_type, dtype=dtype):
+        features = linear(x)
+        assert features.dtype == dtype
+        out = model(features)
+    first = out[0]
+    first.float().sum().backward()
+    return first, model
+
+
+@pytest.mark.parametrize("kind", ["lstm", "cell"])
+def test_autocast_cpu_bfloat16_like_nn(kind):
+    """Under torch.autocast("cpu", bfloat16) a Linear's bf16 output feeds the layer, which runs in
+    bf16 and returns bf16 as nn.LSTM does; float32 parameters get float32 gradients; and its
+    error against a float64 run is within the bf16 three-way bound of nn's own."""
+    from zoneout_fused.testing import assert_three_way
+
+    x = torch.randn(6, 2, 4) if kind == "lstm" else torch.randn(2, 4)
+    make = {"lstm": (lambda: zf.ZoneoutLSTM(3, 5, num_layers=2), lambda: nn.LSTM(3, 5, num_layers=2)),
+            "cell": (lambda: zf.ZoneoutLSTMCell(3, 5), lambda: nn.LSTMCell(3, 5))}[kind]
+    ours, model = _autocast_runs(make[0], x, "cpu", torch.bfloat16)
+    theirs, nn_model = _autocast_runs(make[1], x, "cpu", torch.bfloat16)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    # The same model in float64, without autocast: both bf16 runs are judged against it.
+    torch.manual_seed(0)
+    linear = nn.Linear(x.shape[-1], 3).double()
+    exact = make[1]().double()
+    exact.load_state_dict(nn_model.state_dict())
+    with torch.no_grad():
+        expected = exact(linear(x.double()))[0]
+    assert_three_way(ours.detach(), theirs.detach(), expected, f"{kind} output")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+def test_autocast_cuda_runs_the_gpu_backends_in_the_autocast_dtype(dtype, backend):
+    if backend != "auto" and backend not in zf.available_backends("cuda"):
+        pytest.skip(f"{backend} not built here")
+    x = torch.randn(6, 2, 4, device="cuda")
+    out, model = _autocast_runs(lambda: zf.ZoneoutLSTM(3, 8, zoneout_cell=0.5, zoneout_hidden=0.05, backend=backend),
+                                x, "cuda", dtype)
+    assert out.dtype == dtype
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

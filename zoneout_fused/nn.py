@@ -67,13 +67,26 @@ class _ZoneoutOptions:
                 + (f", backend={self.backend!r}" if self.backend != "auto" else ""))
 
 
-def _check_input_tensor(name: str, tensor: torch.Tensor, weight: torch.Tensor) -> None:
+def _check_state_tensor(name: str, tensor, weight: torch.Tensor, dtype: torch.dtype) -> None:
+    """A state's type, dtype and device. nn.LSTM leaves these to its kernels, which raise
+    RuntimeError: so do we, with a message that names the argument."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(tensor).__name__}")
-    if tensor.dtype != weight.dtype:
-        raise TypeError(f"{name} must have the parameters' dtype {weight.dtype}, got {tensor.dtype}")
+    if tensor.dtype != dtype:
+        raise RuntimeError(f"{name} has dtype {tensor.dtype}, but the input and parameters compute in {dtype}")
     if tensor.device != weight.device:
         raise RuntimeError(f"{name} is on {tensor.device} but the parameters are on {weight.device}")
+
+
+def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
+    """Inside torch.autocast, the dtype the layer runs in, as nn.LSTM there: its input, states and
+    weights cast to the autocast dtype, its outputs in that dtype. None outside autocast, or for
+    tensors autocast leaves alone (float64, integers)."""
+    device_type = x.device.type
+    eligible = (torch.float32, torch.float16, torch.bfloat16)
+    if torch.is_autocast_enabled(device_type) and x.dtype in eligible and weight.dtype in eligible:
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 class ZoneoutLSTM(_ZoneoutOptions, nn.RNNBase):
@@ -133,44 +146,46 @@ class ZoneoutLSTM(_ZoneoutOptions, nn.RNNBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + self._zoneout_repr()
 
-    def _weights(self, layer: int, direction: int):
+    def _weights(self, layer: int, direction: int, dtype: torch.dtype):
+        """The layer direction's weights in `dtype` (a differentiable cast under autocast)."""
         suffix = "_reverse" if direction == 1 else ""
-        w_ih = getattr(self, f"weight_ih_l{layer}{suffix}")
-        w_hh = getattr(self, f"weight_hh_l{layer}{suffix}")
-        bias = None
-        if self.bias:
-            bias = getattr(self, f"bias_ih_l{layer}{suffix}") + getattr(self, f"bias_hh_l{layer}{suffix}")
-        w_hr = getattr(self, f"weight_hr_l{layer}{suffix}") if self.proj_size > 0 else None
-        return w_ih, w_hh, bias, w_hr
+        get = lambda name: getattr(self, f"{name}_l{layer}{suffix}").to(dtype)  # noqa: E731
+        bias = get("bias_ih") + get("bias_hh") if self.bias else None
+        return get("weight_ih"), get("weight_hh"), bias, get("weight_hr") if self.proj_size > 0 else None
 
     def forward(self, input, hx=None):
+        # Input errors nn.LSTM checks raise what nn.LSTM raises (type and message); the checks it
+        # leaves to its kernels raise RuntimeError naming the argument.
         packed = isinstance(input, PackedSequence)
         weight = self.weight_ih_l0
         lengths = None
         if packed:
+            self.check_input(input.data, input.batch_sizes)  # nn.RNNBase's dtype, rank and input_size checks
             x, lengths = pad_packed_sequence(input)  # [T, B, I], examples in the caller's order
             batched = True
         else:
             if not isinstance(input, torch.Tensor):
                 raise TypeError(f"input must be a Tensor or PackedSequence, got {type(input).__name__}")
             if input.dim() not in (2, 3):
-                raise ValueError(f"input must be 2-D (unbatched) or 3-D (batched), got {input.dim()}-D")
+                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D instead")
             batched = input.dim() == 3
             x = input if batched else input.unsqueeze(1)
             if batched and self.batch_first:
                 x = x.transpose(0, 1)
-        _check_input_tensor("input", x, weight)
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"input.size(-1) must be input_size={self.input_size}, got {x.shape[-1]}")
+            self.check_input(x, None)
         if x.shape[0] == 0:
-            raise ValueError("input must have at least one time step")
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if x.device != weight.device:
+            raise RuntimeError(f"input is on {x.device} but the parameters are on {weight.device}")
+        dtype = _autocast_dtype(x, weight) or x.dtype  # (check_input saw to the dtype outside autocast)
+        x = x.to(dtype)
         steps, batch = x.shape[0], x.shape[1]
         directions = 2 if self.bidirectional else 1
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         h0, c0 = self._initial_states(hx, batched, batch, directions, out_size, x)
 
         z_c, z_h, p, mode = self._layer_settings()
-        backend = resolve_backend(self.backend, x.device, x.dtype, projection=self.proj_size > 0)
+        backend = resolve_backend(self.backend, x.device, dtype, projection=self.proj_size > 0)
         seed = self.static_seed if self.mask_mode == "static" else self._draw_seed()
         if lengths is not None:
             lengths = lengths.to(x.device)
@@ -182,7 +197,7 @@ class ZoneoutLSTM(_ZoneoutOptions, nn.RNNBase):
             outputs = []
             for direction in range(directions):
                 index = layer * directions + direction
-                w_ih, w_hh, bias, w_hr = self._weights(layer, direction)
+                w_ih, w_hh, bias, w_hr = self._weights(layer, direction, dtype)
                 args = (layer_input, h0[index], c0[index], w_ih, w_hh, bias, lengths, seed, layer, direction,
                         z_c, z_h, p, mode, training)
                 y, c_last = backend.layer(*args, w_hr) if w_hr is not None else backend.layer(*args)
@@ -209,6 +224,7 @@ class ZoneoutLSTM(_ZoneoutOptions, nn.RNNBase):
         return output, (h_n, c_n)
 
     def _initial_states(self, hx, batched, batch, directions, out_size, x):
+        """(h_0, c_0) as [layers * directions, B, H] in x's dtype, checked as nn.LSTM checks them."""
         count = self.num_layers * directions
         if hx is None:
             return (x.new_zeros(count, batch, out_size), x.new_zeros(count, batch, self.hidden_size))
@@ -216,17 +232,22 @@ class ZoneoutLSTM(_ZoneoutOptions, nn.RNNBase):
             raise TypeError("hx must be a tuple (h_0, c_0)")
         h0, c0 = hx
         for name, state in (("hx[0] (h_0)", h0), ("hx[1] (c_0)", c0)):
-            _check_input_tensor(name, state, self.weight_ih_l0)
-            if state.dim() != (3 if batched else 2):
-                raise ValueError(f"{name} must be {3 if batched else 2}-D for {'batched' if batched else 'unbatched'}"
-                                 f" input, got {state.dim()}-D")
+            if not isinstance(state, torch.Tensor):
+                raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
+        rank = 3 if batched else 2
+        if h0.dim() != rank or c0.dim() != rank:
+            kind = "batched 3-D" if batched else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, hx and cx should also be {rank}-D but got "
+                               f"({h0.dim()}-D, {c0.dim()}-D) tensors")
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-        expected_h, expected_c = (count, batch, out_size), (count, batch, self.hidden_size)
-        if tuple(h0.shape) != expected_h:
-            raise ValueError(f"hx[0] (h_0) must have shape {expected_h}, got {tuple(h0.shape)}")
-        if tuple(c0.shape) != expected_c:
-            raise ValueError(f"hx[1] (c_0) must have shape {expected_c}, got {tuple(c0.shape)}")
+        for index, (state, size) in enumerate(((h0, out_size), (c0, self.hidden_size))):
+            self.check_hidden_size(state, (count, batch, size), f"Expected hidden[{index}] size {{}}, got {{}}")
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type) and dtype != self.weight_ih_l0.dtype:
+            h0, c0 = h0.to(dtype), c0.to(dtype)  # autocast: the states follow the input
+        for name, state in (("hx[0] (h_0)", h0), ("hx[1] (c_0)", c0)):
+            _check_state_tensor(name, state, self.weight_ih_l0, dtype)
         return h0.contiguous(), c0.contiguous()
 
 
@@ -250,35 +271,60 @@ class ZoneoutLSTMCell(_ZoneoutOptions, nn.RNNCellBase):
         return super().extra_repr() + self._zoneout_repr()
 
     def forward(self, input: torch.Tensor, hx: Optional[tuple] = None):
+        # nn.LSTMCell's checks, types and messages (its kernel's RuntimeErrors included).
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
-            raise ValueError(f"input must be 1-D (unbatched) or 2-D (batched), got {input.dim()}-D")
-        _check_input_tensor("input", input, self.weight_ih)
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"input.size(-1) must be input_size={self.input_size}, got {input.shape[-1]}")
+            raise ValueError(f"{type(self).__name__}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            if not isinstance(hx, (tuple, list)):
+                raise TypeError(f"hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+            for index, state in enumerate(hx):
+                if not isinstance(state, torch.Tensor):
+                    raise TypeError(f"hx[{index}] must be a Tensor, got {type(state).__name__}")
+                if state.dim() not in (1, 2):
+                    raise ValueError(f"{type(self).__name__}: Expected hx[{index}] to be 1D or 2D, "
+                                     f"got {state.dim()}D instead")
+            if len(hx) != 2:
+                raise RuntimeError("lstm_cell expects two hidden states")
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         batch = x.shape[0]
+        if x.shape[1] != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
         if hx is None:
+            h0 = c0 = None
+        else:
+            h0, c0 = (state if batched else state.unsqueeze(0) for state in hx)
+            for index, state in enumerate((h0, c0)):
+                if state.shape[0] != batch:
+                    raise RuntimeError(f"Input batch size {batch} doesn't match hidden{index} batch size "
+                                       f"{state.shape[0]}")
+                if state.shape[1] != self.hidden_size:
+                    raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state.shape[1]}, "
+                                       f"expected {self.hidden_size}")
+        weight = self.weight_ih
+        if x.device != weight.device:
+            raise RuntimeError(f"input is on {x.device} but the parameters are on {weight.device}")
+        dtype = _autocast_dtype(x, weight)
+        if dtype is None and x.dtype != weight.dtype:
+            raise RuntimeError(f"input has dtype {x.dtype} but the parameters have {weight.dtype}: convert the "
+                               f"input (input.to({weight.dtype})) or the cell (cell.to({x.dtype}))")
+        dtype = dtype or x.dtype
+        x = x.to(dtype)
+        if h0 is None:
             h0 = c0 = x.new_zeros(batch, self.hidden_size)
         else:
-            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-                raise TypeError("hx must be a tuple (h_0, c_0)")
-            h0, c0 = hx
-            for name, state in (("hx[0] (h_0)", h0), ("hx[1] (c_0)", c0)):
-                _check_input_tensor(name, state, self.weight_ih)
-                state = state if batched else state.unsqueeze(0)
-                if tuple(state.shape) != (batch, self.hidden_size):
-                    raise ValueError(f"{name} must have shape {(batch, self.hidden_size) if batched else (self.hidden_size,)}"
-                                     f", got {tuple(hx[0 if name.startswith('hx[0]') else 1].shape)}")
-            if not batched:
-                h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
+            if torch.is_autocast_enabled(x.device.type):
+                h0, c0 = h0.to(dtype), c0.to(dtype)
+            _check_state_tensor("hx[0] (h_0)", h0, weight, dtype)
+            _check_state_tensor("hx[1] (c_0)", c0, weight, dtype)
         z_c, z_h, p, mode = self._layer_settings()
-        backend = resolve_backend(self.backend, x.device, x.dtype)
-        bias = self.bias_ih + self.bias_hh if self.bias else None
-        y, c1 = backend.layer(x.unsqueeze(0).contiguous(), h0.contiguous(), c0.contiguous(), self.weight_ih,
-                              self.weight_hh, bias, None, self._draw_seed(), 0, 0, z_c, z_h, p, mode, self.training)
+        backend = resolve_backend(self.backend, x.device, dtype)
+        w_ih, w_hh = self.weight_ih.to(dtype), self.weight_hh.to(dtype)
+        bias = self.bias_ih.to(dtype) + self.bias_hh.to(dtype) if self.bias else None
+        y, c1 = backend.layer(x.unsqueeze(0).contiguous(), h0.contiguous(), c0.contiguous(), w_ih, w_hh, bias, None,
+                              self._draw_seed(), 0, 0, z_c, z_h, p, mode, self.training)
         h1 = y[0]
         if not batched:
             h1, c1 = h1.squeeze(0), c1.squeeze(0)
