@@ -187,8 +187,10 @@ class ZoneoutLSTM(_ZoneoutOptions, nn.RNNBase):
         z_c, z_h, p, mode = self._layer_settings()
         backend = resolve_backend(self.backend, x.device, dtype, projection=self.proj_size > 0)
         seed = self.static_seed if self.mask_mode == "static" else self._draw_seed()
-        if lengths is not None:
-            lengths = lengths.to(x.device)
+        if lengths is not None and lengths.device != x.device:
+            # pad_packed_sequence's lengths live on the CPU: an asynchronous copy from pinned memory
+            # (a pageable one would wait for the GPU stream on every call).
+            lengths = lengths.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else lengths.to(x.device)
         training = self.training
 
         layer_input = x.contiguous()
@@ -214,8 +216,10 @@ class ZoneoutLSTM(_ZoneoutOptions, nn.RNNBase):
         if packed:
             sorted_indices = input.sorted_indices
             if sorted_indices is not None:
-                output, lengths = output.index_select(1, sorted_indices), lengths[sorted_indices.to(lengths.device)]
-            repacked = pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True)
+                output = output.index_select(1, sorted_indices)
+            # The sorted lengths from batch_sizes (always on the CPU): no copy back from the device.
+            sorted_lengths = (input.batch_sizes.unsqueeze(0) > torch.arange(output.shape[1]).unsqueeze(1)).sum(1)
+            repacked = pack_padded_sequence(output, sorted_lengths, enforce_sorted=True)
             output = PackedSequence(repacked.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
         elif not batched:
             output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)

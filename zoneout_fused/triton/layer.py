@@ -10,6 +10,7 @@ t_next) and the first/last-step flags change.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -22,6 +23,25 @@ _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # Allocator of every buffer the kernels must fill completely; tests swap in a NaN-filling one
 # so that an element a kernel skips shows up as NaN.
 _empty = torch.empty
+
+
+# The kernels read [z_c, z_h, p, scale] from a float64 device buffer (exact z in a float64
+# layer; Triton would pass Python floats as float32). One buffer per (device, values), made on
+# first use: a per-call torch.tensor(..., device=cuda) would copy from pageable host memory,
+# which waits for the stream on every forward and backward and is illegal under graph capture.
+_PARAMS_CACHE: dict = {}
+
+
+def _params(device: torch.device, values: tuple) -> torch.Tensor:
+    key = (device, values)
+    if key not in _PARAMS_CACHE:
+        _PARAMS_CACHE[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return _PARAMS_CACHE[key]
+
+
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it x's (a no-op on CPU)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -84,9 +104,8 @@ class _Settings:
         self.direction = int(direction)
         training = bool(training)
         scale = 1.0 / (1.0 - recurrent_dropout) if training else 1.0
-        # float64 so that evaluation's z and 1/(1-p) are exact in a float64 layer.
-        self.params = torch.tensor([zoneout_cell, zoneout_hidden, recurrent_dropout, scale], dtype=torch.float64,
-                                   device=x.device)
+        self.params = _params(x.device, (float(zoneout_cell), float(zoneout_hidden), float(recurrent_dropout),
+                                          float(scale)))
         self.lengths = lengths
         self.block_b, self.block_h, self.block_k, num_warps = choose_blocks(self.batch, self.hidden, x.device)
         self.grid = (triton.cdiv(self.batch, self.block_b), triton.cdiv(self.hidden, self.block_h))
@@ -133,8 +152,9 @@ def triton_layer_forward(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_
     gates = _empty(T, B, 4 * H, dtype=s.state_dtype, device=x.device)
     head = (xp, w_hh, h0, c0, y, c_seq, gates, _lengths_arg(lengths, xp), s.params, s.seed, s.key2)
     kernel = lstm_forward_step_kernel[s.grid]
-    for index, t in enumerate(s.order()):
-        kernel(*head, t, s.previous(t), B, H, FIRST=index == 0, **s.meta)
+    with _on_device(x):
+        for index, t in enumerate(s.order()):
+            kernel(*head, t, s.previous(t), B, H, FIRST=index == 0, **s.meta)
     t_last = 0 if s.direction == 1 else T - 1
     c_n = c_seq[t_last].to(x.dtype, copy=True)  # a copy: outputs must not alias each other
     return y, c_n, c_seq, gates
@@ -162,10 +182,11 @@ def triton_layer_backward(grad_y: torch.Tensor, grad_c_n: torch.Tensor, x: torch
     kernel = lstm_backward_step_kernel[s.grid]
     order = list(s.order())
     t_next = order[-1]  # unused at the first backward step (LAST)
-    for index in range(T - 1, -1, -1):
-        t = order[index]
-        kernel(*head, t, s.previous(t), t_next, B, H, FIRST=index == 0, LAST=index == T - 1, **s.meta)
-        t_next = t
+    with _on_device(x):
+        for index in range(T - 1, -1, -1):
+            t = order[index]
+            kernel(*head, t, s.previous(t), t_next, B, H, FIRST=index == 0, LAST=index == T - 1, **s.meta)
+            t_next = t
     t_first = order[0]
 
     # After the loop: every big product over all steps at once. 16-bit inputs: operands in

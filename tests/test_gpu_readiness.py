@@ -1,0 +1,74 @@
+"""What the GPU backends need before their first real run, checked where CI can (CPU, Triton
+interpreter) and, on a GPU, for real: no host-to-device copy or stream sync per call."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import zoneout_fused as zf
+from zoneout_fused import ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON = ops.BACKENDS["triton"].unavailable_reason(torch.device(DEVICE)) is None
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton backend cannot run here")
+def test_triton_params_are_made_once_not_per_call():
+    """The kernels' [z_c, z_h, p, scale] buffer is cached per (device, values): a second forward and
+    backward with the same settings copies nothing from the host."""
+    from zoneout_fused.triton import layer as triton_layer
+
+    model = zf.ZoneoutLSTM(3, 5, zoneout_cell=0.37, zoneout_hidden=0.11, backend="triton", device=DEVICE)
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    model(x)[0].sum().backward()
+    cached = dict(triton_layer._PARAMS_CACHE)
+    created = []
+    real_tensor = torch.tensor
+
+    def counting_tensor(*args, **kwargs):
+        created.append(kwargs.get("device"))
+        return real_tensor(*args, **kwargs)
+
+    triton_layer.torch.tensor = counting_tensor
+    try:
+        model(x)[0].sum().backward()
+    finally:
+        triton_layer.torch.tensor = real_tensor
+    assert created == [] and triton_layer._PARAMS_CACHE == cached
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="stream syncs can only be caught on a GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_no_stream_sync_in_forward_and_backward(backend, packed):
+    """torch.cuda.set_sync_debug_mode('error') raises on any call that waits for the GPU."""
+    if backend not in zf.available_backends("cuda"):
+        pytest.skip(f"{backend} not available")
+    model = zf.ZoneoutLSTM(8, 16, num_layers=2, bidirectional=True, zoneout_cell=0.5, zoneout_hidden=0.05,
+                           backend=backend, device="cuda")
+    x = torch.randn(6, 3, 8, device="cuda", requires_grad=True)
+    inputs = pack_padded_sequence(x, torch.tensor([6, 4, 2]), enforce_sorted=False) if packed else x
+    model(inputs)  # first call: compiles kernels and fills caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        output, (h_n, c_n) = model(inputs)
+        data = output.data if packed else output
+        (data.sum() + h_n.sum() + c_n.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_validation_kit_dry_run_without_a_gpu(tmp_path):
+    """benchmarks/gpu/validate.sh degrades to a clear message (exit 0) where torch sees no GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the kit runs for real: benchmarks/gpu/validate.sh")
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu", "validate.sh")], cwd=ROOT,
+                            env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no CUDA GPU" in result.stdout
+    assert (tmp_path / "environment.txt").read_text().strip()
