@@ -72,3 +72,21 @@ def test_validation_kit_dry_run_without_a_gpu(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no CUDA GPU" in result.stdout
     assert (tmp_path / "environment.txt").read_text().strip()
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton backend cannot run here")
+def test_float32_products_follow_torch_tf32_policy():
+    """float32 recurrent products use TF32 exactly where torch lets cuBLAS / cuDNN use it."""
+    from zoneout_fused.triton.layer import float32_dot_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert float32_dot_precision(torch.float32, cuda) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert float32_dot_precision(torch.float32, cuda) == "tf32"
+        assert float32_dot_precision(torch.float64, cuda) == "ieee"  # never for float64
+        assert float32_dot_precision(torch.float32, cpu) == "ieee"  # the interpreter
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -340,42 +340,67 @@ def test_torch_compile_sees_one_op():
 
 # ----------------------------------------------------------------------------- GPU code without a GPU
 _COMPILE_FOR_HOPPER = textwrap.dedent("""
+    import glob, os, re, subprocess, sys, tempfile
     import triton, triton.language as tl
+    import triton.backends.nvidia as nvidia
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from zoneout_fused.triton import lstm_step
 
     def build(fn, types, consts, num_warps):
         sig = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
-        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=num_warps))
+        return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps)).asm["ptx"]
 
-    for x, ieee, mode, first, blocks in [("*fp32", True, 0, False, (64, 16, 8)), ("*bf16", False, 2, True, (16, 16, 4))]:
-        block_b, block_h, warps = blocks
-        common = dict(HAS_LENGTHS=True, MODE=mode, TRAINING=True, DRAW_ZONEOUT=True, HAS_DROPOUT=True,
-                      ACC=tl.float32, IEEE_DOT=ieee, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=32)
-        build(lstm_step.lstm_forward_step_kernel,
-              dict(xp_ptr="*fp32", w_hh_ptr=x, h0_ptr=x, c0_ptr=x, y_ptr=x, c_seq_ptr="*fp32", gates_ptr="*fp32",
-                   lengths_ptr="*i64", params_ptr="*fp64", seed="i64", key2="i32", t="i32", t_prev="i32",
-                   B="i32", H="i32"), dict(FIRST=first, **common), warps)
-        build(lstm_step.lstm_backward_step_kernel,
-              dict(grad_y_ptr=x, w_hh_ptr=x, c0_ptr=x, c_seq_ptr="*fp32", gates_ptr="*fp32", d_pre_ptr="*fp32",
-                   dh_ptr="*fp32", dc_ptr="*fp32", lengths_ptr="*i64", params_ptr="*fp64", seed="i64",
-                   key2="i32", t="i32", t_prev="i32", t_next="i32", B="i32", H="i32"),
-              dict(FIRST=first, LAST=False, **common), warps)
-    print("compiled")
+    def spill_bytes(ptx):
+        # Triton's own ptxas (the one that accepts its PTX version) with -v: spill stores per thread.
+        with tempfile.TemporaryDirectory() as scratch:
+            path = os.path.join(scratch, "kernel.ptx")
+            open(path, "w").write(ptx)
+            for ptxas in sorted(glob.glob(os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas*"))):
+                run = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", path + ".cubin"],
+                                     capture_output=True, text=True)
+                if run.returncode == 0:
+                    return max(int(n) for n in re.findall(r"(\\d+) bytes spill stores", run.stdout + run.stderr))
+        sys.exit("no bundled ptxas assembles this PTX")
+
+    # The tiles choose_blocks picks for the paper's shapes on an H100 (132 SMs), and the largest it allows.
+    shapes = [(32, 1000), (20, 1500), (128, 2000), (100, 100), (512, 4096), (64, 2048)]
+    tiles = sorted({lstm_step.blocks_for(b, h, 132) for b, h in shapes} | {(64, 32, 32, 8)})
+    assert all(bb * bh <= lstm_step.MAX_TILE for bb, bh, _, _ in tiles), tiles
+    spills = []
+    for x, wide in (("*fp32", True), ("*bf16", False)):
+        for block_b, block_h, block_k, warps in tiles:
+            common = dict(HAS_LENGTHS=True, MODE=0, TRAINING=True, DRAW_ZONEOUT=True, HAS_DROPOUT=True,
+                          ACC=tl.float32, WIDE=wide, PRECISION="ieee", BLOCK_B=block_b, BLOCK_H=block_h,
+                          BLOCK_K=block_k)
+            forward = build(lstm_step.lstm_forward_step_kernel,
+                  dict(xp_ptr="*fp32", w_hh_ptr=x, h0_ptr=x, c0_ptr=x, y_ptr=x, c_seq_ptr="*fp32",
+                       gates_ptr="*fp32", lengths_ptr="*i64", params_ptr="*fp64", seed="i64", key2="i32", t="i32",
+                       t_prev="i32", B="i32", H="i32"), dict(FIRST=False, **common), warps)
+            backward = build(lstm_step.lstm_backward_step_kernel,
+                  dict(grad_y_ptr=x, w_hh_ptr=x, c0_ptr=x, c_seq_ptr="*fp32", gates_ptr="*fp32",
+                       d_pre_ptr="*fp32", dh_ptr="*fp32", dc_ptr="*fp32", lengths_ptr="*i64", params_ptr="*fp64",
+                       seed="i64", key2="i32", t="i32", t_prev="i32", t_next="i32", B="i32", H="i32"),
+                  dict(FIRST=False, LAST=False, **common), warps)
+            for name, ptx in (("forward", forward), ("backward", backward)):
+                spilled = spill_bytes(ptx)
+                if spilled:
+                    spills.append(f"{name} {x} {block_b}x{block_h}: {spilled} bytes spilled")
+    print("\\n".join(spills) if spills else "compiled without spills")
 """)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every test above compiles the kernels")
 def test_kernels_compile_for_hopper_without_a_gpu():
-    """The interpreter skips Triton's compiler; compile the step kernels to sm_90 cubins (no GPU needed)
-    so that code the interpreter accepts but the compiler rejects fails here."""
+    """The interpreter skips Triton's compiler; compile the step kernels to sm_90a (no GPU needed)
+    so that code the interpreter accepts but the compiler rejects fails here, and so does a tile
+    choice that spills registers (checked with ptxas -v, as .ci/nvcc_check.sh does for CUDA)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, cwd=root, capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and "compiled without spills" in result.stdout, result.stdout + result.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- 16-bit on the GPU

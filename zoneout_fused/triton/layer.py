@@ -44,6 +44,16 @@ def _on_device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+def float32_dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """The recurrent product's input precision, by torch's float32 policy as cuBLAS and cuDNN follow
+    it: "tf32" on a GPU where torch allows TF32 for float32 matmuls (torch.backends.cuda.matmul.
+    allow_tf32, or torch.set_float32_matmul_precision("high" / "medium")), else "ieee"."""
+    if dtype != torch.float32 or device.type != "cuda":
+        return "ieee"
+    allowed = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allowed else "ieee"
+
+
 def _tl_acc(dtype: torch.dtype):
     import triton.language as tl
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -113,7 +123,8 @@ class _Settings:
             HAS_LENGTHS=lengths is not None, MODE=int(mask_mode), TRAINING=training,
             DRAW_ZONEOUT=training and (zoneout_cell > 0.0 or zoneout_hidden > 0.0),
             HAS_DROPOUT=training and recurrent_dropout > 0.0, ACC=_tl_acc(x.dtype),
-            IEEE_DOT=x.dtype not in _SIXTEEN_BIT, BLOCK_B=self.block_b, BLOCK_H=self.block_h,
+            WIDE=x.dtype not in _SIXTEEN_BIT, PRECISION=float32_dot_precision(x.dtype, x.device),
+            BLOCK_B=self.block_b, BLOCK_H=self.block_h,
             BLOCK_K=self.block_k, num_warps=num_warps)
 
     def order(self):

@@ -56,8 +56,8 @@ def lstm_forward_step_kernel(
         params_ptr,  # float64 [z_c, z_h, p, scale]
         seed, key2, t, t_prev, B, H,
         FIRST: tl.constexpr, HAS_LENGTHS: tl.constexpr, MODE: tl.constexpr, TRAINING: tl.constexpr,
-        DRAW_ZONEOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, IEEE_DOT: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+        DRAW_ZONEOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rj = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     b = rb.to(tl.int64)[:, None]  # [BB, 1]
@@ -89,11 +89,11 @@ def lstm_forward_step_kernel(
         w_f = tl.load(w_hh_ptr + (1 * H + j) * H + k_col, mask=w_mask, other=0.0)
         w_g = tl.load(w_hh_ptr + (2 * H + j) * H + k_col, mask=w_mask, other=0.0)
         w_o = tl.load(w_hh_ptr + (3 * H + j) * H + k_col, mask=w_mask, other=0.0)
-        if IEEE_DOT:  # float32/float64: no TF32 rounding, to match torch.matmul
-            acc_i = tl.dot(h_tile, w_i, acc_i, input_precision="ieee")
-            acc_f = tl.dot(h_tile, w_f, acc_f, input_precision="ieee")
-            acc_g = tl.dot(h_tile, w_g, acc_g, input_precision="ieee")
-            acc_o = tl.dot(h_tile, w_o, acc_o, input_precision="ieee")
+        if WIDE:  # float32/float64 operands: PRECISION is torch's float32 matmul policy ("ieee" or "tf32")
+            acc_i = tl.dot(h_tile, w_i, acc_i, input_precision=PRECISION)
+            acc_f = tl.dot(h_tile, w_f, acc_f, input_precision=PRECISION)
+            acc_g = tl.dot(h_tile, w_g, acc_g, input_precision=PRECISION)
+            acc_o = tl.dot(h_tile, w_o, acc_o, input_precision=PRECISION)
         else:  # float16/bfloat16 operands, float32 accumulation
             acc_i = tl.dot(h_tile, w_i, acc_i)
             acc_f = tl.dot(h_tile, w_f, acc_f)
@@ -155,7 +155,7 @@ def lstm_backward_step_kernel(
         FIRST: tl.constexpr,  # t is the first processed step: c_{t-1} is c0
         LAST: tl.constexpr,  # t is the last processed step: no later step feeds dh through W_hh
         HAS_LENGTHS: tl.constexpr, MODE: tl.constexpr, TRAINING: tl.constexpr, DRAW_ZONEOUT: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, IEEE_DOT: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rj = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -179,8 +179,8 @@ def lstm_backward_step_kernel(
             k_col = k0 + rk[:, None]
             d_tile = tl.load(d_next + b * four_h + k_row, mask=in_b & (k_row < four_h), other=0.0)
             w_tile = tl.load(w_hh_ptr + k_col * H + j, mask=(k_col < four_h) & in_j, other=0.0)
-            if IEEE_DOT:
-                acc = tl.dot(d_tile, w_tile, acc, input_precision="ieee")
+            if WIDE:
+                acc = tl.dot(d_tile, w_tile, acc, input_precision=PRECISION)
             else:  # 16-bit weights: round d_pre to their dtype for the tensor cores, accumulate in fp32
                 acc = tl.dot(d_tile.to(w_tile.dtype), w_tile, acc)
         dh += acc
@@ -260,24 +260,32 @@ def choose_blocks(batch: int, hidden: int, device: torch.device) -> tuple[int, i
         word-PTB  B=20,  H=1500: 16 x 16 -> 2 x 94  = 188 (32 x 16 would give 94)
         text8     B=128, H=2000: 64 x 16 -> 2 x 125 = 250
         pMNIST    B=100, H=100 : 16 x 16 -> 7 x 7   = 49 (tiny: latency-bound whatever we pick)
-    BLOCK_K = 32 and num_warps = 8 for tiles of 1024 elements or more: compiled for sm_90a
-    with ptxas -v (Triton 3.9), the float32 forward at 16 x 16 x 64 used 255 registers and
-    spilled 36 bytes (the ieee product runs on FMA units and holds whole K slices in registers);
-    at BLOCK_K = 32 no variant spills (16 x 16: <= 134 registers; 64 x 16 at 8 warps: <= 124).
-    The same blocks serve the backward product (K = 4H). Under the interpreter the blocks only
-    change how many numpy calls run, so there they are the smallest legal tiles (H not a multiple
-    of them exercises the edge masks) with BLOCK_K covering small H in one iteration.
+    BLOCK_K = 32 and num_warps = 8 for tiles of 1024 elements or more. Tiles are capped at 2048
+    elements (MAX_TILE): compiled for sm_90a (Triton 3.9's ptxas, BLOCK_K = 32), 128 x 32 and 64 x 64
+    spill 116-428 bytes per thread at 255 registers in float32 and bfloat16, forward and backward,
+    while every tile up to 2048 elements (128 x 16, 64 x 32) stays at <= 212 registers with no spill
+    (tests/test_triton.py compiles the tiles this picks and fails on any spill). The same blocks
+    serve the backward product (K = 4H). Under the interpreter the blocks only change how many numpy
+    calls run, so there they are the smallest legal tiles (H not a multiple of them exercises the edge
+    masks) with BLOCK_K covering small H in one iteration.
     """
     if device.type != "cuda":
         return 16, 16, min(64, max(16, triton.next_power_of_2(hidden))), 4
-    sms = _sm_count(device)
+    return blocks_for(batch, hidden, _sm_count(device))
+
+
+MAX_TILE = 2048  # BLOCK_B * BLOCK_H above this spills on sm_90a (see choose_blocks)
+
+
+def blocks_for(batch: int, hidden: int, sms: int) -> tuple[int, int, int, int]:
+    """choose_blocks on a GPU with `sms` multiprocessors."""
     b_options = [16, 32, 64] + ([128] if batch >= 128 else [])
     best = None
     for block_b in b_options:
         if block_b > max(16, triton.next_power_of_2(batch)):
             continue
         for block_h in (16, 32, 64):
-            if block_h > max(16, triton.next_power_of_2(hidden)):
+            if block_h > max(16, triton.next_power_of_2(hidden)) or block_b * block_h > MAX_TILE:
                 continue
             programs = math.ceil(batch / block_b) * math.ceil(hidden / block_h)
             score = (min(programs, sms), block_b * block_h, block_b)
