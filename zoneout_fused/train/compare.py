@@ -124,8 +124,9 @@ def report(names: list[str], runs_dir: Path, results_dir: Path, commit: str | No
     results_dir.mkdir(parents=True, exist_ok=True)
     machine = cpu_model()
     header = (f"Word-level PTB, 2 x 200 LSTM, 12 epochs on 105,000 training tokens (`python -m "
-              f"zoneout_fused.train.compare`), seed 0, backend cpu, 1 thread per run, {machine}, commit "
-              f"{(commit or 'unknown')[:12]}. Perplexities: best validation over the epochs, test of that model.")
+              f"zoneout_fused.train.compare`), seed 0, backend cpu, 1 thread per run, two runs at a time on "
+              f"{machine}; table made at commit {(commit or 'unknown')[:12]}. Perplexities: best validation over "
+              f"the epochs, test of that model; s / epoch: training time, on a machine shared with other work.")
     lines = [header, "", "| run | best valid ppl | at epoch | test ppl (best model) | last valid ppl | last train ppl "
              "| s / epoch |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r["best_valid"]):
