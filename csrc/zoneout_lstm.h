@@ -123,6 +123,15 @@ struct ElementMasks {
   acc_t keep_cell, keep_hidden, update_scale;
 };
 
+// The kept update's scale 1/(1-p): computed in double and rounded once to acc_t, as the
+// reference (a Python float times a tensor) and the Triton kernels (a float64 parameter) do, so
+// every backend uses the same bits (1.0f / (1.0f - float(p)) differs by an ulp for 462 of the
+// 999 values p = k/1000). The evaluation mix uses acc_t(z) and acc_t(1) - acc_t(z) everywhere.
+template <typename acc_t>
+ZF_HOST_DEVICE acc_t kept_update_scale(double recurrent_dropout) {
+  return static_cast<acc_t>(1.0 / (1.0 - recurrent_dropout));
+}
+
 template <typename acc_t>
 ZF_HOST_DEVICE ElementMasks<acc_t> element_masks(const ZoneoutParams& p, int64_t t, int64_t b, int64_t j) {
   if (!p.training) {
@@ -152,9 +161,8 @@ ZF_HOST_DEVICE ElementMasks<acc_t> element_masks(const ZoneoutParams& p, int64_t
   ElementMasks<acc_t> m;
   m.keep_cell = u_cell < z_cell ? acc_t(1) : acc_t(0);
   m.keep_hidden = u_hidden < z_hidden ? acc_t(1) : acc_t(0);
-  m.update_scale = (p.recurrent_dropout > 0.0 && !(u_drop >= p_drop))
-                       ? acc_t(0)
-                       : acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.recurrent_dropout));
+  m.update_scale = (p.recurrent_dropout > 0.0 && !(u_drop >= p_drop)) ? acc_t(0)
+                                                                       : kept_update_scale<acc_t>(p.recurrent_dropout);
   return m;
 }
 

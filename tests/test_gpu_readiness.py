@@ -90,3 +90,39 @@ def test_float32_products_follow_torch_tf32_policy():
         assert float32_dot_precision(torch.float32, cpu) == "ieee"  # the interpreter
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+# ----------------------------------------------------------------------------- constants, bit for bit
+def _probe_cell_state(backend, probe, value, c_prev, training):
+    """One step of one layer whose gates are exactly i = 1, f = 0, g = 1 (or 0): infinite biases,
+    zero weights. Then c = scale (recurrent dropout, training, every unit kept) or c = z * c_prev +
+    (1 - z) * (i * g) (evaluation): the layer's constant itself, bit for bit."""
+    hidden = 8
+    g_bias = float("inf") if probe != "z" else 0.0
+    bias = torch.tensor([float("inf")] * hidden + [-float("inf")] * hidden + [g_bias] * hidden + [0.0] * hidden)
+    zeros = dict(x=torch.zeros(1, 1, 2), w_ih=torch.zeros(4 * hidden, 2), w_hh=torch.zeros(4 * hidden, hidden))
+    z, p = (value, 0.0) if probe != "scale" else (0.0, value)
+    _, c_n = ops.BACKENDS[backend].layer(zeros["x"], torch.zeros(1, hidden), torch.full((1, hidden), c_prev),
+                                         zeros["w_ih"], zeros["w_hh"], bias, None, torch.tensor(0), 0, 0, z, 0.0, p, 0,
+                                         training)
+    return c_n
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in zf.available_backends("cpu")])
+def test_constants_are_bit_identical_across_backends(backend):
+    """The recurrent-dropout scale 1/(1-p) and the evaluation mix z, 1 - z have the same bits in the
+    reference and every backend, for p, z = k/1000 (all 999 on the CPU kernels, every 37th under the
+    slow Triton interpreter). Units that recurrent dropout drops show 0 on both sides (same masks)."""
+    ks = range(1, 1000) if backend == "cpu" else range(1, 1000, 37)
+    mismatches = []
+    for k in ks:
+        value = k / 1000
+        for probe, c_prev, training in (("scale", 0.0, True), ("one_minus_z", 0.0, False), ("z", 1.0, False)):
+            a = _probe_cell_state(backend, probe, value, c_prev, training)
+            e = _probe_cell_state("reference", probe, value, c_prev, training)
+            if not torch.equal(a, e):
+                mismatches.append((probe, value, a[0, 0].item(), e[0, 0].item()))
+    assert not mismatches, mismatches[:10]
+    # The probe sees the constants themselves: e.g. the float32 rounding of 1/(1-p) computed in double.
+    c = _probe_cell_state("reference", "scale", 0.3, 0.0, True)
+    assert c.max().item() == torch.tensor(1 / 0.7, dtype=torch.float32).item()

@@ -372,7 +372,7 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
     for x, wide in (("*fp32", True), ("*bf16", False)):
         for block_b, block_h, block_k, warps in tiles:
             common = dict(HAS_LENGTHS=True, MODE=0, TRAINING=True, DRAW_ZONEOUT=True, HAS_DROPOUT=True,
-                          ACC=tl.float32, WIDE=wide, PRECISION="ieee", BLOCK_B=block_b, BLOCK_H=block_h,
+                          ACC=tl.float32, WIDE=wide, PRECISION="ieee", ACCURATE=True, BLOCK_B=block_b, BLOCK_H=block_h,
                           BLOCK_K=block_k)
             forward = build(lstm_step.lstm_forward_step_kernel,
                   dict(xp_ptr="*fp32", w_hh_ptr=x, h0_ptr=x, c0_ptr=x, y_ptr=x, c_seq_ptr="*fp32",

@@ -31,6 +31,10 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
     if bias is not None:
         x_projection = x_projection + bias
     h, c = h0, c0
+    # Evaluation's z rounded to the states' dtype, so that 1 - z is formed in that dtype: the same
+    # bits as every kernel's 1 - m (a Python float would give float32(1 - z), an ulp off at times).
+    expected_cell = torch.tensor(zoneout_cell, dtype=c0.dtype, device=c0.device)
+    expected_hidden = torch.tensor(zoneout_hidden, dtype=h0.dtype, device=h0.device)
     outputs: list[Optional[torch.Tensor]] = [None] * steps
     order = range(steps - 1, -1, -1) if direction == 1 else range(steps)
     for t in order:
@@ -45,7 +49,7 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
             keep_hidden = m_h[:, : h.shape[1]].to(h.dtype)
             update_scale = keep.to(c.dtype) * (1.0 / (1.0 - recurrent_dropout))
         else:  # evaluation: the masks' expectations
-            keep_cell, keep_hidden, update_scale = zoneout_cell, zoneout_hidden, 1.0
+            keep_cell, keep_hidden, update_scale = expected_cell, expected_hidden, 1.0
         c_candidate = f * c + update_scale * (i * g)
         h_candidate = o * torch.tanh(c_candidate)  # from the un-zoned candidate (paper sec. 3.2)
         if w_hr is not None:

@@ -273,7 +273,7 @@ ZF_ALWAYS_INLINE void draw_masks_stream0(MaskChunk<scalar_t>& out, const Zoneout
   const float z_cell = static_cast<float>(p.zoneout_cell), z_hidden = static_cast<float>(p.zoneout_hidden);
   const float p_drop = static_cast<float>(p.recurrent_dropout);
   const bool dropout = p.recurrent_dropout > 0.0;
-  const scalar_t kept_scale = scalar_t(1) / (scalar_t(1) - static_cast<scalar_t>(p.recurrent_dropout));
+  const scalar_t kept_scale = zoneout::kept_update_scale<scalar_t>(p.recurrent_dropout);
   for (int64_t k = 0; k < n; ++k) {
     const float u_cell = zoneout::uint32_to_uniform(w0[k]);
     const float u_hidden = kMode == zoneout::kIndependent ? zoneout::uint32_to_uniform(w1[k]) : u_cell;

@@ -124,6 +124,7 @@ class _Settings:
             DRAW_ZONEOUT=training and (zoneout_cell > 0.0 or zoneout_hidden > 0.0),
             HAS_DROPOUT=training and recurrent_dropout > 0.0, ACC=_tl_acc(x.dtype),
             WIDE=x.dtype not in _SIXTEEN_BIT, PRECISION=float32_dot_precision(x.dtype, x.device),
+            ACCURATE=x.is_cuda,  # libdevice exp/tanh on a GPU; the interpreter has only tl.exp
             BLOCK_B=self.block_b, BLOCK_H=self.block_h,
             BLOCK_K=self.block_k, num_warps=num_warps)
 

@@ -26,22 +26,36 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .masks import element_masks
 
 
 @triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+def _exp(x, ACCURATE: tl.constexpr):
+    # On a GPU tl.exp lowers to ex2.approx; libdevice's expf/exp are accurate to an ulp or two,
+    # like the CUDA backend's and the reference's. The interpreter runs tl.exp (numpy's).
+    if ACCURATE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
 
 
 @triton.jit
-def _tanh(x):
-    # tl has no tanh that also runs in the interpreter; this form never overflows
-    # (exp of a non-positive number) and its absolute error is a few ulp of 1.
-    e = tl.exp(-2.0 * tl.abs(x))
-    r = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -r, r)
+def _sigmoid(x, ACCURATE: tl.constexpr):
+    return 1.0 / (1.0 + _exp(-x, ACCURATE))
+
+
+@triton.jit
+def _tanh(x, ACCURATE: tl.constexpr):
+    if ACCURATE:  # libdevice's tanhf/tanh: relative accuracy near 0 too
+        return libdevice.tanh(x)
+    else:
+        # The interpreter has no tanh: this form never overflows (exp of a non-positive number);
+        # its absolute error is a few ulp of 1 (relative precision is lost near 0).
+        e = tl.exp(-2.0 * tl.abs(x))
+        r = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -r, r)
 
 
 @triton.jit(do_not_specialize=["seed", "key2", "t", "t_prev"])
@@ -57,7 +71,8 @@ def lstm_forward_step_kernel(
         seed, key2, t, t_prev, B, H,
         FIRST: tl.constexpr, HAS_LENGTHS: tl.constexpr, MODE: tl.constexpr, TRAINING: tl.constexpr,
         DRAW_ZONEOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+        PRECISION: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_K: tl.constexpr):
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rj = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     b = rb.to(tl.int64)[:, None]  # [BB, 1]
@@ -106,17 +121,17 @@ def lstm_forward_step_kernel(
     pre_f = acc_f + tl.load(xp_row + 1 * H, mask=inside, other=0.0).to(ACC)
     pre_g = acc_g + tl.load(xp_row + 2 * H, mask=inside, other=0.0).to(ACC)
     pre_o = acc_o + tl.load(xp_row + 3 * H, mask=inside, other=0.0).to(ACC)
-    gate_i = _sigmoid(pre_i)
-    gate_f = _sigmoid(pre_f)
-    gate_g = _tanh(pre_g)
-    gate_o = _sigmoid(pre_o)
+    gate_i = _sigmoid(pre_i, ACCURATE)
+    gate_f = _sigmoid(pre_f, ACCURATE)
+    gate_g = _tanh(pre_g, ACCURATE)
+    gate_o = _sigmoid(pre_o, ACCURATE)
 
     h_prev = tl.load(h_prev_ptr + b * H + j, mask=inside, other=0.0).to(ACC)
     c_prev = tl.load(c_prev_ptr + b * H + j, mask=inside, other=0.0).to(ACC)
     keep_cell, keep_hidden, update_scale = element_masks(seed, key2, t, b, j, B, H, params_ptr, MODE, TRAINING,
                                                          DRAW_ZONEOUT, HAS_DROPOUT, ACC)
     c_candidate = gate_f * c_prev + update_scale * (gate_i * gate_g)
-    h_candidate = gate_o * _tanh(c_candidate)  # from the un-zoned candidate (paper sec. 3.2)
+    h_candidate = gate_o * _tanh(c_candidate, ACCURATE)  # from the un-zoned candidate (paper sec. 3.2)
     c_next = keep_cell * c_prev + (1.0 - keep_cell) * c_candidate
     h_next = keep_hidden * h_prev + (1.0 - keep_hidden) * h_candidate
     if HAS_LENGTHS:  # past a sequence's end: state copied through, gates zero
@@ -156,7 +171,7 @@ def lstm_backward_step_kernel(
         LAST: tl.constexpr,  # t is the last processed step: no later step feeds dh through W_hh
         HAS_LENGTHS: tl.constexpr, MODE: tl.constexpr, TRAINING: tl.constexpr, DRAW_ZONEOUT: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+        ACCURATE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rj = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     b = rb.to(tl.int64)[:, None]
@@ -201,7 +216,7 @@ def lstm_backward_step_kernel(
 
     # cell_backward of zoneout_lstm.h: c~ recomputed from the saved gates and c_{t-1}.
     c_candidate = gate_f * c_prev + update_scale * (gate_i * gate_g)
-    tanh_c = _tanh(c_candidate)
+    tanh_c = _tanh(c_candidate, ACCURATE)
     dh_candidate = (1.0 - keep_hidden) * dh
     dc_candidate = (1.0 - keep_cell) * dc + dh_candidate * gate_o * (1.0 - tanh_c * tanh_c)
     d_update = dc_candidate * update_scale
