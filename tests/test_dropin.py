@@ -172,3 +172,53 @@ def test_autocast_cuda_runs_the_gpu_backends_in_the_autocast_dtype(dtype, backen
                                 x, "cuda", dtype)
     assert out.dtype == dtype
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- 5. ONNX
+class _Decoder(nn.Module):
+    """A Tacotron-style decoder: two zoneout cells stepped over teacher-forced frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell1 = zf.ZoneoutLSTMCell(6, 8, zoneout_cell=0.1, zoneout_hidden=0.1)
+        self.cell2 = zf.ZoneoutLSTMCell(8, 8, zoneout_cell=0.1, zoneout_hidden=0.1)
+        self.project = nn.Linear(8, 6)
+
+    def forward(self, frames):
+        state1 = state2 = None
+        outputs = []
+        for t in range(frames.shape[0]):
+            state1 = self.cell1(frames[t], state1)
+            state2 = self.cell2(state1[0], state2)
+            outputs.append(self.project(state2[0]))
+        return torch.stack(outputs)
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = zf.ZoneoutLSTM(6, 8, num_layers=2, bidirectional=True, zoneout_cell=0.5, zoneout_hidden=0.05)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+@pytest.mark.parametrize("model_cls", [_Decoder, _Encoder], ids=["decoder-cells", "bidirectional-lstm"])
+def test_onnx_export_runs_in_onnxruntime(model_cls, tmp_path):
+    """Eval-mode models export with torch.onnx.export (the reference's plain ops are traced, whatever
+    the backend) and onnxruntime gives the eager outputs: within the float32 three-way bound."""
+    import onnxruntime  # README's test command installs onnx, onnxscript and onnxruntime
+
+    from zoneout_fused.testing import assert_three_way
+
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    x = torch.randn(4, 2, 6)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(str(path))
+    actual = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        same_dtype = model(x)
+        exact = model.double()(x.double())
+    assert_three_way(actual, same_dtype, exact, "onnxruntime output")

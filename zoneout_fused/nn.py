@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .masks import MASK_MODE_CODES, MASK_MODES
-from .ops import BACKEND_NAMES, resolve_backend
+from .ops import BACKEND_NAMES, BACKENDS, resolve_backend
 
 _SEED_HIGH = 2**63 - 1
 
@@ -76,6 +76,15 @@ def _check_state_tensor(name: str, tensor, weight: torch.Tensor, dtype: torch.dt
         raise RuntimeError(f"{name} has dtype {tensor.dtype}, but the input and parameters compute in {dtype}")
     if tensor.device != weight.device:
         raise RuntimeError(f"{name} is on {tensor.device} but the parameters are on {weight.device}")
+
+
+def _backend_for(requested: str, device: torch.device, dtype: torch.dtype, projection: bool = False):
+    """The backend to run. While torch.export traces the module (torch.onnx.export, ExecuTorch, ...)
+    it is the reference, whatever was asked: the same function in plain torch ops, which exporters
+    understand, where a fused backend would leave one opaque custom op in the graph."""
+    if torch.compiler.is_exporting():
+        return BACKENDS["reference"]
+    return resolve_backend(requested, device, dtype, projection=projection)
 
 
 def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
@@ -185,7 +194,7 @@ class ZoneoutLSTM(_ZoneoutOptions, nn.RNNBase):
         h0, c0 = self._initial_states(hx, batched, batch, directions, out_size, x)
 
         z_c, z_h, p, mode = self._layer_settings()
-        backend = resolve_backend(self.backend, x.device, dtype, projection=self.proj_size > 0)
+        backend = _backend_for(self.backend, x.device, dtype, projection=self.proj_size > 0)
         seed = self.static_seed if self.mask_mode == "static" else self._draw_seed()
         if lengths is not None and lengths.device != x.device:
             # pad_packed_sequence's lengths live on the CPU: an asynchronous copy from pinned memory
@@ -324,7 +333,7 @@ class ZoneoutLSTMCell(_ZoneoutOptions, nn.RNNCellBase):
             _check_state_tensor("hx[0] (h_0)", h0, weight, dtype)
             _check_state_tensor("hx[1] (c_0)", c0, weight, dtype)
         z_c, z_h, p, mode = self._layer_settings()
-        backend = resolve_backend(self.backend, x.device, dtype)
+        backend = _backend_for(self.backend, x.device, dtype)
         w_ih, w_hh = self.weight_ih.to(dtype), self.weight_hh.to(dtype)
         bias = self.bias_ih.to(dtype) + self.bias_hh.to(dtype) if self.bias else None
         y, c1 = backend.layer(x.unsqueeze(0).contiguous(), h0.contiguous(), c0.contiguous(), w_ih, w_hh, bias, None,
