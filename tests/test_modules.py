@@ -117,11 +117,19 @@ def test_recurrent_dropout_of_one_is_rejected_and_zoneout_of_one_accepted():
     zf.ZoneoutLSTM(3, 4, zoneout_cell=1, zoneout_hidden=1.0)
 
 
-def test_reassigned_probability_is_checked_at_forward():
-    model = zf.ZoneoutLSTM(3, 4)
-    model.zoneout_hidden = 2.0
-    with pytest.raises(ValueError, match="zoneout_hidden"):
-        model(torch.randn(2, 1, 3))
+def test_reassigned_options_are_checked_when_assigned():
+    for model in (zf.ZoneoutLSTM(3, 4), zf.ZoneoutLSTMCell(3, 4)):
+        with pytest.raises(ValueError, match="zoneout_hidden"):
+            model.zoneout_hidden = 2.0
+        with pytest.raises(TypeError, match="recurrent_dropout"):
+            model.recurrent_dropout = "0.1"
+        with pytest.raises(ValueError, match="mask_mode"):
+            model.mask_mode = "sometimes"
+        with pytest.raises(ValueError, match="backend"):
+            model.backend = "tpu"
+        model.zoneout_cell = 1  # a valid value is stored as a float
+        assert model.zoneout_cell == 1.0 and isinstance(model.zoneout_cell, float)
+        assert model.zoneout_hidden == 0.0 and model.mask_mode == "independent"
 
 
 def test_unknown_mode_and_backend():
@@ -350,3 +358,20 @@ def test_torch_compile_fullgraph(backend):
     assert_close(actual, expected)
     actual.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_no_grad_calls_skip_autograd_with_the_same_bits(backend):
+    """Without anything to differentiate the op runs below autograd (a cell step's fixed cost):
+    the same bits as the recorded call, and no graph."""
+    _backend_or_skip(backend)
+    torch.manual_seed(0)
+    cell = zf.ZoneoutLSTMCell(3, 5, zoneout_cell=0.3, zoneout_hidden=0.2, backend=backend, device=DEVICE)
+    x = torch.randn(2, 3, device=DEVICE)
+    torch.manual_seed(1)
+    recorded = cell(x)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        free = cell(x)
+    assert all(r.grad_fn is not None for r in recorded) and all(f.grad_fn is None for f in free)
+    assert all(torch.equal(r, f) for r, f in zip(recorded, free))

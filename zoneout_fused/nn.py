@@ -31,24 +31,38 @@ def _check_probability(name: str, value, *, allow_one: bool = True) -> float:
     return value
 
 
+def _check_option(name: str, value):
+    """A zoneout option, validated (the one place each rule lives)."""
+    if name == "recurrent_dropout":
+        return _check_probability(name, value, allow_one=False)
+    if name in ("zoneout_cell", "zoneout_hidden"):
+        return _check_probability(name, value)
+    choices = MASK_MODES if name == "mask_mode" else BACKEND_NAMES
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 class _ZoneoutOptions:
-    """Validated zoneout settings shared by ZoneoutLSTM and ZoneoutLSTMCell."""
+    """Validated zoneout settings shared by ZoneoutLSTM and ZoneoutLSTMCell.
+
+    The options are public attributes: each is checked when assigned (in __init__ or later), so a
+    forward call needs no check of its own (a cell is called once per frame: its fixed cost counts).
+    """
+
+    _OPTION_NAMES = ("zoneout_cell", "zoneout_hidden", "recurrent_dropout", "mask_mode", "backend")
+
+    def __setattr__(self, name, value):
+        if name in _ZoneoutOptions._OPTION_NAMES:
+            value = _check_option(name, value)
+        super().__setattr__(name, value)
 
     def _set_zoneout_options(self, zoneout_cell, zoneout_hidden, recurrent_dropout, mask_mode, backend):
-        self.zoneout_cell = _check_probability("zoneout_cell", zoneout_cell)
-        self.zoneout_hidden = _check_probability("zoneout_hidden", zoneout_hidden)
-        self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout, allow_one=False)
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-        self.mask_mode = mask_mode
-        if backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-        self.backend = backend
+        self.zoneout_cell, self.zoneout_hidden, self.recurrent_dropout = zoneout_cell, zoneout_hidden, recurrent_dropout
+        self.mask_mode, self.backend = mask_mode, backend
 
     def _layer_settings(self):
-        """(z_c, z_h, p, mode code), re-validated: the attributes are public and may be reassigned."""
-        self._set_zoneout_options(self.zoneout_cell, self.zoneout_hidden, self.recurrent_dropout,
-                                  self.mask_mode, self.backend)
+        """(z_c, z_h, p, mode code) for the layer op."""
         return self.zoneout_cell, self.zoneout_hidden, self.recurrent_dropout, MASK_MODE_CODES[self.mask_mode]
 
     def _is_stochastic(self) -> bool:
@@ -76,6 +90,10 @@ def _check_state_tensor(name: str, tensor, weight: torch.Tensor, dtype: torch.dt
         raise RuntimeError(f"{name} has dtype {tensor.dtype}, but the input and parameters compute in {dtype}")
     if tensor.device != weight.device:
         raise RuntimeError(f"{name} is on {tensor.device} but the parameters are on {weight.device}")
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)  # (no dispatcher call when it already is)
 
 
 def _backend_for(requested: str, device: torch.device, dtype: torch.dtype, projection: bool = False):
@@ -158,7 +176,7 @@ class ZoneoutLSTM(_ZoneoutOptions, nn.RNNBase):
     def _weights(self, layer: int, direction: int, dtype: torch.dtype):
         """The layer direction's weights in `dtype` (a differentiable cast under autocast)."""
         suffix = "_reverse" if direction == 1 else ""
-        get = lambda name: getattr(self, f"{name}_l{layer}{suffix}").to(dtype)  # noqa: E731
+        get = lambda name: _as_dtype(getattr(self, f"{name}_l{layer}{suffix}"), dtype)  # noqa: E731
         bias = get("bias_ih") + get("bias_hh") if self.bias else None
         return get("weight_ih"), get("weight_hh"), bias, get("weight_hr") if self.proj_size > 0 else None
 
@@ -334,8 +352,8 @@ class ZoneoutLSTMCell(_ZoneoutOptions, nn.RNNCellBase):
             _check_state_tensor("hx[1] (c_0)", c0, weight, dtype)
         z_c, z_h, p, mode = self._layer_settings()
         backend = _backend_for(self.backend, x.device, dtype)
-        w_ih, w_hh = self.weight_ih.to(dtype), self.weight_hh.to(dtype)
-        bias = self.bias_ih.to(dtype) + self.bias_hh.to(dtype) if self.bias else None
+        w_ih, w_hh = _as_dtype(self.weight_ih, dtype), _as_dtype(self.weight_hh, dtype)
+        bias = _as_dtype(self.bias_ih, dtype) + _as_dtype(self.bias_hh, dtype) if self.bias else None
         y, c1 = backend.layer(x.unsqueeze(0).contiguous(), h0.contiguous(), c0.contiguous(), w_ih, w_hh, bias, None,
                               self._draw_seed(), 0, 0, z_c, z_h, p, mode, self.training)
         h1 = y[0]
