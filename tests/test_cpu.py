@@ -472,16 +472,16 @@ def test_three_way_rule_passes_the_correct_kernel(monkeypatch):
 
 def test_three_way_rule_catches_one_flipped_mask_bit(monkeypatch):
     """One unit of h kept instead of updated at one step of 9 (or the other way round)."""
-    real_step_masks = reference.step_masks
+    real_masks = reference.masks
     for t_flip, which in ((0, 1), (4, 0), (8, 1)):
-        def flipped(seed, layer, direction, t, *args, **kwargs):
-            out = list(real_step_masks(seed, layer, direction, t, *args, **kwargs))
+        def flipped(seed, layer, direction, t, *args):
+            out = list(real_masks(seed, layer, direction, t, *args))
             if t == t_flip:
                 out[which] = out[which].clone()
                 out[which][1, 7] = ~out[which][1, 7]
             return tuple(out)
 
-        failures = _three_way_failures(monkeypatch, step_masks=flipped)
+        failures = _three_way_failures(monkeypatch, masks=flipped)
         assert failures, f"a flipped {'hc'[which]} mask bit at t={t_flip} went unnoticed"
 
 
@@ -515,17 +515,16 @@ def test_three_way_rule_catches_a_wrong_derivative_sign(monkeypatch):
 
 
 def test_three_way_rule_catches_the_wrong_step_order(monkeypatch):
-    """The reverse direction processed first-to-last (with its own masks) instead of last-to-first."""
-    import builtins
+    """The reverse direction walked first-to-last: x[0] processed first (with the masks of the
+    positions it would have had), instead of x[T-1]."""
+    real_layer = reference.lstm_layer
+    calls = []
 
-    reversed_loops = []
+    def forward_walk(x, *args):
+        calls.append(args[8])  # direction
+        y, c_n = real_layer(x.flip(0), *args)
+        return y.flip(0), c_n
 
-    def forward_instead_of_reverse(*args):
-        if len(args) == 3 and args[2] == -1:  # range(T - 1, -1, -1): the reverse loop
-            reversed_loops.append(args)
-            return builtins.range(args[1] + 1, args[0] + 1)
-        return builtins.range(*args)
-
-    failures = _three_way_failures(monkeypatch, settings=dict(direction=1), range=forward_instead_of_reverse)
-    assert reversed_loops, "the reference no longer loops with range(T - 1, -1, -1): update this test"
+    failures = _three_way_failures(monkeypatch, settings=dict(direction=1), lstm_layer=forward_walk)
+    assert calls and set(calls) == {1}
     assert any(m.startswith("y ") for m in failures) and any("grad of w_hh" in m for m in failures)

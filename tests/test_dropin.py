@@ -222,3 +222,29 @@ def test_onnx_export_runs_in_onnxruntime(model_cls, tmp_path):
         same_dtype = model(x)
         exact = model.double()(x.double())
     assert_three_way(actual, same_dtype, exact, "onnxruntime output")
+
+
+# ----------------------------------------------------------------------------- 4. TorchScript
+@pytest.mark.parametrize("mask_mode", ["independent", "shared", "timestep"])
+def test_cells_script_save_and_load(mask_mode, tmp_path):
+    """torch.jit.script of ZoneoutLSTMCell, as of nn.LSTMCell: the scripted cell (the reference step
+    in plain ops) gives the eager cell's outputs, with the same masks for the same seed in training,
+    and survives torch.jit.save / load."""
+    torch.manual_seed(0)
+    cell = zf.ZoneoutLSTMCell(3, 5, zoneout_cell=0.4, zoneout_hidden=0.3, recurrent_dropout=0.2,
+                              mask_mode=mask_mode, dtype=torch.float64)
+    scripted = torch.jit.script(cell)
+    torch.jit.save(scripted, str(tmp_path / "cell.pt"))
+    loaded = torch.jit.load(str(tmp_path / "cell.pt"))
+    x, hx = torch.randn(4, 3, dtype=torch.float64), (torch.randn(4, 5, dtype=torch.float64),) * 2
+    for training in (True, False):
+        outputs = []
+        for module in (cell, scripted, loaded):
+            module.train(training)
+            torch.manual_seed(7)
+            outputs.append(module(x, hx))
+        for other in outputs[1:]:
+            for a, e in zip(other, outputs[0]):
+                assert_close(a, e)
+    unbatched = scripted(x[0], (hx[0][0], hx[1][0]))
+    assert unbatched[0].shape == (5,) and unbatched[1].shape == (5,)

@@ -7,13 +7,14 @@ the layer op of zoneout_fused.ops, once per (layer, direction), on the chosen ba
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import reference
 from .masks import MASK_MODE_CODES, MASK_MODES
 from .ops import BACKEND_NAMES, BACKENDS, resolve_backend
 
@@ -301,7 +302,43 @@ class ZoneoutLSTMCell(_ZoneoutOptions, nn.RNNCellBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + self._zoneout_repr()
 
-    def forward(self, input: torch.Tensor, hx: Optional[tuple] = None):
+    def forward(self, input: torch.Tensor,
+                hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, hx)
+        return self._forward(input, hx)
+
+    def _scripted_forward(self, input: torch.Tensor,
+                          hx: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Under torch.jit.script: the reference step (plain ops, the oracle's masks), as the fused
+        backends are not scriptable; the same function, to rounding."""
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        if hx is None:
+            h0 = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
+            c0 = torch.zeros_like(h0)
+        else:
+            h0, c0 = hx[0], hx[1]
+            if not batched:
+                h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0)
+        bias_ih, bias_hh = self.bias_ih, self.bias_hh
+        bias: Optional[torch.Tensor] = None
+        if bias_ih is not None and bias_hh is not None:
+            bias = bias_ih + bias_hh
+        stochastic = self.training and (self.zoneout_cell > 0 or self.zoneout_hidden > 0 or self.recurrent_dropout > 0)
+        seed = torch.randint(0, 9223372036854775807, (), dtype=torch.int64) if stochastic else torch.zeros((), dtype=torch.int64)  # 2**63 - 1 (_SEED_HIGH): TorchScript reads no module-level numbers
+        mode = 0 if self.mask_mode == "independent" else (1 if self.mask_mode == "shared" else 2)
+        y, c1 = reference.lstm_layer(x.unsqueeze(0), h0, c0, self.weight_ih, self.weight_hh, bias, None, seed, 0, 0,
+                                     self.zoneout_cell, self.zoneout_hidden, self.recurrent_dropout, mode,
+                                     self.training)
+        h1 = y[0]
+        if not batched:
+            h1, c1 = h1.squeeze(0), c1.squeeze(0)
+        return h1, c1
+
+    @torch.jit.unused
+    def _forward(self, input: torch.Tensor,
+                 hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         # nn.LSTMCell's checks, types and messages (its kernel's RuntimeErrors included).
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input must be a Tensor, got {type(input).__name__}")

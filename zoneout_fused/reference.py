@@ -7,49 +7,49 @@ in training mode too. Signature: the layer op of zoneout_fused.ops.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-from .masks import MASK_MODES, step_masks
+from .masks import masks
 
 
 def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
                bias: Optional[torch.Tensor], lengths: Optional[torch.Tensor], seed: torch.Tensor, layer: int,
                direction: int, zoneout_cell: float, zoneout_hidden: float, recurrent_dropout: float,
-               mask_mode: int, training: bool, w_hr: Optional[torch.Tensor] = None):
+               mask_mode: int, training: bool, w_hr: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Runs one layer direction over x [T, B, I]; returns (y [T, B, H_out], c_n [B, H]).
 
     w_hr [H_out, H] is nn.LSTM's projection (proj_size > 0): h~_t = (o * tanh(c~_t)) W_hr^T.
     The hidden mask then uses the first H_out units' uniforms of the [B, H] draw.
+    Plain torch ops only, seed a tensor: it traces, exports, compiles and scripts.
     """
-    steps, batch, _ = x.shape
+    steps, batch = x.shape[0], x.shape[1]
     hidden = w_hh.shape[1] if w_hr is None else w_hr.shape[1]
-    # The seed stays a tensor (no int()): the oracle traces, exports and compiles.
-    mode = MASK_MODES[mask_mode]
     x_projection = torch.matmul(x, w_ih.t())
     if bias is not None:
         x_projection = x_projection + bias
     h, c = h0, c0
     # Evaluation's z rounded to the states' dtype, so that 1 - z is formed in that dtype: the same
     # bits as every kernel's 1 - m (a Python float would give float32(1 - z), an ulp off at times).
-    expected_cell = torch.tensor(zoneout_cell, dtype=c0.dtype, device=c0.device)
-    expected_hidden = torch.tensor(zoneout_hidden, dtype=h0.dtype, device=h0.device)
-    outputs: list[Optional[torch.Tensor]] = [None] * steps
-    order = range(steps - 1, -1, -1) if direction == 1 else range(steps)
-    for t in order:
+    # (torch.full, not torch.tensor: under TorchScript the latter rounds a float through float32.)
+    expected_cell = torch.full((), zoneout_cell, dtype=c0.dtype, device=c0.device)
+    expected_hidden = torch.full((), zoneout_hidden, dtype=h0.dtype, device=h0.device)
+    no_dropout = torch.ones((), dtype=c0.dtype, device=c0.device)
+    outputs: List[torch.Tensor] = []
+    for s in range(steps):
+        t = steps - 1 - s if direction == 1 else s  # the position in the input
         pre = x_projection[t] + torch.matmul(h, w_hh.t())
         pre_i, pre_f, pre_g, pre_o = pre.chunk(4, dim=1)
         i, f, g, o = torch.sigmoid(pre_i), torch.sigmoid(pre_f), torch.tanh(pre_g), torch.sigmoid(pre_o)
         if training:
-            m_c, m_h, keep = step_masks(seed, layer, direction, t, batch, hidden, zoneout_cell=zoneout_cell,
-                                        zoneout_hidden=zoneout_hidden, recurrent_dropout=recurrent_dropout,
-                                        mask_mode=mode, device=x.device)
+            m_c, m_h, keep = masks(seed, layer, direction, t, batch, hidden, zoneout_cell, zoneout_hidden,
+                                   recurrent_dropout, mask_mode, x.device)
             keep_cell = m_c.to(c.dtype)
             keep_hidden = m_h[:, : h.shape[1]].to(h.dtype)
             update_scale = keep.to(c.dtype) * (1.0 / (1.0 - recurrent_dropout))
         else:  # evaluation: the masks' expectations
-            keep_cell, keep_hidden, update_scale = expected_cell, expected_hidden, 1.0
+            keep_cell, keep_hidden, update_scale = expected_cell, expected_hidden, no_dropout
         c_candidate = f * c + update_scale * (i * g)
         h_candidate = o * torch.tanh(c_candidate)  # from the un-zoned candidate (paper sec. 3.2)
         if w_hr is not None:
@@ -61,5 +61,7 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
             c_next = torch.where(active, c_next, c)
             h_next = torch.where(active, h_next, h)
         h, c = h_next, c_next
-        outputs[t] = h
+        outputs.append(h)
+    if direction == 1:
+        outputs.reverse()  # back to input order
     return torch.stack(outputs), c
