@@ -19,6 +19,7 @@ from .masks import MASK_MODE_CODES, MASK_MODES
 from .ops import BACKEND_NAMES, BACKENDS, resolve_backend
 
 _SEED_HIGH = 2**63 - 1
+_UNUSED_SEED = torch.zeros((), dtype=torch.int64)
 
 
 def _check_probability(name: str, value, *, allow_one: bool = True) -> float:
@@ -72,7 +73,7 @@ class _ZoneoutOptions:
     def _draw_seed(self) -> torch.Tensor:
         """One Philox key per training forward call, from torch's default CPU generator (like dropout)."""
         if not self._is_stochastic():
-            return torch.zeros((), dtype=torch.int64)  # unused: no mask is drawn
+            return _UNUSED_SEED  # no mask is drawn (one shared tensor: nothing writes to it)
         return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
 
     def _zoneout_repr(self) -> str:
@@ -110,6 +111,8 @@ def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dty
     """Inside torch.autocast, the dtype the layer runs in, as nn.LSTM there: its input, states and
     weights cast to the autocast dtype, its outputs in that dtype. None outside autocast, or for
     tensors autocast leaves alone (float64, integers)."""
+    if not torch._C._is_any_autocast_enabled():  # the common case, cheaply (as nn.RNNBase checks it)
+        return None
     device_type = x.device.type
     eligible = (torch.float32, torch.float16, torch.bfloat16)
     if torch.is_autocast_enabled(device_type) and x.dtype in eligible and weight.dtype in eligible:
