@@ -234,6 +234,101 @@ ZF_HOST_DEVICE CellBackward<acc_t> cell_backward(acc_t dh, acc_t dc, acc_t i, ac
   return out;
 }
 
+// ---------------------------------------------------------------------------------------
+// GRU and plain-RNN cells (contract sec. 4): the hidden state only, with the LSTM's hidden
+// mask m_h (element_masks with zoneout_cell = 0: keep_cell is then 0 and unused) and, for the
+// GRU, recurrent dropout on the candidate n (update_scale). Weights and gate rows are
+// torch.nn.GRU's / nn.RNN's. Per step the kernels form two products:
+//   xp [B, G*H] = x_t W_ih^T + b_ih (all steps at once)   hp [B, G*H] = h_{t-1} W_hh^T + b_hh
+// with G = 3 rows r, u (torch's z), n for the GRU and G = 1 for the RNN. The saved "gates"
+// are [T, B, 4H] = (r, u, n, hp_n) for the GRU and [T, B, H] = (h~) for the RNN.
+// ---------------------------------------------------------------------------------------
+enum CellKind : int { kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3 };
+
+// Rows of W_ih / W_hh per hidden unit (G) and saved gate columns per unit.
+ZF_HOST_DEVICE int cell_rows(int cell) { return cell == kLstm ? 4 : (cell == kGru ? 3 : 1); }
+ZF_HOST_DEVICE int cell_saved(int cell) { return cell == kLstm || cell == kGru ? 4 : 1; }
+
+template <typename acc_t>
+struct GruForward {
+  acc_t r, u, n, hp_n;  // saved for backward (hp_n = h_{t-1} W_hn^T + b_hn, before the reset)
+  acc_t h;              // zoned h_t
+};
+
+// Forward of one GRU element from its input parts (x_*: x W_i*^T + b_i*) and recurrent parts
+// (hp_*: h W_h*^T + b_h*). b_hn stays inside the reset product, as in nn.GRU.
+template <typename acc_t>
+ZF_HOST_DEVICE GruForward<acc_t> gru_forward(acc_t x_r, acc_t x_u, acc_t x_n, acc_t hp_r, acc_t hp_u, acc_t hp_n,
+                                             acc_t h_prev, const ElementMasks<acc_t>& m) {
+  GruForward<acc_t> out;
+  out.r = zf_sigmoid(x_r + hp_r);
+  out.u = zf_sigmoid(x_u + hp_u);
+  out.n = zf_tanh(x_n + out.r * hp_n);
+  out.hp_n = hp_n;
+  const acc_t h_candidate = (acc_t(1) - out.u) * (m.update_scale * out.n) + out.u * h_prev;
+  out.h = zoneout_mix(m.keep_hidden, h_prev, h_candidate);
+  return out;
+}
+
+template <typename acc_t>
+struct GruBackward {
+  acc_t d_r, d_u, d_n;  // gradient of the pre-activations; d_n is the input part's (x_n)
+  acc_t d_hp_n;         // gradient of hp_n (= d_n * r): the recurrent part's n row
+  acc_t dh_prev_direct; // m_h dh + (1 - m_h) u dh (the W_hh path is added by a matmul)
+};
+
+// Backward of one GRU element. dh: total gradient reaching h_t.
+template <typename acc_t>
+ZF_HOST_DEVICE GruBackward<acc_t> gru_backward(acc_t dh, acc_t r, acc_t u, acc_t n, acc_t hp_n, acc_t h_prev,
+                                               const ElementMasks<acc_t>& m) {
+  const acc_t dh_candidate = (acc_t(1) - m.keep_hidden) * dh;
+  const acc_t dn = dh_candidate * (acc_t(1) - u) * m.update_scale;
+  const acc_t du = dh_candidate * (h_prev - m.update_scale * n);
+  GruBackward<acc_t> out;
+  out.d_n = dn * (acc_t(1) - n * n);
+  out.d_r = out.d_n * hp_n * r * (acc_t(1) - r);
+  out.d_u = du * u * (acc_t(1) - u);
+  out.d_hp_n = out.d_n * r;
+  out.dh_prev_direct = m.keep_hidden * dh + dh_candidate * u;
+  return out;
+}
+
+// The plain RNN's activation (nn.RNN's nonlinearity) and its derivative from its output.
+template <typename acc_t>
+ZF_HOST_DEVICE acc_t rnn_activation(bool relu, acc_t pre) {
+  return relu ? (pre > acc_t(0) ? pre : acc_t(0)) : zf_tanh(pre);
+}
+template <typename acc_t>
+ZF_HOST_DEVICE acc_t rnn_activation_grad(bool relu, acc_t activation) {
+  return relu ? (activation > acc_t(0) ? acc_t(1) : acc_t(0)) : acc_t(1) - activation * activation;
+}
+
+template <typename acc_t>
+struct RnnForward {
+  acc_t candidate;  // h~ = act(pre), saved for backward
+  acc_t h;          // zoned h_t
+};
+
+// pre = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh.
+template <typename acc_t>
+ZF_HOST_DEVICE RnnForward<acc_t> rnn_forward(bool relu, acc_t pre, acc_t h_prev, const ElementMasks<acc_t>& m) {
+  RnnForward<acc_t> out;
+  out.candidate = rnn_activation(relu, pre);
+  out.h = zoneout_mix(m.keep_hidden, h_prev, out.candidate);
+  return out;
+}
+
+template <typename acc_t>
+struct RnnBackward {
+  acc_t d_pre;           // gradient of pre (input and recurrent parts alike)
+  acc_t dh_prev_direct;  // m_h dh
+};
+
+template <typename acc_t>
+ZF_HOST_DEVICE RnnBackward<acc_t> rnn_backward(bool relu, acc_t dh, acc_t candidate, const ElementMasks<acc_t>& m) {
+  return {(acc_t(1) - m.keep_hidden) * dh * rnn_activation_grad(relu, candidate), m.keep_hidden * dh};
+}
+
 // Steps at or past a sequence's length leave its state untouched (nn.LSTM's packed
 // semantics, for both directions since t is the position in the input).
 ZF_HOST_DEVICE bool step_active(int64_t t, const int64_t* lengths, int64_t b) {

@@ -38,6 +38,32 @@ opaque op per direction. Forward schema (backward appends grads and saved tensor
     c_seq [T, B, H] (zoned c_t) and gates [T, B, 4H] (activations i, f, g, o; zero past a
     sequence's end) are saved for backward, in float32 for float16/bfloat16 inputs, else in
     x's dtype; they are not differentiable. grad_bias is [4H] even when bias is None.
+
+The GRU and the plain RNN (contract sec. 4) have a second layer op of the same shape, with the
+hidden state only, the two biases kept apart (nn.GRU's b_hn sits inside the reset product) and a
+cell code (reference.CELL_CODES: 1 gru, 2 rnn_tanh, 3 rnn_relu):
+
+    gru_rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, layer, direction,
+                  zoneout_hidden, recurrent_dropout, mask_mode, training) -> y
+
+    w_ih [G*H, I], w_hh [G*H, H], b_ih, b_hh [G*H] or None, with G = 3 (rows r, z, n) for the
+    GRU and 1 for the RNN; recurrent_dropout is 0 for the RNN. The compiled ops:
+
+    {name}_gru_rnn_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih,
+        Tensor? b_hh, Tensor? lengths, Tensor seed, int cell, int layer, int direction,
+        float zoneout_hidden, float recurrent_dropout, int mask_mode, bool training)
+        -> (Tensor y, Tensor gates)
+    {name}_gru_rnn_layer_backward(Tensor grad_y, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh,
+        Tensor? b_ih, Tensor? b_hh, Tensor? lengths, Tensor seed, int cell, int layer,
+        int direction, float zoneout_hidden, float recurrent_dropout, int mask_mode,
+        bool training, Tensor y, Tensor gates)
+        -> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih,
+            Tensor grad_b_hh)
+
+    gates: the GRU's [T, B, 4H] = (r, u, n, hp_n) with hp_n = h_{t-1} W_hn^T + b_hn; the RNN's
+    [T, B, H] = the candidate h~ (its derivative follows from it); zero past a sequence's end,
+    state dtype as above. grad_b_ih, grad_b_hh are [G*H] even when the biases are None. The
+    per-element math is csrc/zoneout_lstm.h's gru_forward/gru_backward/rnn_forward/rnn_backward.
 """
 from __future__ import annotations
 
@@ -61,71 +87,112 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # --------------------------------------------------------------------------------------
 # Autograd and fake kernels for a fused backend's (forward, backward) op pair.
+#
+# Both families of layer ops (the LSTM's and the GRU/RNN's) have the same shape: 8 tensor
+# inputs (6 differentiable ones, then lengths and seed), scalars, outputs of which some are
+# differentiable and some saved for backward; the backward op takes the differentiable
+# outputs' gradients, the forward inputs and the saved outputs, and returns the 6 gradients.
+# A LayerOpFamily says which is which; one registration serves both.
 # --------------------------------------------------------------------------------------
-def register_layer_op_pair(forward_op_name: str, backward_op_name: str) -> None:
-    """Attach fake kernels and the autograd formula to `zoneout_fused::*_layer_forward/backward`."""
+@dataclass(frozen=True)
+class LayerOpFamily:
+    name: str
+    differentiable_outputs: tuple  # indices of the forward outputs that carry gradients
+    saved_outputs: tuple  # indices of the forward outputs the backward op takes
+    bias_inputs: int  # how many of the 6 differentiable inputs are biases (last, after W_hh)
+    forward_fake: Callable  # (inputs...) -> fake outputs
+    reference: Callable  # (tensors[6], lengths, seed, scalars) -> the differentiable outputs
 
-    @torch.library.register_fake(forward_op_name)
-    def _forward_fake(x, h0, c0, w_ih, w_hh, bias, lengths, seed, layer, direction, zoneout_cell,
-                      zoneout_hidden, recurrent_dropout, mask_mode, training):
-        steps, batch, _ = x.shape
-        hidden = w_hh.shape[1]
-        saved = state_dtype(x.dtype)
-        return (x.new_empty(steps, batch, hidden), x.new_empty(batch, hidden),
-                x.new_empty(steps, batch, hidden, dtype=saved), x.new_empty(steps, batch, 4 * hidden, dtype=saved))
+
+def _lstm_forward_fake(x, h0, c0, w_ih, w_hh, bias, lengths, seed, layer, direction, zoneout_cell,
+                       zoneout_hidden, recurrent_dropout, mask_mode, training):
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    saved = state_dtype(x.dtype)
+    return (x.new_empty(steps, batch, hidden), x.new_empty(batch, hidden),
+            x.new_empty(steps, batch, hidden, dtype=saved), x.new_empty(steps, batch, 4 * hidden, dtype=saved))
+
+
+def _gru_rnn_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, layer, direction, zoneout_hidden,
+                          recurrent_dropout, mask_mode, training):
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    saved_columns = 4 if cell == reference.CELL_CODES["gru"] else 1
+    return (x.new_empty(steps, batch, hidden),
+            x.new_empty(steps, batch, saved_columns * hidden, dtype=state_dtype(x.dtype)))
+
+
+def _lstm_reference(tensors, lengths, seed, scalars):
+    return reference.lstm_layer(*tensors, lengths, seed, *scalars)
+
+
+def _gru_rnn_reference(tensors, lengths, seed, scalars):
+    return (reference.gru_rnn_layer(*tensors, lengths, seed, *scalars),)
+
+
+LSTM_OPS = LayerOpFamily("layer", (0, 1), (0, 2, 3), 1, _lstm_forward_fake, _lstm_reference)
+GRU_RNN_OPS = LayerOpFamily("gru_rnn_layer", (0,), (0, 1), 2, _gru_rnn_forward_fake, _gru_rnn_reference)
+
+
+def register_layer_op_pair(forward_op_name: str, backward_op_name: str, family: LayerOpFamily = LSTM_OPS) -> None:
+    """Attach fake kernels and the autograd formula to `zoneout_fused::*_forward/backward`."""
+    torch.library.register_fake(forward_op_name)(family.forward_fake)
 
     @torch.library.register_fake(backward_op_name)
-    def _backward_fake(grad_y, grad_c_n, x, h0, c0, w_ih, w_hh, bias, lengths, seed, layer, direction,
-                       zoneout_cell, zoneout_hidden, recurrent_dropout, mask_mode, training, y, c_seq, gates):
-        # The ops return contiguous gradients whatever the inputs' strides.
-        return tuple(t.new_empty(t.shape) for t in (x, h0, c0, w_ih, w_hh)) + (w_hh.new_empty(w_hh.shape[0]),)
+    def _backward_fake(*args):
+        # The ops return contiguous gradients whatever the inputs' strides; the bias gradients
+        # (the last family.bias_inputs inputs of the 6) are [G*H] (W_hh's rows) even without a bias.
+        tensors = args[len(family.differentiable_outputs):][:6]
+        shaped = tensors[:6 - family.bias_inputs]
+        w_hh = shaped[-1]
+        return (tuple(t.new_empty(t.shape) for t in shaped)
+                + tuple(w_hh.new_empty(w_hh.shape[0]) for _ in range(family.bias_inputs)))
 
     backward_op = _resolve_op(backward_op_name)
 
     def setup_context(ctx, inputs, output):
-        y, _, c_seq, gates = output
-        ctx.mark_non_differentiable(c_seq, gates)
-        # No zero tensors for the outputs nobody differentiates (c_seq, gates, often c_n):
-        # backward treats a None gradient as zero itself.
+        ctx.mark_non_differentiable(*(o for k, o in enumerate(output) if k not in family.differentiable_outputs))
+        # No zero tensors for the outputs nobody differentiates (often c_n): backward makes them.
         ctx.set_materialize_grads(False)
-        tensors = inputs[:8]  # x, h0, c0, w_ih, w_hh, bias, lengths, seed
-        ctx.has_bias = inputs[5] is not None
-        ctx.has_lengths = inputs[6] is not None
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in tensors), y, c_seq, gates)
+        tensors = inputs[:8]  # 6 differentiable inputs, lengths, seed
+        ctx.present = tuple(t is not None for t in tensors)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in tensors),
+                              *(output[k] for k in family.saved_outputs))
+        ctx.output_like = [(output[k].shape, output[k].dtype, output[k].device) for k in family.differentiable_outputs]
         ctx.scalars = inputs[8:]
 
-    def backward(ctx, grad_y, grad_c_n, _grad_c_seq, _grad_gates):
-        x, h0, c0, w_ih, w_hh, bias, lengths, seed, y, c_seq, gates = ctx.saved_tensors
-        bias = bias if ctx.has_bias else None
-        lengths = lengths if ctx.has_lengths else None
-        grad_y = torch.zeros_like(y) if grad_y is None else grad_y.contiguous()
-        grad_c_n = torch.zeros_like(h0) if grad_c_n is None else grad_c_n.contiguous()
+    def backward(ctx, *grad_outputs):
+        saved = ctx.saved_tensors
+        tensors = [t if present else None for t, present in zip(saved[:8], ctx.present)]
+        grads_out = []
+        for k, (shape, dtype, device) in zip(family.differentiable_outputs, ctx.output_like):
+            grad = grad_outputs[k]
+            grads_out.append(torch.zeros(shape, dtype=dtype, device=device) if grad is None else grad.contiguous())
+        lengths, seed = tensors[6], tensors[7]
         if torch.is_grad_enabled():  # create_graph=True: the gradient itself must be differentiable
-            grads = differentiable_layer_backward(grad_y, grad_c_n, (x, h0, c0, w_ih, w_hh, bias), lengths, seed,
-                                                  ctx.scalars, ctx.needs_input_grad[:6])
+            grads = differentiable_layer_backward(family, grads_out, tensors[:6], lengths, seed, ctx.scalars,
+                                                  ctx.needs_input_grad[:6])
         else:
-            grads = backward_op(grad_y, grad_c_n, x, h0, c0, w_ih, w_hh, bias, lengths, seed, *ctx.scalars,
-                                y, c_seq, gates)
-        grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias = grads
-        return (grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias if ctx.has_bias else None,
-                None, None, None, None, None, None, None, None, None)
+            grads = backward_op(*grads_out, *tensors, *ctx.scalars, *saved[8:])
+        grads = [g if present else None for g, present in zip(grads, ctx.present[:6])]
+        return tuple(grads) + (None,) * (2 + len(ctx.scalars))
 
     torch.library.register_autograd(forward_op_name, backward, setup_context=setup_context)
 
 
-def differentiable_layer_backward(grad_y, grad_c_n, tensors, lengths, seed, scalars, needs_grad):
-    """(grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias) as differentiable functions of
-    the layer's inputs and of grad_y, grad_c_n: what backward with create_graph=True needs
-    (gradient penalties, meta-learning, second-order gradients).
+def differentiable_layer_backward(family: LayerOpFamily, grad_outputs, tensors, lengths, seed, scalars, needs_grad):
+    """The 6 input gradients as differentiable functions of the layer's inputs and of the output
+    gradients: what backward with create_graph=True needs (gradient penalties, meta-learning,
+    second-order gradients).
 
     The fused backward ops are not differentiable, so the layer is run again by the reference,
     which draws the same masks from the same seed (the same function, to rounding), and
     differentiated with create_graph. Only then: a plain backward stays on the fused op.
     """
     with torch.enable_grad():
-        y, c_n = reference.lstm_layer(*tensors, lengths, seed, *scalars)
+        outputs = family.reference(tensors, lengths, seed, scalars)
         wanted = [t for t, need in zip(tensors, needs_grad) if t is not None and need]
-        found = iter(torch.autograd.grad((y, c_n), wanted, (grad_y, grad_c_n), create_graph=True, allow_unused=True))
+        found = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True, allow_unused=True))
     grads = []
     for t, need in zip(tensors, needs_grad):
         grad = next(found) if (t is not None and need) else None
@@ -147,8 +214,11 @@ def _resolve_op(qualified_name: str):
     return getattr(getattr(torch.ops, namespace), name).default
 
 
-def _op_layer(forward_op_name: str) -> Callable:
+def _op_layer(forward_op_name: str, family: LayerOpFamily = LSTM_OPS) -> Callable:
+    """The Python layer function over a compiled forward op: returns its differentiable outputs,
+    (y, c_n) for the LSTM, y for the GRU/RNN."""
     forward_op = _resolve_op(forward_op_name)
+    wanted = family.differentiable_outputs
 
     def layer(*args):
         if _autograd_idle(args):
@@ -156,10 +226,10 @@ def _op_layer(forward_op_name: str) -> Callable:
             # function that would cost a step of a decoder's cell more than the step itself
             # (measured at B=1, I=H=16: 36 us a call through it, 18 us below it).
             with torch._C._AutoDispatchBelowAutograd():
-                y, c_n, _, _ = forward_op(*args)
+                outputs = forward_op(*args)
         else:
-            y, c_n, _, _ = forward_op(*args)
-        return y, c_n
+            outputs = forward_op(*args)
+        return outputs[0] if len(wanted) == 1 else tuple(outputs[k] for k in wanted)
 
     return layer
 
@@ -172,17 +242,24 @@ class Backend:
     name: str
     # Returns None when the backend can run on `device`, else the reason it cannot and how to fix it.
     unavailable_reason: Callable[[torch.device], Optional[str]]
-    # The layer op (signature in the module docstring); resolved lazily so imports stay cheap.
+    # The layer ops (signatures in the module docstring); resolved lazily so imports stay cheap.
     load_layer: Callable[[], Callable]
     dtypes: Callable[[torch.device], tuple]
     supports_projection: bool = False
+    load_gru_rnn_layer: Optional[Callable[[], Callable]] = None
 
     _layer: Optional[Callable] = None
+    _gru_rnn_layer: Optional[Callable] = None
 
     def layer(self, *args):
         if self._layer is None:
             self._layer = self.load_layer()
         return self._layer(*args)
+
+    def gru_rnn_layer(self, *args):
+        if self._gru_rnn_layer is None:
+            self._gru_rnn_layer = self.load_gru_rnn_layer()
+        return self._gru_rnn_layer(*args)
 
 
 # Why each compiled extension failed to import ("" once it imported); filled on first use.
@@ -205,6 +282,8 @@ def _load_extension(backend: str) -> Optional[str]:
             importlib.import_module(f"{__package__}.{module}")  # registers zoneout_fused::{backend}_layer_*
             register_layer_op_pair(f"zoneout_fused::{backend}_layer_forward",
                                    f"zoneout_fused::{backend}_layer_backward")
+            register_layer_op_pair(f"zoneout_fused::{backend}_gru_rnn_layer_forward",
+                                   f"zoneout_fused::{backend}_gru_rnn_layer_backward", GRU_RNN_OPS)
             _EXTENSION_ERRORS[backend] = ""
         except ImportError as error:
             _EXTENSION_ERRORS[backend] = (f"the extension zoneout_fused.{module} is not built ({error}); "
@@ -245,14 +324,14 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
-def _compiled_layer(backend: str) -> Callable[[], Callable]:
+def _compiled_layer(backend: str, family: LayerOpFamily = LSTM_OPS) -> Callable[[], Callable]:
     """Loader of a compiled backend's layer op: imports its extension first (once)."""
 
     def load():
         error = _load_extension(backend)
         if error is not None:
             raise RuntimeError(error)
-        return _op_layer(f"zoneout_fused::{backend}_layer_forward")
+        return _op_layer(f"zoneout_fused::{backend}_{family.name}_forward", family)
 
     return load
 
@@ -260,6 +339,11 @@ def _compiled_layer(backend: str) -> Callable[[], Callable]:
 def _load_triton_layer():
     from .triton import layer_forward
     return layer_forward
+
+
+def _load_triton_gru_rnn_layer():
+    from .triton import gru_rnn_layer_forward
+    return gru_rnn_layer_forward
 
 
 def _float_dtypes(device: torch.device) -> tuple:
@@ -271,13 +355,16 @@ def _float_dtypes(device: torch.device) -> tuple:
 BACKENDS = {
     "reference": Backend("reference", lambda device: None, lambda: reference.lstm_layer,
                          lambda device: (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-                         supports_projection=True),
+                         supports_projection=True, load_gru_rnn_layer=lambda: reference.gru_rnn_layer),
     "cpu": Backend("cpu", _cpu_unavailable, _compiled_layer("cpu"),
-                   lambda device: (torch.float32, torch.float64)),
+                   lambda device: (torch.float32, torch.float64),
+                   load_gru_rnn_layer=_compiled_layer("cpu", GRU_RNN_OPS)),
     "triton": Backend("triton", _triton_unavailable, _load_triton_layer,
                       lambda device: ((torch.float32, torch.float16, torch.bfloat16) if device.type == "cuda"
-                                      else (torch.float32, torch.float64))),
-    "cuda": Backend("cuda", _cuda_unavailable, _compiled_layer("cuda"), _float_dtypes),
+                                      else (torch.float32, torch.float64)),
+                      load_gru_rnn_layer=_load_triton_gru_rnn_layer),
+    "cuda": Backend("cuda", _cuda_unavailable, _compiled_layer("cuda"), _float_dtypes,
+                    load_gru_rnn_layer=_compiled_layer("cuda", GRU_RNN_OPS)),
 }
 BACKEND_NAMES = ("auto",) + tuple(BACKENDS)
 

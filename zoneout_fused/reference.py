@@ -65,3 +65,60 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
     if direction == 1:
         outputs.reverse()  # back to input order
     return torch.stack(outputs), c
+
+
+# Cell kinds of the layer ops (csrc/zoneout_lstm.h's CellKind): the LSTM, and the hidden-state
+# cells that gru_rnn_layer runs.
+CELL_CODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+
+
+def gru_rnn_layer(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                  b_ih: Optional[torch.Tensor], b_hh: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
+                  seed: torch.Tensor, cell: int, layer: int, direction: int, zoneout_hidden: float,
+                  recurrent_dropout: float, mask_mode: int, training: bool) -> torch.Tensor:
+    """Runs one GRU (cell 1) or plain-RNN (2: tanh, 3: relu) layer direction over x [T, B, I];
+    returns y [T, B, H], the zoned h_t (contract sec. 4).
+
+    Weights and biases are nn.GRU's / nn.RNN's (GRU rows r, z, n; b_hn inside the reset
+    product). The hidden mask is the LSTM's for the same seed and position; recurrent dropout
+    (GRU only) drops the candidate n. Plain torch ops, seed a tensor: it traces and scripts.
+    """
+    steps, batch = x.shape[0], x.shape[1]
+    hidden = h0.shape[1]
+    x_projection = torch.matmul(x, w_ih.t())
+    if b_ih is not None:
+        x_projection = x_projection + b_ih
+    h = h0
+    expected_hidden = torch.full((), zoneout_hidden, dtype=h0.dtype, device=h0.device)
+    no_dropout = torch.ones((), dtype=h0.dtype, device=h0.device)
+    outputs: List[torch.Tensor] = []
+    for s in range(steps):
+        t = steps - 1 - s if direction == 1 else s  # the position in the input
+        h_projection = torch.matmul(h, w_hh.t())
+        if b_hh is not None:
+            h_projection = h_projection + b_hh
+        if training:
+            _, m_h, keep = masks(seed, layer, direction, t, batch, hidden, 0.0, zoneout_hidden,
+                                 recurrent_dropout, mask_mode, x.device)
+            keep_hidden = m_h.to(h.dtype)
+            update_scale = keep.to(h.dtype) * (1.0 / (1.0 - recurrent_dropout))
+        else:  # evaluation: the mask's expectation
+            keep_hidden, update_scale = expected_hidden, no_dropout
+        if cell == 1:
+            x_r, x_u, x_n = x_projection[t].chunk(3, dim=1)
+            h_r, h_u, h_n = h_projection.chunk(3, dim=1)
+            r = torch.sigmoid(x_r + h_r)
+            u = torch.sigmoid(x_u + h_u)
+            n = torch.tanh(x_n + r * h_n)
+            h_candidate = (1 - u) * (update_scale * n) + u * h
+        else:
+            pre = x_projection[t] + h_projection
+            h_candidate = torch.relu(pre) if cell == 3 else torch.tanh(pre)
+        h_next = keep_hidden * h + (1 - keep_hidden) * h_candidate
+        if lengths is not None:  # past a sequence's end the state stays as it was
+            h_next = torch.where((t < lengths).unsqueeze(1), h_next, h)
+        h = h_next
+        outputs.append(h)
+    if direction == 1:
+        outputs.reverse()
+    return torch.stack(outputs)
