@@ -1,4 +1,5 @@
-// ops.cpp: the torch binding of the CPU backend, zoneout_fused::cpu_layer_{forward,backward}.
+// ops.cpp: the torch binding of the CPU backend, zoneout_fused::cpu_layer_{forward,backward}
+// (LSTM) and zoneout_fused::cpu_gru_rnn_layer_{forward,backward} (GRU, RNN).
 //
 // Schemas are the ones in zoneout_fused/ops.py's docstring; the autograd formula and the
 // fake kernels are attached from Python (ops.register_layer_op_pair). The namespace is
@@ -31,16 +32,18 @@ void check_probability(double value, const char* name, bool one_allowed) {
 }
 
 struct LayerArgs {
-  Tensor x, h0, c0, w_ih, w_hh, bias, lengths;  // contiguous; bias, lengths may be undefined
+  Tensor x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths;  // contiguous; c0, biases, lengths may be undefined
   zoneout::ZoneoutParams params;
 };
 
-// Validates the arguments the forward and backward ops share; returns contiguous copies.
-LayerArgs check_layer_args(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
-                           const Tensor& w_hh, const std::optional<Tensor>& bias,
-                           const std::optional<Tensor>& lengths, const Tensor& seed, int64_t layer, int64_t direction,
-                           double zoneout_cell, double zoneout_hidden, double recurrent_dropout, int64_t mask_mode,
-                           bool training) {
+// Validates the arguments every layer op shares (forward and backward, LSTM, GRU and RNN);
+// returns contiguous copies. The LSTM passes c0 and its summed bias as b_ih; the GRU and RNN
+// pass no c0 and both biases. Weights have G*H rows: G = 4 (LSTM), 3 (GRU), 1 (RNN).
+LayerArgs check_layer_args(int64_t cell, const Tensor& x, const Tensor& h0, const Tensor* c0, const Tensor& w_ih,
+                           const Tensor& w_hh, const std::optional<Tensor>& b_ih, const char* b_ih_name,
+                           const std::optional<Tensor>* b_hh, const std::optional<Tensor>& lengths,
+                           const Tensor& seed, int64_t layer, int64_t direction, double zoneout_cell,
+                           double zoneout_hidden, double recurrent_dropout, int64_t mask_mode, bool training) {
   TORCH_CHECK(x.defined() && x.dim() == 3, "x must be a [T, B, I] tensor, got ", x.defined() ? x.dim() : 0,
               " dimensions");
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the cpu backend, got device ", x.device());
@@ -49,17 +52,26 @@ LayerArgs check_layer_args(const Tensor& x, const Tensor& h0, const Tensor& c0, 
               dtype);
   const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2);
   TORCH_CHECK(steps >= 1, "x must have at least one time step, got T = ", steps);
-  TORCH_CHECK(w_hh.defined() && w_hh.dim() == 2 && w_hh.size(1) >= 1 && w_hh.size(0) == 4 * w_hh.size(1),
-              "w_hh must be a [4H, H] tensor with H >= 1, got shape ", w_hh.defined() ? w_hh.sizes() : at::IntArrayRef{});
+  const int64_t gates = zoneout::cell_rows(static_cast<int>(cell));
+  TORCH_CHECK(w_hh.defined() && w_hh.dim() == 2 && w_hh.size(1) >= 1 && w_hh.size(0) == gates * w_hh.size(1),
+              "w_hh must be a [", gates, "H, H] tensor with H >= 1, got shape ",
+              w_hh.defined() ? w_hh.sizes() : at::IntArrayRef{});
   const int64_t hidden = w_hh.size(1);
-  check_tensor(w_hh, "w_hh", dtype, {4 * hidden, hidden});
-  check_tensor(w_ih, "w_ih", dtype, {4 * hidden, input});
+  check_tensor(w_hh, "w_hh", dtype, {gates * hidden, hidden});
+  check_tensor(w_ih, "w_ih", dtype, {gates * hidden, input});
   check_tensor(h0, "h0", dtype, {batch, hidden});
-  check_tensor(c0, "c0", dtype, {batch, hidden});
   LayerArgs args;
-  if (bias.has_value() && bias->defined()) {
-    check_tensor(*bias, "bias", dtype, {4 * hidden});
-    args.bias = bias->contiguous();
+  if (c0 != nullptr) {
+    check_tensor(*c0, "c0", dtype, {batch, hidden});
+    args.c0 = c0->contiguous();
+  }
+  if (b_ih.has_value() && b_ih->defined()) {
+    check_tensor(*b_ih, b_ih_name, dtype, {gates * hidden});
+    args.b_ih = b_ih->contiguous();
+  }
+  if (b_hh != nullptr && b_hh->has_value() && (*b_hh)->defined()) {
+    check_tensor(**b_hh, "b_hh", dtype, {gates * hidden});
+    args.b_hh = (*b_hh)->contiguous();
   }
   if (lengths.has_value() && lengths->defined()) {
     const Tensor& len = *lengths;
@@ -88,7 +100,6 @@ LayerArgs check_layer_args(const Tensor& x, const Tensor& h0, const Tensor& c0, 
 
   args.x = x.contiguous();
   args.h0 = h0.contiguous();
-  args.c0 = c0.contiguous();
   args.w_ih = w_ih.contiguous();
   args.w_hh = w_hh.contiguous();
   args.params = zoneout::make_params(static_cast<uint64_t>(seed_value), layer, direction, mask_mode, zoneout_cell,
@@ -96,14 +107,40 @@ LayerArgs check_layer_args(const Tensor& x, const Tensor& h0, const Tensor& c0, 
   return args;
 }
 
+LayerArgs check_lstm_args(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                          const std::optional<Tensor>& bias, const std::optional<Tensor>& lengths, const Tensor& seed,
+                          int64_t layer, int64_t direction, double zoneout_cell, double zoneout_hidden,
+                          double recurrent_dropout, int64_t mask_mode, bool training) {
+  return check_layer_args(zoneout::kLstm, x, h0, &c0, w_ih, w_hh, bias, "bias", nullptr, lengths, seed, layer,
+                          direction, zoneout_cell, zoneout_hidden, recurrent_dropout, mask_mode, training);
+}
+
+// The GRU / RNN ops: the cell code, and the rules of contract sec. 4 (mask_mode "shared" ties a
+// cell mask they do not have; the RNN has no gated update for recurrent dropout to drop).
+LayerArgs check_gru_rnn_args(const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+                             const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                             const std::optional<Tensor>& lengths, const Tensor& seed, int64_t cell, int64_t layer,
+                             int64_t direction, double zoneout_hidden, double recurrent_dropout, int64_t mask_mode,
+                             bool training) {
+  TORCH_CHECK(cell == zoneout::kGru || cell == zoneout::kRnnTanh || cell == zoneout::kRnnRelu,
+              "cell must be 1 (gru), 2 (rnn_tanh) or 3 (rnn_relu), got ", cell);
+  TORCH_CHECK(mask_mode != zoneout::kShared, "mask_mode 'shared' (1) ties the cell mask to the hidden mask: the GRU "
+              "and RNN have no cell state; use 'independent', 'timestep' or 'static'");
+  TORCH_CHECK(cell == zoneout::kGru || recurrent_dropout == 0.0,
+              "recurrent_dropout must be 0 for the plain RNN (it has no gated update to drop), got ",
+              recurrent_dropout);
+  return check_layer_args(cell, x, h0, nullptr, w_ih, w_hh, b_ih, "b_ih", &b_hh, lengths, seed, layer, direction,
+                          0.0, zoneout_hidden, recurrent_dropout, mask_mode, training);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_layer_forward(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& bias, const std::optional<Tensor>& lengths, const Tensor& seed, int64_t layer,
     int64_t direction, double zoneout_cell, double zoneout_hidden, double recurrent_dropout, int64_t mask_mode,
     bool training) {
-  const LayerArgs a = check_layer_args(x, h0, c0, w_ih, w_hh, bias, lengths, seed, layer, direction, zoneout_cell,
-                                       zoneout_hidden, recurrent_dropout, mask_mode, training);
-  return zoneout_cpu::layer_forward(a.x, a.h0, a.c0, a.w_ih, a.w_hh, a.bias, a.lengths, a.params);
+  const LayerArgs a = check_lstm_args(x, h0, c0, w_ih, w_hh, bias, lengths, seed, layer, direction, zoneout_cell,
+                                      zoneout_hidden, recurrent_dropout, mask_mode, training);
+  return zoneout_cpu::layer_forward(a.x, a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih, a.lengths, a.params);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_layer_backward(
@@ -112,8 +149,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_layer_backward(
     const Tensor& seed, int64_t layer, int64_t direction, double zoneout_cell, double zoneout_hidden,
     double recurrent_dropout, int64_t mask_mode, bool training, const Tensor& y, const Tensor& c_seq,
     const Tensor& gates) {
-  const LayerArgs a = check_layer_args(x, h0, c0, w_ih, w_hh, bias, lengths, seed, layer, direction, zoneout_cell,
-                                       zoneout_hidden, recurrent_dropout, mask_mode, training);
+  const LayerArgs a = check_lstm_args(x, h0, c0, w_ih, w_hh, bias, lengths, seed, layer, direction, zoneout_cell,
+                                      zoneout_hidden, recurrent_dropout, mask_mode, training);
   const int64_t steps = x.size(0), batch = x.size(1), hidden = a.params.hidden;
   const auto dtype = x.scalar_type();
   check_tensor(grad_y, "grad_y", dtype, {steps, batch, hidden});
@@ -123,6 +160,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_layer_backward(
   check_tensor(gates, "gates", dtype, {steps, batch, 4 * hidden});
   return zoneout_cpu::layer_backward(grad_y.contiguous(), grad_c_n.contiguous(), a.x, a.h0, a.c0, a.w_ih, a.w_hh,
                                      a.lengths, y.contiguous(), c_seq.contiguous(), gates.contiguous(), a.params);
+}
+
+std::tuple<Tensor, Tensor> cpu_gru_rnn_layer_forward(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                                                     const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                                     const std::optional<Tensor>& b_hh,
+                                                     const std::optional<Tensor>& lengths, const Tensor& seed,
+                                                     int64_t cell, int64_t layer, int64_t direction,
+                                                     double zoneout_hidden, double recurrent_dropout,
+                                                     int64_t mask_mode, bool training) {
+  const LayerArgs a = check_gru_rnn_args(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, layer, direction,
+                                         zoneout_hidden, recurrent_dropout, mask_mode, training);
+  return zoneout_cpu::gru_rnn_layer_forward(a.x, a.h0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.lengths, cell, a.params);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_gru_rnn_layer_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const std::optional<Tensor>& lengths,
+    const Tensor& seed, int64_t cell, int64_t layer, int64_t direction, double zoneout_hidden,
+    double recurrent_dropout, int64_t mask_mode, bool training, const Tensor& y, const Tensor& gates) {
+  const LayerArgs a = check_gru_rnn_args(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, layer, direction,
+                                         zoneout_hidden, recurrent_dropout, mask_mode, training);
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = a.params.hidden;
+  const auto dtype = x.scalar_type();
+  check_tensor(grad_y, "grad_y", dtype, {steps, batch, hidden});
+  check_tensor(y, "y", dtype, {steps, batch, hidden});
+  check_tensor(gates, "gates", dtype, {steps, batch, zoneout::cell_saved(static_cast<int>(cell)) * hidden});
+  return zoneout_cpu::gru_rnn_layer_backward(grad_y.contiguous(), a.x, a.h0, a.w_ih, a.w_hh, a.lengths,
+                                             y.contiguous(), gates.contiguous(), cell, a.params);
 }
 
 // Test hook (tests/test_cpu.py): int64 [2, 3, n] holding uint32 words r0, r1, r2 of Philox
@@ -167,6 +232,15 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
       "float zoneout_hidden, float recurrent_dropout, int mask_mode, bool training, Tensor y, Tensor c_seq, "
       "Tensor gates) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias)");
+  m.def(
+      "cpu_gru_rnn_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? lengths, Tensor seed, int cell, int layer, int direction, float zoneout_hidden, "
+      "float recurrent_dropout, int mask_mode, bool training) -> (Tensor y, Tensor gates)");
+  m.def(
+      "cpu_gru_rnn_layer_backward(Tensor grad_y, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? lengths, Tensor seed, int cell, int layer, int direction, float zoneout_hidden, "
+      "float recurrent_dropout, int mask_mode, bool training, Tensor y, Tensor gates) -> (Tensor grad_x, "
+      "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
   m.def("_philox_words_cpu(int seed, int first, int c2, int c3, int n, int isa=-1) -> Tensor");
   // The CPU kernels' instruction set (zoneout_fused.cpu_isa wraps these).
   m.def("_cpu_isa_supported(int isa) -> bool");
@@ -177,6 +251,8 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
 TORCH_LIBRARY_IMPL(zoneout_fused, CPU, m) {
   m.impl("cpu_layer_forward", &cpu_layer_forward);
   m.impl("cpu_layer_backward", &cpu_layer_backward);
+  m.impl("cpu_gru_rnn_layer_forward", &cpu_gru_rnn_layer_forward);
+  m.impl("cpu_gru_rnn_layer_backward", &cpu_gru_rnn_layer_backward);
 }
 
 // No tensor arguments: registered for every dispatch key.

@@ -357,44 +357,163 @@ ZF_ALWAYS_INLINE void backward_row(const scalar_t* __restrict g, const scalar_t*
   }
 }
 
+// GRU forward of units [j0, j1) of one active example row. xp, hp: the row's input and
+// recurrent parts [3H] (r, u, n; biases included); g: the row's saved gates [4H] out
+// (r, u, n, hp_n); yo: h_t.
+template <typename scalar_t>
+ZF_ALWAYS_INLINE void gru_forward_row(const scalar_t* __restrict xp, const scalar_t* __restrict hp,
+                                      const scalar_t* __restrict h_prev, scalar_t* __restrict g,
+                                      scalar_t* __restrict yo, int64_t t, int64_t b, int64_t j0, int64_t j1,
+                                      const ZoneoutParams& p, PhiloxRunFn run) {
+  const int64_t hidden = p.hidden;
+  MaskChunk<scalar_t> masks;
+  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, j1 - c0);
+    chunk_masks(masks, p, t, b, c0, n, run);
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t j = c0 + k;
+      const auto r = zoneout::gru_forward<scalar_t>(xp[j], xp[hidden + j], xp[2 * hidden + j], hp[j],
+                                                    hp[hidden + j], hp[2 * hidden + j], h_prev[j], masks[k]);
+      g[j] = r.r;
+      g[hidden + j] = r.u;
+      g[2 * hidden + j] = r.n;
+      g[3 * hidden + j] = r.hp_n;
+      yo[j] = r.h;
+    }
+  }
+}
+
+// GRU backward of units [j0, j1) of one active example row. dh as in backward_row; dx, dhh:
+// the row's gradients of the input part (d_r, d_u, d_n) and of the recurrent part
+// (d_r, d_u, d_hp_n) [3H].
+template <typename scalar_t>
+ZF_ALWAYS_INLINE void gru_backward_row(const scalar_t* __restrict g, const scalar_t* __restrict gy,
+                                       const scalar_t* __restrict h_prev, scalar_t* __restrict dh,
+                                       scalar_t* __restrict dx, scalar_t* __restrict dhh, int64_t t, int64_t b,
+                                       int64_t j0, int64_t j1, const ZoneoutParams& p, PhiloxRunFn run) {
+  const int64_t hidden = p.hidden;
+  MaskChunk<scalar_t> masks;
+  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, j1 - c0);
+    chunk_masks(masks, p, t, b, c0, n, run);
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t j = c0 + k;
+      const auto r = zoneout::gru_backward<scalar_t>(gy[j] + dh[j], g[j], g[hidden + j], g[2 * hidden + j],
+                                                     g[3 * hidden + j], h_prev[j], masks[k]);
+      dx[j] = dhh[j] = r.d_r;
+      dx[hidden + j] = dhh[hidden + j] = r.d_u;
+      dx[2 * hidden + j] = r.d_n;
+      dhh[2 * hidden + j] = r.d_hp_n;
+      dh[j] = r.dh_prev_direct;
+    }
+  }
+}
+
+// RNN forward of units [j0, j1) of one active example row: g holds the pre-activations [H]
+// in and the candidates h~ out.
+template <typename scalar_t, bool kRelu>
+ZF_ALWAYS_INLINE void rnn_forward_row(scalar_t* __restrict g, const scalar_t* __restrict h_prev,
+                                      scalar_t* __restrict yo, int64_t t, int64_t b, int64_t j0, int64_t j1,
+                                      const ZoneoutParams& p, PhiloxRunFn run) {
+  MaskChunk<scalar_t> masks;
+  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, j1 - c0);
+    chunk_masks(masks, p, t, b, c0, n, run);
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t j = c0 + k;
+      const auto r = zoneout::rnn_forward<scalar_t>(kRelu, g[j], h_prev[j], masks[k]);
+      g[j] = r.candidate;
+      yo[j] = r.h;
+    }
+  }
+}
+
+// RNN backward of units [j0, j1) of one active example row; dp: the pre-activation gradient.
+template <typename scalar_t, bool kRelu>
+ZF_ALWAYS_INLINE void rnn_backward_row(const scalar_t* __restrict g, const scalar_t* __restrict gy,
+                                       scalar_t* __restrict dh, scalar_t* __restrict dp, int64_t t, int64_t b,
+                                       int64_t j0, int64_t j1, const ZoneoutParams& p, PhiloxRunFn run) {
+  MaskChunk<scalar_t> masks;
+  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, j1 - c0);
+    chunk_masks(masks, p, t, b, c0, n, run);
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t j = c0 + k;
+      const auto r = zoneout::rnn_backward<scalar_t>(kRelu, gy[j] + dh[j], g[j], masks[k]);
+      dp[j] = r.d_pre;
+      dh[j] = r.dh_prev_direct;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // One copy of the row kernels per instruction set, gathered in a table (CpuKernels); the
 // copies differ only in what the compiler may use (FMA contraction, vector width, libmvec
 // variants), so their results agree to rounding, and their masks bit for bit.
 // ---------------------------------------------------------------------------------------
+#define ZF_ROW_ARGS int64_t t, int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p
 template <typename scalar_t>
-using ForwardRowFn = void (*)(scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, int64_t, int64_t,
-                              int64_t, int64_t, const ZoneoutParams&);
-template <typename scalar_t>
-using BackwardRowFn = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*,
-                               int64_t, int64_t, int64_t, int64_t, const ZoneoutParams&);
+struct RowKernels {
+  void (*lstm_forward)(scalar_t* g, const scalar_t* hp, const scalar_t* cp, scalar_t* yo, scalar_t* co, ZF_ROW_ARGS);
+  void (*lstm_backward)(const scalar_t* g, const scalar_t* gy, const scalar_t* cp, scalar_t* dh, scalar_t* dc,
+                        scalar_t* dp, ZF_ROW_ARGS);
+  void (*gru_forward)(const scalar_t* xp, const scalar_t* hp, const scalar_t* h_prev, scalar_t* g, scalar_t* yo,
+                      ZF_ROW_ARGS);
+  void (*gru_backward)(const scalar_t* g, const scalar_t* gy, const scalar_t* h_prev, scalar_t* dh, scalar_t* dx,
+                       scalar_t* dhh, ZF_ROW_ARGS);
+  void (*rnn_forward[2])(scalar_t* g, const scalar_t* h_prev, scalar_t* yo, ZF_ROW_ARGS);  // [tanh, relu]
+  void (*rnn_backward[2])(const scalar_t* g, const scalar_t* gy, scalar_t* dh, scalar_t* dp, ZF_ROW_ARGS);
+};
 
 struct CpuKernels {
   PhiloxRunFn philox_run;
-  ForwardRowFn<float> forward_f32;
-  ForwardRowFn<double> forward_f64;
-  BackwardRowFn<float> backward_f32;
-  BackwardRowFn<double> backward_f64;
-  ForwardRowFn<float> forward(float*) const { return forward_f32; }
-  ForwardRowFn<double> forward(double*) const { return forward_f64; }
-  BackwardRowFn<float> backward(float*) const { return backward_f32; }
-  BackwardRowFn<double> backward(double*) const { return backward_f64; }
+  RowKernels<float> f32;
+  RowKernels<double> f64;
+  const RowKernels<float>& rows(const float*) const { return f32; }
+  const RowKernels<double>& rows(const double*) const { return f64; }
 };
 
-#define ZF_ROW_KERNELS(SUFFIX, TARGET, PHILOX_RUN)                                                                  \
-  template <typename scalar_t>                                                                                     \
-  TARGET void forward_row_##SUFFIX(scalar_t* g, const scalar_t* hp, const scalar_t* cp, scalar_t* yo, scalar_t* co, \
-                                   int64_t t, int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p) {         \
-    forward_row<scalar_t>(g, hp, cp, yo, co, t, b, j0, j1, p, PHILOX_RUN);                                         \
-  }                                                                                                                \
-  template <typename scalar_t>                                                                                     \
-  TARGET void backward_row_##SUFFIX(const scalar_t* g, const scalar_t* gy, const scalar_t* cp, scalar_t* dh,      \
-                                    scalar_t* dc, scalar_t* dp, int64_t t, int64_t b, int64_t j0, int64_t j1,      \
-                                    const ZoneoutParams& p) {                                                      \
-    backward_row<scalar_t>(g, gy, cp, dh, dc, dp, t, b, j0, j1, p, PHILOX_RUN);                                    \
-  }                                                                                                                \
-  constexpr CpuKernels kKernels_##SUFFIX = {PHILOX_RUN, forward_row_##SUFFIX<float>, forward_row_##SUFFIX<double>, \
-                                            backward_row_##SUFFIX<float>, backward_row_##SUFFIX<double>};
+// Wrappers compiled for one instruction set: the row kernels inline into them.
+#define ZF_ROW_KERNELS(SUFFIX, TARGET, PHILOX_RUN)                                                                   \
+  template <typename scalar_t>                                                                                      \
+  TARGET void lstm_forward_##SUFFIX(scalar_t* g, const scalar_t* hp, const scalar_t* cp, scalar_t* yo, scalar_t* co, \
+                                    ZF_ROW_ARGS) {                                                                  \
+    forward_row<scalar_t>(g, hp, cp, yo, co, t, b, j0, j1, p, PHILOX_RUN);                                          \
+  }                                                                                                                 \
+  template <typename scalar_t>                                                                                      \
+  TARGET void lstm_backward_##SUFFIX(const scalar_t* g, const scalar_t* gy, const scalar_t* cp, scalar_t* dh,      \
+                                     scalar_t* dc, scalar_t* dp, ZF_ROW_ARGS) {                                     \
+    backward_row<scalar_t>(g, gy, cp, dh, dc, dp, t, b, j0, j1, p, PHILOX_RUN);                                     \
+  }                                                                                                                 \
+  template <typename scalar_t>                                                                                      \
+  TARGET void gru_forward_##SUFFIX(const scalar_t* xp, const scalar_t* hp, const scalar_t* h_prev, scalar_t* g,    \
+                                   scalar_t* yo, ZF_ROW_ARGS) {                                                     \
+    gru_forward_row<scalar_t>(xp, hp, h_prev, g, yo, t, b, j0, j1, p, PHILOX_RUN);                                  \
+  }                                                                                                                 \
+  template <typename scalar_t>                                                                                      \
+  TARGET void gru_backward_##SUFFIX(const scalar_t* g, const scalar_t* gy, const scalar_t* h_prev, scalar_t* dh,   \
+                                    scalar_t* dx, scalar_t* dhh, ZF_ROW_ARGS) {                                     \
+    gru_backward_row<scalar_t>(g, gy, h_prev, dh, dx, dhh, t, b, j0, j1, p, PHILOX_RUN);                            \
+  }                                                                                                                 \
+  template <typename scalar_t, bool kRelu>                                                                          \
+  TARGET void rnn_forward_##SUFFIX(scalar_t* g, const scalar_t* h_prev, scalar_t* yo, ZF_ROW_ARGS) {                \
+    rnn_forward_row<scalar_t, kRelu>(g, h_prev, yo, t, b, j0, j1, p, PHILOX_RUN);                                   \
+  }                                                                                                                 \
+  template <typename scalar_t, bool kRelu>                                                                          \
+  TARGET void rnn_backward_##SUFFIX(const scalar_t* g, const scalar_t* gy, scalar_t* dh, scalar_t* dp,             \
+                                    ZF_ROW_ARGS) {                                                                  \
+    rnn_backward_row<scalar_t, kRelu>(g, gy, dh, dp, t, b, j0, j1, p, PHILOX_RUN);                                  \
+  }                                                                                                                 \
+  template <typename scalar_t>                                                                                      \
+  constexpr RowKernels<scalar_t> row_kernels_##SUFFIX() {                                                           \
+    return {lstm_forward_##SUFFIX<scalar_t>,                                                                        \
+            lstm_backward_##SUFFIX<scalar_t>,                                                                       \
+            gru_forward_##SUFFIX<scalar_t>,                                                                         \
+            gru_backward_##SUFFIX<scalar_t>,                                                                        \
+            {rnn_forward_##SUFFIX<scalar_t, false>, rnn_forward_##SUFFIX<scalar_t, true>},                          \
+            {rnn_backward_##SUFFIX<scalar_t, false>, rnn_backward_##SUFFIX<scalar_t, true>}};                       \
+  }                                                                                                                 \
+  constexpr CpuKernels kKernels_##SUFFIX = {PHILOX_RUN, row_kernels_##SUFFIX<float>(), row_kernels_##SUFFIX<double>()};
 
 #define ZF_NO_TARGET
 ZF_ROW_KERNELS(scalar, ZF_NO_TARGET, philox_run_scalar)
@@ -404,6 +523,7 @@ ZF_ROW_KERNELS(avx512, ZF_TARGET_AVX512, philox_run_avx512)
 #endif
 #undef ZF_ROW_KERNELS
 #undef ZF_NO_TARGET
+#undef ZF_ROW_ARGS
 
 bool isa_supported(int64_t isa) {
 #if defined(ZF_X86_PHILOX)
@@ -457,57 +577,96 @@ const CpuKernels& active_kernels() {
   return kernels_for(active_isa.load(std::memory_order_relaxed));
 }
 
-// One step's fused element-wise forward: gates_t holds the pre-activations [B, 4H] and is
-// overwritten with the activations; writes y[t] and c_seq[t].
-template <typename scalar_t>
-void forward_pointwise(scalar_t* gates_t, const scalar_t* h_prev, const scalar_t* c_prev, scalar_t* y_t,
-                       scalar_t* c_t, const int64_t* lengths, int64_t t, const ZoneoutParams& p,
-                       const CpuKernels& kernels) {
-  const int64_t batch = p.batch, hidden = p.hidden;
-  const ForwardRowFn<scalar_t> forward_row_isa = kernels.forward(gates_t);
-  at::parallel_for(0, batch * hidden, kGrain, [&](int64_t begin, int64_t end) {
+// Runs active(b, j0, j1) on the row segments of the step's [B, H] elements whose sequence is
+// still running at position t and inactive(b, j0, j1) on the others, in parallel.
+template <typename Active, typename Inactive>
+void for_step_rows(const ZoneoutParams& p, const int64_t* lengths, int64_t t, const Active& active,
+                   const Inactive& inactive) {
+  const int64_t hidden = p.hidden;
+  at::parallel_for(0, p.batch * hidden, kGrain, [&](int64_t begin, int64_t end) {
     for_row_segments(begin, end, hidden, [&](int64_t b, int64_t j0, int64_t j1) {
-      scalar_t* g = gates_t + b * 4 * hidden;
-      const scalar_t* hp = h_prev + b * hidden;
-      const scalar_t* cp = c_prev + b * hidden;
-      scalar_t* yo = y_t + b * hidden;
-      scalar_t* co = c_t + b * hidden;
       if (zoneout::step_active(t, lengths, b)) {
-        forward_row_isa(g, hp, cp, yo, co, t, b, j0, j1, p);
-        return;
-      }
-      for (int64_t j = j0; j < j1; ++j) {  // past the sequence's end: state frozen, gates 0
-        yo[j] = hp[j];
-        co[j] = cp[j];
-        g[j] = g[hidden + j] = g[2 * hidden + j] = g[3 * hidden + j] = scalar_t(0);
+        active(b, j0, j1);
+      } else {
+        inactive(b, j0, j1);
       }
     });
   });
 }
 
-// One step's fused element-wise backward (see backward_row for dh and dc).
+// Past a sequence's end the state is copied through (copy_row), its saved gates and
+// pre-activation gradients are zero (zero_columns: `columns` blocks of H per row), and the
+// gradient reaching h_t passes on to h_{t-1} (add_row).
+template <typename scalar_t>
+inline void copy_row(scalar_t* out, const scalar_t* in, int64_t j0, int64_t j1) {
+  std::copy(in + j0, in + j1, out + j0);
+}
+
+template <typename scalar_t>
+inline void zero_columns(scalar_t* row, int64_t columns, int64_t hidden, int64_t j0, int64_t j1) {
+  for (int64_t q = 0; q < columns; ++q) std::fill(row + q * hidden + j0, row + q * hidden + j1, scalar_t(0));
+}
+
+template <typename scalar_t>
+inline void add_row(scalar_t* out, const scalar_t* in, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) out[j] += in[j];
+}
+
+// grad W_hh = sum over steps of d_rec[t]^T h_{t-1}, straight from views (no operand copy):
+// h_{t-1} of step t is y of the previously processed step, h0 for the first one, so direction 0
+// pairs d_rec[1:] with y[:-1], direction 1 d_rec[:-1] with y[1:], and the first processed step
+// adds d_rec[first]^T h0. d_rec: [T, B, G*H], the gradient of h_{t-1} W_hh^T (+ b_hh).
+Tensor recurrent_weight_grad(const Tensor& d_rec, const Tensor& y, const Tensor& h0, int direction) {
+  const int64_t steps = d_rec.size(0), batch = d_rec.size(1), rows = d_rec.size(2), hidden = h0.size(1);
+  const int64_t first = step_position(0, steps, direction);
+  Tensor grad_w_hh = at::mm(d_rec[first].t(), h0);
+  if (steps > 1) {
+    const int64_t count = (steps - 1) * batch;
+    const Tensor d_rest = d_rec.narrow(0, direction == 0 ? 1 : 0, steps - 1).reshape({count, rows});
+    const Tensor h_rest = y.narrow(0, direction == 0 ? 0 : 1, steps - 1).view({count, hidden});
+    grad_w_hh.addmm_(d_rest.t(), h_rest);
+  }
+  return grad_w_hh;
+}
+
+// One LSTM step's fused element-wise forward: gates_t holds the pre-activations [B, 4H] and is
+// overwritten with the activations; writes y[t] and c_seq[t].
+template <typename scalar_t>
+void forward_pointwise(scalar_t* gates_t, const scalar_t* h_prev, const scalar_t* c_prev, scalar_t* y_t,
+                       scalar_t* c_t, const int64_t* lengths, int64_t t, const ZoneoutParams& p,
+                       const CpuKernels& kernels) {
+  const int64_t hidden = p.hidden;
+  const auto row = kernels.rows(gates_t).lstm_forward;
+  for_step_rows(
+      p, lengths, t,
+      [&](int64_t b, int64_t j0, int64_t j1) {
+        row(gates_t + b * 4 * hidden, h_prev + b * hidden, c_prev + b * hidden, y_t + b * hidden, c_t + b * hidden,
+            t, b, j0, j1, p);
+      },
+      [&](int64_t b, int64_t j0, int64_t j1) {
+        copy_row(y_t + b * hidden, h_prev + b * hidden, j0, j1);
+        copy_row(c_t + b * hidden, c_prev + b * hidden, j0, j1);
+        zero_columns(gates_t + b * 4 * hidden, 4, hidden, j0, j1);
+      });
+}
+
+// One LSTM step's fused element-wise backward (see backward_row for dh and dc).
 template <typename scalar_t>
 void backward_pointwise(const scalar_t* grad_y_t, const scalar_t* gates_t, const scalar_t* c_prev, scalar_t* dh,
                         scalar_t* dc, scalar_t* d_pre_t, const int64_t* lengths, int64_t t, const ZoneoutParams& p,
                         const CpuKernels& kernels) {
-  const int64_t batch = p.batch, hidden = p.hidden;
-  const BackwardRowFn<scalar_t> backward_row_isa = kernels.backward(d_pre_t);
-  at::parallel_for(0, batch * hidden, kGrain, [&](int64_t begin, int64_t end) {
-    for_row_segments(begin, end, hidden, [&](int64_t b, int64_t j0, int64_t j1) {
-      const scalar_t* gy = grad_y_t + b * hidden;
-      scalar_t* dh_b = dh + b * hidden;
-      scalar_t* dp = d_pre_t + b * 4 * hidden;
-      if (zoneout::step_active(t, lengths, b)) {
-        backward_row_isa(gates_t + b * 4 * hidden, gy, c_prev + b * hidden, dh_b, dc + b * hidden, dp, t, b, j0, j1,
-                         p);
-        return;
-      }
-      for (int64_t j = j0; j < j1; ++j) {  // the state passed through: so do its gradients
-        dh_b[j] += gy[j];
-        dp[j] = dp[hidden + j] = dp[2 * hidden + j] = dp[3 * hidden + j] = scalar_t(0);
-      }
-    });
-  });
+  const int64_t hidden = p.hidden;
+  const auto row = kernels.rows(d_pre_t).lstm_backward;
+  for_step_rows(
+      p, lengths, t,
+      [&](int64_t b, int64_t j0, int64_t j1) {
+        row(gates_t + b * 4 * hidden, grad_y_t + b * hidden, c_prev + b * hidden, dh + b * hidden, dc + b * hidden,
+            d_pre_t + b * 4 * hidden, t, b, j0, j1, p);
+      },
+      [&](int64_t b, int64_t j0, int64_t j1) {
+        add_row(dh + b * hidden, grad_y_t + b * hidden, j0, j1);
+        zero_columns(d_pre_t + b * 4 * hidden, 4, hidden, j0, j1);
+      });
 }
 
 }  // namespace
@@ -616,23 +775,168 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
     }
   });
 
-  // Weight and input gradients: large products over all steps, straight from views (no
-  // [x | h_prev | 1] operand copy). h_prev of step t is y of the previously processed step,
-  // h0 for the first one: direction 0 pairs d_pre[1:] with y[:-1], direction 1 d_pre[:-1]
-  // with y[1:], and the first processed step adds d_pre[first]^T h0.
+  // Weight and input gradients: large products over all steps.
   const Tensor d_pre_2d = d_pre.view({steps * batch, 4 * hidden});
   const Tensor grad_x = at::mm(d_pre_2d, w_ih).view({steps, batch, input});
   const Tensor grad_w_ih = at::mm(d_pre_2d.t(), x.view({steps * batch, input}));
-  const int64_t first = step_position(0, steps, direction);
-  Tensor grad_w_hh = at::mm(d_pre[first].t(), h0);
-  if (steps > 1) {
-    const int64_t rows = (steps - 1) * batch;
-    const Tensor d_rest = d_pre.narrow(0, direction == 0 ? 1 : 0, steps - 1).view({rows, 4 * hidden});
-    const Tensor h_rest = y.narrow(0, direction == 0 ? 0 : 1, steps - 1).view({rows, hidden});
-    grad_w_hh.addmm_(d_rest.t(), h_rest);
-  }
+  const Tensor grad_w_hh = recurrent_weight_grad(d_pre, y, h0, direction);
   const Tensor grad_bias = d_pre_2d.sum(0);
   return {grad_x, dh, dc, grad_w_ih, grad_w_hh, grad_bias};
+}
+
+// ---------------------------------------------------------------------------------------
+// GRU and plain RNN (contract sec. 4). Forward: the input part of every step is one product
+// (for the RNN written straight into the gates buffer, both biases included); each step adds
+// the recurrent part (one GEMM: for the GRU into a [B, 3H] buffer with b_hh, as b_hn stays
+// inside the reset product; for the RNN onto the gates) and one fused element-wise pass makes
+// the gates and y[t]. Backward: one fused pass and one GEMM per step, then the products over
+// all steps. The GRU keeps two pre-activation gradients, of the input part and of the
+// recurrent part (they differ in the n row: d_hp_n = d_n * r); the RNN's are one.
+// ---------------------------------------------------------------------------------------
+namespace {
+
+Tensor optional_sum(const Tensor& a, const Tensor& b) {
+  if (a.defined() && b.defined()) return a + b;
+  return a.defined() ? a : b;
+}
+
+// out = a @ w^T (+ bias): x's projection of every step, or one step's recurrent part.
+void project(Tensor out, const Tensor& a, const Tensor& w, const Tensor& bias) {
+  if (bias.defined()) {
+    at::addmm_out(out, bias, a, w.t());
+  } else {
+    at::mm_out(out, a, w.t());
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> gru_rnn_layer_forward(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                                                 const Tensor& w_hh, const Tensor& b_ih, const Tensor& b_hh,
+                                                 const Tensor& lengths, int64_t cell,
+                                                 const zoneout::ZoneoutParams& params) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in layer_forward
+  const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), hidden = h0.size(1);
+  const bool gru = cell == zoneout::kGru;
+  const int64_t rows = zoneout::cell_rows(static_cast<int>(cell)) * hidden;
+  const int64_t saved = zoneout::cell_saved(static_cast<int>(cell)) * hidden;
+  Tensor y = at::empty({steps, batch, hidden}, x.options());
+  Tensor gates = at::empty({steps, batch, saved}, x.options());
+  // The input part of every step: the GRU's in its own buffer, the RNN's where its
+  // pre-activations accumulate (with both biases: they are simply summed there).
+  Tensor x_proj = gru ? at::empty({steps, batch, rows}, x.options()) : gates;
+  project(x_proj.view({steps * batch, rows}), x.view({steps * batch, input}), w_ih,
+          gru ? b_ih : optional_sum(b_ih, b_hh));
+  Tensor h_proj = gru ? at::empty({batch, rows}, x.options()) : Tensor();
+  const Tensor w_hh_t = w_hh.t();
+  const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  const int direction = params.direction;
+  const CpuKernels& kernels = active_kernels();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_gru_rnn_layer_forward", [&] {
+    scalar_t* y_p = y.data_ptr<scalar_t>();
+    scalar_t* g_p = gates.data_ptr<scalar_t>();
+    const scalar_t* xp_p = x_proj.data_ptr<scalar_t>();
+    const auto& row = kernels.rows(y_p);
+    const auto rnn_row = row.rnn_forward[cell == zoneout::kRnnRelu ? 1 : 0];
+    const int64_t state = batch * hidden;
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = step_position(s, steps, direction);
+      const int64_t t_prev = s == 0 ? -1 : step_position(s - 1, steps, direction);
+      const Tensor h_prev = t_prev < 0 ? h0 : y[t_prev];
+      const scalar_t* hp = h_prev.data_ptr<scalar_t>();
+      scalar_t* y_t = y_p + t * state;
+      scalar_t* g_t = g_p + t * batch * saved;
+      if (gru) {
+        project(h_proj, h_prev, w_hh, b_hh);
+        const scalar_t* xp_t = xp_p + t * batch * rows;
+        const scalar_t* hh = h_proj.data_ptr<scalar_t>();
+        for_step_rows(
+            params, len, t,
+            [&](int64_t b, int64_t j0, int64_t j1) {
+              row.gru_forward(xp_t + b * rows, hh + b * rows, hp + b * hidden, g_t + b * saved, y_t + b * hidden, t,
+                              b, j0, j1, params);
+            },
+            [&](int64_t b, int64_t j0, int64_t j1) {
+              copy_row(y_t + b * hidden, hp + b * hidden, j0, j1);
+              zero_columns(g_t + b * saved, 4, hidden, j0, j1);
+            });
+      } else {
+        gates[t].addmm_(h_prev, w_hh_t);  // onto x_t W_ih^T + b_ih + b_hh
+        for_step_rows(
+            params, len, t,
+            [&](int64_t b, int64_t j0, int64_t j1) {
+              rnn_row(g_t + b * hidden, hp + b * hidden, y_t + b * hidden, t, b, j0, j1, params);
+            },
+            [&](int64_t b, int64_t j0, int64_t j1) {
+              copy_row(y_t + b * hidden, hp + b * hidden, j0, j1);
+              zero_columns(g_t + b * hidden, 1, hidden, j0, j1);
+            });
+      }
+    }
+  });
+  return {y, gates};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_rnn_layer_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+    const Tensor& lengths, const Tensor& y, const Tensor& gates, int64_t cell, const zoneout::ZoneoutParams& params) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in layer_forward
+  const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), hidden = h0.size(1);
+  const bool gru = cell == zoneout::kGru;
+  const int64_t rows = zoneout::cell_rows(static_cast<int>(cell)) * hidden;
+  const int64_t saved = zoneout::cell_saved(static_cast<int>(cell)) * hidden;
+  const int direction = params.direction;
+  const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  Tensor d_x = at::empty({steps, batch, rows}, x.options());  // gradient of the input part
+  Tensor d_h = gru ? at::empty({steps, batch, rows}, x.options()) : d_x;  // ... of the recurrent part
+  Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
+  const CpuKernels& kernels = active_kernels();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_gru_rnn_layer_backward", [&] {
+    const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
+    const scalar_t* g_p = gates.data_ptr<scalar_t>();
+    const scalar_t* y_p = y.data_ptr<scalar_t>();
+    scalar_t* dx_p = d_x.data_ptr<scalar_t>();
+    scalar_t* dhh_p = d_h.data_ptr<scalar_t>();
+    scalar_t* dh_p = dh.data_ptr<scalar_t>();
+    const auto& row = kernels.rows(dh_p);
+    const auto rnn_row = row.rnn_backward[cell == zoneout::kRnnRelu ? 1 : 0];
+    const int64_t state = batch * hidden;
+    for (int64_t s = steps - 1; s >= 0; --s) {  // processed steps, last first
+      const int64_t t = step_position(s, steps, direction);
+      const scalar_t* hp = s == 0 ? h0.data_ptr<scalar_t>() : y_p + step_position(s - 1, steps, direction) * state;
+      const scalar_t* gy_t = gy_p + t * state;
+      const scalar_t* g_t = g_p + t * batch * saved;
+      scalar_t* dx_t = dx_p + t * batch * rows;
+      scalar_t* dhh_t = dhh_p + t * batch * rows;
+      for_step_rows(
+          params, len, t,
+          [&](int64_t b, int64_t j0, int64_t j1) {
+            if (gru) {
+              row.gru_backward(g_t + b * saved, gy_t + b * hidden, hp + b * hidden, dh_p + b * hidden,
+                               dx_t + b * rows, dhh_t + b * rows, t, b, j0, j1, params);
+            } else {
+              rnn_row(g_t + b * hidden, gy_t + b * hidden, dh_p + b * hidden, dx_t + b * hidden, t, b, j0, j1,
+                      params);
+            }
+          },
+          [&](int64_t b, int64_t j0, int64_t j1) {
+            add_row(dh_p + b * hidden, gy_t + b * hidden, j0, j1);
+            zero_columns(dx_t + b * rows, rows / hidden, hidden, j0, j1);
+            if (gru) zero_columns(dhh_t + b * rows, rows / hidden, hidden, j0, j1);
+          });
+      dh.addmm_(d_h[t], w_hh);  // the step's one GEMM: the W_hh path to h_{t-1}
+    }
+  });
+
+  const Tensor d_x_2d = d_x.view({steps * batch, rows});
+  const Tensor grad_x = at::mm(d_x_2d, w_ih).view({steps, batch, input});
+  const Tensor grad_w_ih = at::mm(d_x_2d.t(), x.view({steps * batch, input}));
+  const Tensor grad_w_hh = recurrent_weight_grad(d_h, y, h0, direction);
+  const Tensor grad_b_ih = d_x_2d.sum(0);
+  const Tensor grad_b_hh = gru ? d_h.view({steps * batch, rows}).sum(0) : grad_b_ih.clone();
+  return {grad_x, dh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
 }  // namespace zoneout_cpu

@@ -1,4 +1,4 @@
-// lstm_cpu.h: the fused CPU kernels of one zoneout-LSTM layer direction.
+// lstm_cpu.h: the fused CPU kernels of one zoneout-LSTM, -GRU or -RNN layer direction.
 //
 // The callers (csrc/ops.cpp) validate arguments and pass contiguous tensors of one
 // floating dtype; shapes are as in csrc/zoneout_lstm.h. lengths may be undefined.
@@ -22,6 +22,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_y, const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& lengths,
     const at::Tensor& y, const at::Tensor& c_seq, const at::Tensor& gates, const zoneout::ZoneoutParams& params);
+
+// The GRU (cell zoneout::kGru) and plain RNN (kRnnTanh, kRnnRelu) layer direction; b_ih, b_hh
+// may be undefined. -> (y [T,B,H], gates [T,B,4H] for the GRU, [T,B,H] for the RNN)
+std::tuple<at::Tensor, at::Tensor> gru_rnn_layer_forward(const at::Tensor& x, const at::Tensor& h0,
+                                                         const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                         const at::Tensor& b_ih, const at::Tensor& b_hh,
+                                                         const at::Tensor& lengths, int64_t cell,
+                                                         const zoneout::ZoneoutParams& params);
+
+// -> (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih [G*H], grad_b_hh [G*H])
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_rnn_layer_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& lengths, const at::Tensor& y, const at::Tensor& gates, int64_t cell,
+    const zoneout::ZoneoutParams& params);
 
 // Instruction sets of the element kernels and the vectorized Philox. The kernels run the
 // active one: the best this CPU has, unless ZONEOUT_FUSED_CPU_ISA (auto, scalar, avx2,
