@@ -1,7 +1,8 @@
-"""zoneout_fused: fused zoneout LSTMs (Krueger et al. 2017) with nn.LSTM's API."""
+"""zoneout_fused: fused zoneout LSTMs, GRUs and RNNs (Krueger et al. 2017) with torch.nn's API."""
 from .masks import MASK_MODES
 from .ops import available_backends
-from .nn import ZoneoutLSTM, ZoneoutLSTMCell
+from .nn import ZoneoutGRU, ZoneoutGRUCell, ZoneoutLSTM, ZoneoutLSTMCell, ZoneoutRNN, ZoneoutRNNCell
 
-__all__ = ["ZoneoutLSTM", "ZoneoutLSTMCell", "available_backends", "MASK_MODES"]
+__all__ = ["ZoneoutLSTM", "ZoneoutLSTMCell", "ZoneoutGRU", "ZoneoutGRUCell", "ZoneoutRNN", "ZoneoutRNNCell",
+           "available_backends", "MASK_MODES"]
 __version__ = "0.1.0"

@@ -282,8 +282,9 @@ def _load_extension(backend: str) -> Optional[str]:
             importlib.import_module(f"{__package__}.{module}")  # registers zoneout_fused::{backend}_layer_*
             register_layer_op_pair(f"zoneout_fused::{backend}_layer_forward",
                                    f"zoneout_fused::{backend}_layer_backward")
-            register_layer_op_pair(f"zoneout_fused::{backend}_gru_rnn_layer_forward",
-                                   f"zoneout_fused::{backend}_gru_rnn_layer_backward", GRU_RNN_OPS)
+            if hasattr(torch.ops.zoneout_fused, f"{backend}_gru_rnn_layer_forward"):
+                register_layer_op_pair(f"zoneout_fused::{backend}_gru_rnn_layer_forward",
+                                       f"zoneout_fused::{backend}_gru_rnn_layer_backward", GRU_RNN_OPS)
             _EXTENSION_ERRORS[backend] = ""
         except ImportError as error:
             _EXTENSION_ERRORS[backend] = (f"the extension zoneout_fused.{module} is not built ({error}); "
@@ -380,19 +381,32 @@ def available_backends(device="cpu") -> list[str]:
     return [name for name in names if BACKENDS[name].unavailable_reason(device) is None]
 
 
-def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, *, projection: bool = False) -> Backend:
-    """The Backend to run for (device, dtype); raises a RuntimeError saying why one cannot."""
+def _gru_rnn_unavailable(backend: Backend, device: torch.device) -> Optional[str]:
+    """Why `backend` (available on `device`) has no GRU/RNN op here, or None: an extension built
+    from older sources has only the LSTM's."""
+    if backend.name in ("cpu", "cuda") and not hasattr(torch.ops.zoneout_fused, f"{backend.name}_gru_rnn_layer_forward"):
+        return (f"the {backend.name} extension was built without the GRU/RNN kernels; rebuild it: "
+                + _HOW_TO_BUILD[backend.name])
+    return None
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, *, projection: bool = False,
+                    cell: str = "lstm") -> Backend:
+    """The Backend to run for (device, dtype, cell kind); raises a RuntimeError saying why one cannot."""
     if requested not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {requested!r}")
     if requested == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             backend = BACKENDS[name]
             if (backend.unavailable_reason(device) is None and dtype in backend.dtypes(device)
-                    and (backend.supports_projection or not projection)):
+                    and (backend.supports_projection or not projection)
+                    and (cell == "lstm" or _gru_rnn_unavailable(backend, device) is None)):
                 return backend
         return BACKENDS["reference"]
     backend = BACKENDS[requested]
     reason = backend.unavailable_reason(device)
+    if reason is None and cell != "lstm":
+        reason = _gru_rnn_unavailable(backend, device)
     if reason is not None:
         raise RuntimeError(f"backend={requested!r} is not available: {reason}")
     if dtype not in backend.dtypes(device):
