@@ -175,6 +175,33 @@ def test_ptb_tasks(tmp_path, monkeypatch, task, metric):
         assert final["test"]["bpc"] == pytest.approx(final["test"]["loss"] / 0.6931471805599453)
 
 
+@pytest.mark.parametrize("cell", ["gru", "rnn-tanh", "rnn-relu"])
+def test_char_ptb_with_other_cells(tmp_path, monkeypatch, cell):
+    """--cell: the LM carries its state across windows (truncated BPTT) with GRU / RNN layers too,
+    on the fused CPU backend; char-ptb takes the paper's GRU / tanh-RNN settings."""
+    _fake_ptb(tmp_path / "ptb", monkeypatch)
+    argv = ["--task", "char-ptb", "--cell", cell, "--data-dir", tmp_path, "--out-dir", tmp_path / "out"] + LM_TINY
+    argv[argv.index("reference")] = "auto"
+    final = run(argv + ["--layers", "2"])
+    assert final["steps"] == 3 and final["test"]["bpc"] > 0
+    cfg = cli.resolve_config(cli.build_parser().parse_args(["--task", "char-ptb", "--cell", cell]))
+    expected = {"gru": (0.001, 0.05), "rnn-tanh": (0.0003, 0.05), "rnn-relu": (0.002, 0.05)}[cell]
+    assert (cfg.lr, cfg.zoneout_hidden) == expected
+    model = tasks.LanguageModel(10, cfg.__class__(**{**cfg.__dict__, "hidden_size": 4, "embed_size": 3}))
+    layer = model.rnn.layers[0]
+    assert type(layer).__name__ == ("ZoneoutGRU" if cell == "gru" else "ZoneoutRNN")
+    assert layer.zoneout_hidden == 0.05 and (cell == "gru" or layer.nonlinearity == cell[4:])
+
+
+def test_cell_regularizer_combinations_are_checked():
+    with pytest.raises(ValueError, match="cell lstm"):
+        tasks.lstm_kwargs(tasks.Config(cell="gru", regularizer="zoneout-shared"))
+    with pytest.raises(ValueError, match="gated cell"):
+        tasks.lstm_kwargs(tasks.Config(cell="rnn-tanh", regularizer="recurrent-dropout"))
+    kw = tasks.lstm_kwargs(tasks.Config(cell="gru", regularizer="recurrent-dropout", recurrent_dropout=0.2))
+    assert kw["recurrent_dropout"] == 0.2 and "zoneout_cell" not in kw
+
+
 def test_text8_task(tmp_path):
     (tmp_path / "text8.prefix").write_text(("the quick brown fox jumps over the lazy dog " * 60)[:2000])
     with pytest.warns(UserWarning):

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .tasks import DEFAULT_TASK, PRESETS, REGULARIZERS, TASKS, Config
+from .tasks import CELL_PRESETS, CELLS, DEFAULT_TASK, PRESETS, REGULARIZERS, TASKS, Config
 
 HELP = {
     "task": "what to train (default: copy, built in, no download; gradient-flow: the paper's Figure 6, "
@@ -18,7 +18,9 @@ HELP = {
     "out_dir": "logs (log.csv, log.json), curves.png and the default checkpoint (default runs/<task>)",
     "no_download": "never download data (also: ZONEOUT_FUSED_OFFLINE=1)",
     "regularizer": "which regularizer (the paper's comparisons)",
-    "zoneout_cell": "z_c: probability that a cell unit keeps its previous value",
+    "cell": "recurrent cell: lstm (the default), gru, rnn-tanh or rnn-relu; with --task char-ptb, gru and rnn-tanh "
+            "take the paper's settings for them (Adam lr 0.001 / 0.0003, z_h = 0.05, no z_c)",
+    "zoneout_cell": "z_c: probability that a cell unit keeps its previous value (LSTM only)",
     "zoneout_hidden": "z_h: probability that a hidden unit keeps its previous value",
     "recurrent_dropout": "p for --regularizer recurrent-dropout (Semeniuta et al. 2016)",
     "stochastic_depth_p": "probability that an example skips a whole step, for --regularizer stochastic-depth",
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(see the presets below, and --print-config for the resolved settings).",
         epilog="presets (other values: the Config defaults in zoneout_fused/train/tasks.py):\n" + "\n".join(
             f"  {task}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in preset.items())
-            for task, preset in PRESETS.items()),
+            for task, preset in list(PRESETS.items()) + [(f"{t} --cell {c}", p) for (t, c), p in CELL_PRESETS.items()]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS + ("gradient-flow",), default=DEFAULT_TASK, help=HELP["task"])
     for f in dataclasses.fields(Config):
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = REGULARIZERS
         if f.name == "loss_reduction":
             kwargs["choices"] = ("mean", "sum-over-time")
+        if f.name == "cell":
+            kwargs["choices"] = CELLS
         if f.name == "optimizer":
             kwargs["choices"] = ("adam", "sgd", "rmsprop")
         parser.add_argument(flag, **kwargs)
@@ -84,6 +88,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     """Config defaults <- the task's preset <- what the command line gave."""
     values = dict(PRESETS[args.task])
     values["task"] = args.task
+    if args.cell is not None:
+        values.update(CELL_PRESETS.get((args.task, args.cell), {}))
     for f in dataclasses.fields(Config):
         given = getattr(args, f.name, None)
         if given is not None:
@@ -111,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     trainer = Trainer(cfg)
     try:
         if trainer.is_main:
-            print(f"task {cfg.task}: {trainer.model.__class__.__name__}, {cfg.layers} x {cfg.hidden_size}, "
+            print(f"task {cfg.task}: {trainer.model.__class__.__name__}, {cfg.cell} {cfg.layers} x {cfg.hidden_size}, "
                   f"regularizer {cfg.regularizer}, backend {cfg.backend}, world size {trainer.world}", flush=True)
         final = trainer.fit()
         if trainer.is_main:

@@ -189,8 +189,8 @@ class Trainer:
             x, y = (t.to(self.device) for t in batch)
             if self.state is not None:
                 # Truncated BPTT: carry the state over, cut the graph.
-                self.state = [(h.detach(), c.detach()) for h, c in self.state]
-                initial = [h for h, _ in self.state]
+                self.state = [tuple(s.detach() for s in layer) for layer in self.state]
+                initial = [layer[0] for layer in self.state]
             logits, self.state, sequences = self.net(x, self.state)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             correct = None

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import ZoneoutLSTM
+from ..nn import ZoneoutGRU, ZoneoutLSTM, ZoneoutRNN
 
 TASKS = ("copy", "char-ptb", "word-ptb", "text8", "pmnist")
 DEFAULT_TASK = "copy"
+CELLS = ("lstm", "gru", "rnn-tanh", "rnn-relu")
 REGULARIZERS = ("none", "zoneout", "zoneout-shared", "zoneout-static", "stochastic-depth", "recurrent-dropout",
                 "weight-noise", "norm-stabilizer")
 
@@ -28,6 +29,7 @@ PRESETS = {
                  copy_symbols=8, copy_length=5, copy_delay=10, patience=0, forget_bias=1.0,
                  threads=1),  # tensors this small run slower on 2 intra-op threads than on 1 (measured)
     # Paper sec. 4.2: 1 layer of 1000 units, Adam lr 0.002, batch 32, sequences of 100, clip 1.
+    # (--cell gru / rnn-tanh: CELL_PRESETS below adjust it.)
     "char-ptb": dict(hidden_size=1000, layers=1, embed_size=128, lr=0.002, batch_size=32, seq_len=100,
                      optimizer="adam", clip=1.0, regularizer="zoneout", zoneout_cell=0.5, zoneout_hidden=0.05,
                      epochs=50, patience=5),
@@ -51,6 +53,16 @@ PRESETS = {
 }
 
 
+# The paper's char-PTB GRU and tanh-RNN runs (sec. 4.2): the LSTM's settings otherwise (our
+# sequences are non-overlapping windows already), Adam lr 0.001 (GRU) and 0.0003 (tanh-RNN), and
+# low zoneout probabilities on h (the paper reports z in 0.05-0.25; 0.05 chosen here). Applied on
+# top of a task's preset when --cell names a non-LSTM cell and the task is char-ptb.
+CELL_PRESETS = {
+    ("char-ptb", "gru"): dict(lr=0.001, zoneout_cell=0.0, zoneout_hidden=0.05),
+    ("char-ptb", "rnn-tanh"): dict(lr=0.0003, zoneout_cell=0.0, zoneout_hidden=0.05),
+}
+
+
 @dataclass
 class Config:
     task: str = DEFAULT_TASK
@@ -58,6 +70,7 @@ class Config:
     out_dir: Optional[str] = None
     no_download: bool = False
     # model
+    cell: str = "lstm"             # lstm, gru, rnn-tanh, rnn-relu
     hidden_size: int = 64
     layers: int = 1
     embed_size: int = 128
@@ -107,10 +120,13 @@ class Config:
 
 
 def lstm_kwargs(cfg: Config) -> dict:
-    """ZoneoutLSTM keyword arguments for the chosen regularizer."""
+    """Keyword arguments of the recurrent layers (ZoneoutLSTM, ZoneoutGRU or ZoneoutRNN) for the
+    chosen regularizer."""
     reg = cfg.regularizer
     if reg not in REGULARIZERS:
         raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {reg!r}")
+    if cfg.cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cfg.cell!r}")
     kw = dict(zoneout_cell=0.0, zoneout_hidden=0.0, recurrent_dropout=0.0, mask_mode="independent",
               backend=cfg.backend)
     if reg in ("zoneout", "zoneout-shared", "zoneout-static"):
@@ -122,36 +138,61 @@ def lstm_kwargs(cfg: Config) -> dict:
         kw.update(zoneout_cell=cfg.stochastic_depth_p, zoneout_hidden=cfg.stochastic_depth_p, mask_mode="timestep")
     elif reg == "recurrent-dropout":
         kw.update(recurrent_dropout=cfg.recurrent_dropout)
+    if cfg.cell != "lstm":  # one state: no cell zoneout (contract sec. 4)
+        if kw["mask_mode"] == "shared":
+            raise ValueError(f"--regularizer {reg} ties a cell mask to the hidden mask: it needs --cell lstm")
+        if cfg.cell != "gru" and kw["recurrent_dropout"] > 0:
+            raise ValueError("--regularizer recurrent-dropout needs a gated cell: --cell lstm or gru")
+        del kw["zoneout_cell"]
+        if cfg.cell != "gru":
+            del kw["recurrent_dropout"]
     return kw
 
 
+def recurrent_layer(cell: str, input_size: int, hidden_size: int, **kw) -> nn.Module:
+    """One layer of the chosen cell kind."""
+    if cell == "lstm":
+        return ZoneoutLSTM(input_size, hidden_size, **kw)
+    if cell == "gru":
+        return ZoneoutGRU(input_size, hidden_size, **kw)
+    return ZoneoutRNN(input_size, hidden_size, nonlinearity=cell[len("rnn-"):], **kw)
+
+
 class RecurrentStack(nn.Module):
-    """Stacked one-layer ZoneoutLSTMs: every layer's h sequence stays visible (for the norm stabilizer)
-    and dropout sits between layers, on the non-recurrent connections only (Zaremba et al.)."""
+    """Stacked one-layer recurrent layers (ZoneoutLSTM, ZoneoutGRU or ZoneoutRNN): every layer's h
+    sequence stays visible (for the norm stabilizer) and dropout sits between layers, on the
+    non-recurrent connections only (Zaremba et al.). A layer's state is (h, c) for the LSTM, (h,)
+    for the others."""
 
     def __init__(self, input_size: int, hidden_size: int, layers: int, dropout: float, forget_bias: float,
-                 **lstm_kw):
+                 cell: str = "lstm", **lstm_kw):
         super().__init__()
+        self.cell = cell
         self.layers = nn.ModuleList(
-            ZoneoutLSTM(input_size if i == 0 else hidden_size, hidden_size, **lstm_kw) for i in range(layers))
+            recurrent_layer(cell, input_size if i == 0 else hidden_size, hidden_size, **lstm_kw)
+            for i in range(layers))
         self.dropout = dropout
         self.hidden_size = hidden_size
         self.forget_bias = forget_bias
 
     def reset_forget_bias(self) -> None:
-        if self.forget_bias:
+        if self.forget_bias and self.cell == "lstm":  # the other cells have no forget gate
             with torch.no_grad():
                 for lstm in self.layers:
                     h = lstm.hidden_size
                     lstm.bias_hh_l0[h:2 * h] += self.forget_bias
 
     def forward(self, x, state=None):
-        """x [T, B, I] -> (output [T, B, H], new state (list of (h, c)), list of h sequences per layer)."""
+        """x [T, B, I] -> (output [T, B, H], new state (a tuple per layer), list of h sequences per layer)."""
         new_state, sequences = [], []
-        for i, lstm in enumerate(self.layers):
-            hx = None if state is None else (state[i][0].unsqueeze(0), state[i][1].unsqueeze(0))
-            x, (h, c) = lstm(x, hx)
-            new_state.append((h[0], c[0]))
+        for i, layer in enumerate(self.layers):
+            hx = None if state is None else tuple(s.unsqueeze(0) for s in state[i])
+            if self.cell == "lstm":
+                x, (h, c) = layer(x, hx)
+                new_state.append((h[0], c[0]))
+            else:
+                x, h = layer(x, None if hx is None else hx[0])
+                new_state.append((h[0],))
             sequences.append(x)
             if i < len(self.layers) - 1:
                 x = F.dropout(x, self.dropout, self.training)
@@ -163,7 +204,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, cfg.embed_size)
         self.rnn = RecurrentStack(cfg.embed_size, cfg.hidden_size, cfg.layers, cfg.dropout, cfg.forget_bias,
-                                  **lstm_kwargs(cfg))
+                                  cfg.cell, **lstm_kwargs(cfg))
         self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
         self.dropout = cfg.dropout
         init_parameters(self, cfg)
@@ -182,7 +223,7 @@ class SequenceClassifier(nn.Module):
     def __init__(self, input_size: int, num_classes: int, cfg: Config):
         super().__init__()
         self.rnn = RecurrentStack(input_size, cfg.hidden_size, cfg.layers, cfg.dropout, cfg.forget_bias,
-                                  **lstm_kwargs(cfg))
+                                  cfg.cell, **lstm_kwargs(cfg))
         self.head = nn.Linear(cfg.hidden_size, num_classes)
         init_parameters(self, cfg)
         self.rnn.reset_forget_bias()
@@ -201,7 +242,7 @@ class CopyModel(nn.Module):
         self.length = cfg.copy_length
         self.embedding = nn.Embedding(cfg.copy_symbols + 2, cfg.embed_size)
         self.rnn = RecurrentStack(cfg.embed_size, cfg.hidden_size, cfg.layers, cfg.dropout, cfg.forget_bias,
-                                  **lstm_kwargs(cfg))
+                                  cfg.cell, **lstm_kwargs(cfg))
         self.head = nn.Linear(cfg.hidden_size, cfg.copy_symbols)
         init_parameters(self, cfg)
         self.rnn.reset_forget_bias()
