@@ -1,4 +1,5 @@
-// cuda_ops.cpp: the torch binding of the CUDA backend, zoneout_fused::cuda_layer_{forward,backward}.
+// cuda_ops.cpp: the torch binding of the CUDA backend, zoneout_fused::cuda_layer_{forward,backward}
+// (LSTM) and zoneout_fused::cuda_gru_rnn_layer_{forward,backward} (GRU, plain RNN).
 //
 // Argument checks, allocation, the time loop and the large matrix products live here; the
 // per-step kernels (csrc/cuda/*.cu) see raw pointers only. Everything runs on torch's
@@ -110,31 +111,42 @@ void check_shape(const Tensor& tensor, const char* name, at::IntArrayRef expecte
               tensor.sizes());
 }
 
-// Validates the layer-op arguments (shared by forward and backward) and returns the
-// mask parameters; seed is read only in training mode.
-std::pair<LayerShape, zoneout::ZoneoutParams> check_layer_args(
-    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-    const OptionalTensor& bias, const OptionalTensor& lengths, const Tensor& seed, int64_t layer, int64_t direction,
-    double zoneout_cell, double zoneout_hidden, double recurrent_dropout, int64_t mask_mode, bool training) {
+// ---- Argument checks shared by the LSTM's and the GRU/RNN's layer ops -----------------
+void check_input(const Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "zoneout_fused cuda: x must be a CUDA tensor, got device ", x.device());
   TORCH_CHECK(x.dim() == 3, "zoneout_fused cuda: x must be [T, B, I], got shape ", x.sizes());
   const auto dtype = x.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
                    "zoneout_fused cuda: x must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * w_hh.size(1),
-              "zoneout_fused cuda: w_hh must be [4H, H], got shape ", w_hh.sizes());
+}
+
+// w_hh [rows*H, H] gives H; then w_ih [rows*H, I] and h0 [B, H]. rows_name spells rows*H
+// in the messages ("4H", "3H", "H").
+LayerShape check_weights_and_h0(const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+                                int64_t rows, const char* rows_name) {
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == rows * w_hh.size(1), "zoneout_fused cuda: w_hh must be [",
+              rows_name, ", H], got shape ", w_hh.sizes());
   LayerShape s{x.size(0), x.size(1), x.size(2), w_hh.size(1)};
   check_same(w_hh, "w_hh", x);
   check_same(w_ih, "w_ih", x);
-  check_shape(w_ih, "w_ih", {4 * s.hidden, s.input});
+  check_shape(w_ih, "w_ih", {rows * s.hidden, s.input});
   check_same(h0, "h0", x);
   check_shape(h0, "h0", {s.batch, s.hidden});
-  check_same(c0, "c0", x);
-  check_shape(c0, "c0", {s.batch, s.hidden});
+  return s;
+}
+
+void check_bias(const OptionalTensor& bias, const char* name, const Tensor& x, int64_t numel) {
   if (bias.has_value()) {
-    check_same(*bias, "bias", x);
-    check_shape(*bias, "bias", {4 * s.hidden});
+    check_same(*bias, name, x);
+    check_shape(*bias, name, {numel});
   }
+}
+
+// lengths, seed, the integer arguments and zoneout_hidden / recurrent_dropout; returns the
+// seed's value (read only in training mode: a CPU tensor, no device sync).
+uint64_t check_common_args(const Tensor& x, const LayerShape& s, const OptionalTensor& lengths, const Tensor& seed,
+                           int64_t layer, int64_t direction, double zoneout_hidden, double recurrent_dropout,
+                           int64_t mask_mode, bool training) {
   if (lengths.has_value()) {
     TORCH_CHECK_TYPE(lengths->scalar_type() == at::kLong, "zoneout_fused cuda: lengths must be int64, got ",
                      lengths->scalar_type());
@@ -153,14 +165,38 @@ std::pair<LayerShape, zoneout::ZoneoutParams> check_layer_args(
   TORCH_CHECK_VALUE(mask_mode >= zoneout::kIndependent && mask_mode <= zoneout::kStatic,
                     "zoneout_fused cuda: mask_mode must be 0..3 (independent, shared, timestep, static), got ",
                     mask_mode);
-  TORCH_CHECK_VALUE(zoneout_cell >= 0.0 && zoneout_cell <= 1.0,
-                    "zoneout_fused cuda: zoneout_cell must be in [0, 1], got ", zoneout_cell);
   TORCH_CHECK_VALUE(zoneout_hidden >= 0.0 && zoneout_hidden <= 1.0,
                     "zoneout_fused cuda: zoneout_hidden must be in [0, 1], got ", zoneout_hidden);
   TORCH_CHECK_VALUE(recurrent_dropout >= 0.0 && recurrent_dropout < 1.0,
                     "zoneout_fused cuda: recurrent_dropout must be in [0, 1), got ", recurrent_dropout);
+  return training ? static_cast<uint64_t>(seed.item<int64_t>()) : 0;  // CPU: no device sync
+}
 
-  const uint64_t seed_value = training ? static_cast<uint64_t>(seed.item<int64_t>()) : 0;  // CPU: no device sync
+// The tensors a backward op gets back from its forward (y and the saved state-dtype tensors).
+void check_saved(const Tensor& tensor, const char* name, const Tensor& x, at::IntArrayRef shape) {
+  const auto state = state_dtype(x.scalar_type());
+  TORCH_CHECK(tensor.device() == x.device(), "zoneout_fused cuda: ", name, " must be on ", x.device(), ", got ",
+              tensor.device());
+  TORCH_CHECK_TYPE(tensor.scalar_type() == state, "zoneout_fused cuda: ", name, " must be ", state, ", got ",
+                   tensor.scalar_type());
+  check_shape(tensor, name, shape);
+}
+
+// Validates the LSTM layer-op arguments (shared by forward and backward) and returns the
+// mask parameters; seed is read only in training mode.
+std::pair<LayerShape, zoneout::ZoneoutParams> check_layer_args(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const OptionalTensor& bias, const OptionalTensor& lengths, const Tensor& seed, int64_t layer, int64_t direction,
+    double zoneout_cell, double zoneout_hidden, double recurrent_dropout, int64_t mask_mode, bool training) {
+  check_input(x);
+  const LayerShape s = check_weights_and_h0(x, h0, w_ih, w_hh, 4, "4H");
+  check_same(c0, "c0", x);
+  check_shape(c0, "c0", {s.batch, s.hidden});
+  check_bias(bias, "bias", x, 4 * s.hidden);
+  TORCH_CHECK_VALUE(zoneout_cell >= 0.0 && zoneout_cell <= 1.0,
+                    "zoneout_fused cuda: zoneout_cell must be in [0, 1], got ", zoneout_cell);
+  const uint64_t seed_value = check_common_args(x, s, lengths, seed, layer, direction, zoneout_hidden,
+                                                recurrent_dropout, mask_mode, training);
   const zoneout::ZoneoutParams p = zoneout::make_params(seed_value, layer, direction, mask_mode, zoneout_cell,
                                                         zoneout_hidden, recurrent_dropout, training, s.batch, s.hidden);
   return {s, p};
@@ -241,16 +277,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_layer_backward(
   check_shape(grad_c_n_in, "grad_c_n", {B, H});
   check_same(y_in, "y", x_in);
   check_shape(y_in, "y", {T, B, H});
-  const auto check_saved = [&](const Tensor& tensor, const char* name) {
-    TORCH_CHECK(tensor.device() == x_in.device(), "zoneout_fused cuda: ", name, " must be on ", x_in.device(),
-                ", got ", tensor.device());
-    TORCH_CHECK_TYPE(tensor.scalar_type() == state, "zoneout_fused cuda: ", name, " must be ", state, ", got ",
-                     tensor.scalar_type());
-  };
-  check_saved(c_seq_in, "c_seq");
-  check_saved(gates_in, "gates");
-  check_shape(c_seq_in, "c_seq", {T, B, H});
-  check_shape(gates_in, "gates", {T, B, 4 * H});
+  check_saved(c_seq_in, "c_seq", x_in, {T, B, H});
+  check_saved(gates_in, "gates", x_in, {T, B, 4 * H});
 
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -317,6 +345,189 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_layer_backward(
   return {grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias};
 }
 
+// ---------------------------------------------------------------------------------------
+// GRU and plain RNN: zoneout_fused::cuda_gru_rnn_layer_{forward,backward} (schema in
+// zoneout_fused/ops.py). One cuBLAS GEMM and one element kernel per step, no fused variant.
+// For float16/bfloat16 every product the kernels read (x W_ih^T, h W_hh^T, d_h W_hh) and every
+// pre-activation gradient (d_x, d_h) is float32: the GEMMs take 16-bit inputs and write
+// float32 (at::mm's out_dtype overload) or run in float32 on float32 copies.
+// ---------------------------------------------------------------------------------------
+struct GruRnnArgs {
+  LayerShape shape;
+  zoneout::ZoneoutParams params;
+  zoneout::CellKind cell;
+  int64_t rows;   // G: W_ih / W_hh rows per unit
+  int64_t saved;  // saved gate columns per unit
+};
+
+GruRnnArgs check_gru_rnn_args(const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+                              const OptionalTensor& b_ih, const OptionalTensor& b_hh, const OptionalTensor& lengths,
+                              const Tensor& seed, int64_t cell, int64_t layer, int64_t direction,
+                              double zoneout_hidden, double recurrent_dropout, int64_t mask_mode, bool training) {
+  check_input(x);
+  TORCH_CHECK_VALUE(cell == zoneout::kGru || cell == zoneout::kRnnTanh || cell == zoneout::kRnnRelu,
+                    "zoneout_fused cuda: cell must be 1 (gru), 2 (rnn_tanh) or 3 (rnn_relu), got ", cell);
+  const auto kind = static_cast<zoneout::CellKind>(cell);
+  const int64_t rows = zoneout::cell_rows(kind);
+  const LayerShape s = check_weights_and_h0(x, h0, w_ih, w_hh, rows, kind == zoneout::kGru ? "3H" : "H");
+  check_bias(b_ih, "b_ih", x, rows * s.hidden);
+  check_bias(b_hh, "b_hh", x, rows * s.hidden);
+  TORCH_CHECK_VALUE(kind == zoneout::kGru || recurrent_dropout == 0.0,
+                    "zoneout_fused cuda: recurrent_dropout must be 0 for an RNN cell (cell = ", cell,
+                    "); recurrent dropout acts on the GRU's candidate only, got ", recurrent_dropout);
+  const uint64_t seed_value = check_common_args(x, s, lengths, seed, layer, direction, zoneout_hidden,
+                                                recurrent_dropout, mask_mode, training);
+  // zoneout_cell = 0: the hidden mask is the LSTM's m_h for the same seed and position.
+  const zoneout::ZoneoutParams p = zoneout::make_params(seed_value, layer, direction, mask_mode, 0.0,
+                                                        zoneout_hidden, recurrent_dropout, training, s.batch, s.hidden);
+  return {s, p, kind, rows, zoneout::cell_saved(kind)};
+}
+
+// a b with the result in the state dtype: for float16/bfloat16 cuBLAS accumulates in float32
+// and writes float32 (no rounding of the product to 16 bits); a plain mm otherwise.
+Tensor mm_state(const Tensor& a, const Tensor& b) {
+  const auto state = state_dtype(a.scalar_type());
+  return state == a.scalar_type() ? at::mm(a, b) : at::mm(a, b, state);
+}
+
+void mm_state_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  if (out.scalar_type() == a.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b, out.scalar_type());
+  }
+}
+
+std::tuple<Tensor, Tensor> cuda_gru_rnn_layer_forward(
+    const Tensor& x_in, const Tensor& h0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
+    const OptionalTensor& b_ih_in, const OptionalTensor& b_hh_in, const OptionalTensor& lengths_in,
+    const Tensor& seed, int64_t cell, int64_t layer, int64_t direction, double zoneout_hidden,
+    double recurrent_dropout, int64_t mask_mode, bool training) {
+  const GruRnnArgs args = check_gru_rnn_args(x_in, h0_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, lengths_in, seed, cell,
+                                             layer, direction, zoneout_hidden, recurrent_dropout, mask_mode, training);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), w_ih = w_ih_in.contiguous();
+  const Tensor w_hh = w_hh_in.contiguous();
+  const Tensor b_ih = b_ih_in.has_value() ? b_ih_in->contiguous() : Tensor();
+  const Tensor b_hh = b_hh_in.has_value() ? b_hh_in->contiguous() : Tensor();
+  const Tensor lengths = lengths_in.has_value() ? lengths_in->contiguous() : Tensor();
+  const auto state = state_dtype(x.scalar_type());
+  const int64_t T = args.shape.steps, B = args.shape.batch, I = args.shape.input, H = args.shape.hidden;
+  const int64_t GH = args.rows * H, SH = args.saved * H;
+
+  Tensor y = at::empty({T, B, H}, x.options());
+  Tensor gates = at::empty({T, B, SH}, x.options().dtype(state));
+  if (T == 0) return {y, gates};
+  // x_t W_ih^T for every step in one GEMM (state dtype); the biases are added in the kernel.
+  const Tensor x_proj = mm_state(x.view({T * B, I}), w_ih.t()).view({T, B, GH});
+  Tensor hp = at::empty({B, GH}, x.options().dtype(state));
+  const zc::ScalarType kdtype = kernel_dtype(x.scalar_type());
+
+  zc::GruRnnForwardStepArgs a;
+  a.b_ih = b_ih.defined() ? b_ih.data_ptr() : nullptr;
+  a.b_hh = b_hh.defined() ? b_hh.data_ptr() : nullptr;
+  a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  a.hp = hp.data_ptr();
+  for (int64_t step = 0; step < T; ++step) {
+    const int64_t t = direction == 0 ? step : T - 1 - step;  // position in the input
+    const int64_t t_prev = direction == 0 ? t - 1 : t + 1;   // valid when step > 0
+    mm_state_out(hp, step == 0 ? h0 : y.select(0, t_prev), w_hh.t());
+    a.t = t;
+    a.x_proj = slice_ptr(x_proj, t, B * GH);
+    a.h_prev = step == 0 ? h0.data_ptr() : slice_ptr(y, t_prev, B * H);
+    a.y = slice_ptr(y, t, B * H);
+    a.gates = slice_ptr(gates, t, B * SH);
+    check_launch(zc::gru_rnn_forward_step(kdtype, args.cell, a, args.params, stream), "GRU/RNN forward step");
+  }
+  return {y, gates};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_gru_rnn_layer_backward(
+    const Tensor& grad_y_in, const Tensor& x_in, const Tensor& h0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
+    const OptionalTensor& b_ih_in, const OptionalTensor& b_hh_in, const OptionalTensor& lengths_in,
+    const Tensor& seed, int64_t cell, int64_t layer, int64_t direction, double zoneout_hidden,
+    double recurrent_dropout, int64_t mask_mode, bool training, const Tensor& y_in, const Tensor& gates_in) {
+  const GruRnnArgs args = check_gru_rnn_args(x_in, h0_in, w_ih_in, w_hh_in, b_ih_in, b_hh_in, lengths_in, seed, cell,
+                                             layer, direction, zoneout_hidden, recurrent_dropout, mask_mode, training);
+  const int64_t T = args.shape.steps, B = args.shape.batch, I = args.shape.input, H = args.shape.hidden;
+  const int64_t GH = args.rows * H, SH = args.saved * H;
+  const bool gru = args.cell == zoneout::kGru;
+  const auto dtype = x_in.scalar_type();
+  const auto state = state_dtype(dtype);
+  check_same(grad_y_in, "grad_y", x_in);
+  check_shape(grad_y_in, "grad_y", {T, B, H});
+  check_same(y_in, "y", x_in);
+  check_shape(y_in, "y", {T, B, H});
+  check_saved(gates_in, "gates", x_in, {T, B, SH});
+
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const auto options = x_in.options();
+  if (T == 0) {  // y is empty: nothing reaches the inputs
+    return {at::empty({T, B, I}, options), at::zeros({B, H}, options), at::zeros({GH, I}, options),
+            at::zeros({GH, H}, options), at::zeros({GH}, options), at::zeros({GH}, options)};
+  }
+  const Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), h0 = h0_in.contiguous();
+  const Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous(), y = y_in.contiguous();
+  const Tensor gates = gates_in.contiguous();
+  const Tensor lengths = lengths_in.has_value() ? lengths_in->contiguous() : Tensor();
+  // W_hh in the state dtype (a float32 copy for 16-bit inputs): d_h W_hh stays in float32.
+  const Tensor w_hh_state = w_hh.to(state);
+
+  // d_x: gradient of the input parts (GRU d_r, d_u, d_n; RNN d_pre); d_h: of the recurrent
+  // parts (GRU d_r, d_u, d_hp_n; the RNN's is d_x itself).
+  Tensor d_x = at::empty({T, B, GH}, options.dtype(state));
+  Tensor d_h = gru ? at::empty({T, B, GH}, options.dtype(state)) : d_x;
+  Tensor dh_direct = at::zeros({B, H}, options.dtype(state));
+  Tensor dh_rec = at::empty({B, H}, options.dtype(state));
+  const zc::ScalarType kdtype = kernel_dtype(dtype);
+
+  zc::GruRnnBackwardStepArgs a;
+  a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  a.dh_direct = dh_direct.data_ptr();
+  // Backward processes the steps in the reverse of the forward order.
+  for (int64_t step = 0; step < T; ++step) {
+    const int64_t t = direction == 0 ? T - 1 - step : step;
+    const int64_t t_next = direction == 0 ? t + 1 : t - 1;  // processed just before; valid when step > 0
+    const int64_t t_prev = direction == 0 ? t - 1 : t + 1;  // forward predecessor (h_{t-1})
+    const bool first_forward_step = direction == 0 ? t == 0 : t == T - 1;
+    if (step > 0) {
+      at::mm_out(dh_rec, d_h.select(0, t_next), w_hh_state);
+    }
+    a.t = t;
+    a.grad_y = slice_ptr(grad_y, t, B * H);
+    a.dh_rec = step > 0 ? dh_rec.data_ptr() : nullptr;
+    a.gates = slice_ptr(gates, t, B * SH);
+    a.h_prev = first_forward_step ? h0.data_ptr() : slice_ptr(y, t_prev, B * H);
+    a.d_x = slice_ptr(d_x, t, B * GH);
+    a.d_h = gru ? slice_ptr(d_h, t, B * GH) : nullptr;
+    check_launch(zc::gru_rnn_backward_step(kdtype, args.cell, a, args.params, stream), "GRU/RNN backward step");
+  }
+  const int64_t t_first = direction == 0 ? 0 : T - 1;  // first forward step: h_{t-1} = h0
+  const Tensor d_h_first = d_h.select(0, t_first);
+  const Tensor grad_h0 = (dh_direct + at::mm(d_h_first, w_hh_state)).to(dtype);
+
+  // Weight and input gradients: single large products over all T*B rows, in the state dtype
+  // (float32 copies of x, y, h0 and W_ih for 16-bit inputs), rounded to x's dtype at the end.
+  const Tensor d_x_flat = d_x.view({T * B, GH});
+  const Tensor d_h_flat = d_h.view({T * B, GH});
+  const Tensor grad_x = at::mm(d_x_flat, w_ih.to(state)).view({T, B, I}).to(dtype);
+  const Tensor grad_w_ih = at::mm(d_x_flat.t(), x.view({T * B, I}).to(state)).to(dtype);
+  // grad_w_hh = sum_t d_h[t]^T h_{t-1}: h0 for the first forward step, y of its predecessor otherwise.
+  Tensor grad_w_hh = at::mm(d_h_first.t(), h0.to(state));
+  if (T > 1) {
+    const Tensor d_rest = direction == 0 ? d_h.narrow(0, 1, T - 1) : d_h.narrow(0, 0, T - 1);
+    const Tensor h_rest = direction == 0 ? y.narrow(0, 0, T - 1) : y.narrow(0, 1, T - 1);
+    grad_w_hh = at::addmm(grad_w_hh, d_rest.reshape({(T - 1) * B, GH}).t(),
+                          h_rest.reshape({(T - 1) * B, H}).to(state));
+  }
+  // Deterministic reductions (no atomics) in the state dtype.
+  const Tensor grad_b_ih = d_x_flat.sum(0).to(dtype);
+  const Tensor grad_b_hh = d_h_flat.sum(0).to(dtype);  // a separate tensor even when d_h is d_x
+  return {grad_x, grad_h0, grad_w_ih, grad_w_hh.to(dtype), grad_b_ih, grad_b_hh};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
@@ -330,11 +541,22 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
       "float zoneout_hidden, float recurrent_dropout, int mask_mode, bool training, Tensor y, Tensor c_seq, "
       "Tensor gates) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_bias)");
+  m.def(
+      "cuda_gru_rnn_layer_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? lengths, Tensor seed, int cell, int layer, int direction, float zoneout_hidden, "
+      "float recurrent_dropout, int mask_mode, bool training) -> (Tensor y, Tensor gates)");
+  m.def(
+      "cuda_gru_rnn_layer_backward(Tensor grad_y, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? lengths, Tensor seed, int cell, int layer, int direction, float zoneout_hidden, "
+      "float recurrent_dropout, int mask_mode, bool training, Tensor y, Tensor gates) -> (Tensor grad_x, "
+      "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
 }
 
 TORCH_LIBRARY_IMPL(zoneout_fused, CUDA, m) {
   m.impl("cuda_layer_forward", &cuda_layer_forward);
   m.impl("cuda_layer_backward", &cuda_layer_backward);
+  m.impl("cuda_gru_rnn_layer_forward", &cuda_gru_rnn_layer_forward);
+  m.impl("cuda_gru_rnn_layer_backward", &cuda_gru_rnn_layer_backward);
 }
 
 // The ops register on import; the module itself exports nothing.

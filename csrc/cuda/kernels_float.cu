@@ -10,6 +10,12 @@ template cudaError_t launch_forward_step<float>(Recurrence, const ForwardStepArg
 template cudaError_t launch_forward_step<double>(Recurrence, const ForwardStepArgs&, const P&, cudaStream_t);
 template cudaError_t launch_backward_step<float>(Recurrence, const BackwardStepArgs&, const P&, cudaStream_t);
 template cudaError_t launch_backward_step<double>(Recurrence, const BackwardStepArgs&, const P&, cudaStream_t);
+using GF = GruRnnForwardStepArgs;
+using GB = GruRnnBackwardStepArgs;
+template cudaError_t launch_gru_rnn_forward_step<float>(CellKind, const GF&, const P&, cudaStream_t);
+template cudaError_t launch_gru_rnn_forward_step<double>(CellKind, const GF&, const P&, cudaStream_t);
+template cudaError_t launch_gru_rnn_backward_step<float>(CellKind, const GB&, const P&, cudaStream_t);
+template cudaError_t launch_gru_rnn_backward_step<double>(CellKind, const GB&, const P&, cudaStream_t);
 
 }  // namespace detail
 }  // namespace cuda

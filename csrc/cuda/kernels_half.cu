@@ -10,6 +10,12 @@ template cudaError_t launch_forward_step<__half>(Recurrence, const ForwardStepAr
 template cudaError_t launch_forward_step<__nv_bfloat16>(Recurrence, const ForwardStepArgs&, const P&, cudaStream_t);
 template cudaError_t launch_backward_step<__half>(Recurrence, const BackwardStepArgs&, const P&, cudaStream_t);
 template cudaError_t launch_backward_step<__nv_bfloat16>(Recurrence, const BackwardStepArgs&, const P&, cudaStream_t);
+using GF = GruRnnForwardStepArgs;
+using GB = GruRnnBackwardStepArgs;
+template cudaError_t launch_gru_rnn_forward_step<__half>(CellKind, const GF&, const P&, cudaStream_t);
+template cudaError_t launch_gru_rnn_forward_step<__nv_bfloat16>(CellKind, const GF&, const P&, cudaStream_t);
+template cudaError_t launch_gru_rnn_backward_step<__half>(CellKind, const GB&, const P&, cudaStream_t);
+template cudaError_t launch_gru_rnn_backward_step<__nv_bfloat16>(CellKind, const GB&, const P&, cudaStream_t);
 
 }  // namespace detail
 }  // namespace cuda

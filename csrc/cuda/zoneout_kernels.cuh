@@ -4,8 +4,9 @@
 // compile in parallel. This file has no launch syntax, so host code can include it too.
 //
 // One thread per (example b, unit j). The per-element math and the masks are the shared
-// framework-free functions of zoneout_lstm.h (cell_forward, cell_backward, element_masks);
-// this file only moves data and, in the fused variants, computes the recurrent product.
+// framework-free functions of zoneout_lstm.h (cell_forward, cell_backward, gru_forward,
+// gru_backward, rnn_forward, rnn_backward, element_masks); this file only moves data and, in
+// the fused LSTM variants, computes the recurrent product.
 #pragma once
 
 #include <cstdint>
@@ -245,6 +246,106 @@ __global__ void __launch_bounds__(kFusedMaxThreads)
 #pragma unroll
   for (int r = 0; r < kFusedRows; ++r) {
     if (b0 + r < batch) backward_element<scalar_t>(a, p, b0 + r, j, acc[r]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// GRU and plain RNN (kCell = kGru, kRnnTanh or kRnnRelu), recurrent product from cuBLAS.
+// Products and pre-activation gradients are in the state dtype acc_t (see zoneout_cuda.h).
+// ---------------------------------------------------------------------------------------
+template <typename scalar_t, int kCell>
+__global__ void __launch_bounds__(kPointwiseThreads)
+    gru_rnn_forward_step_kernel(const GruRnnForwardStepArgs a, const ZoneoutParams p) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int kRows = kCell == kGru ? 3 : 1;   // cell_rows(kCell)
+  constexpr int kSaved = kCell == kGru ? 4 : 1;  // cell_saved(kCell)
+  const int64_t hidden = p.hidden;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= p.batch * hidden) return;
+  const int64_t b = e / hidden, j = e - b * hidden;
+  const int64_t row = b * kRows * hidden + j;    // first row of (b, j) in [B, G*H]
+  const int64_t saved = b * kSaved * hidden + j; // first column of (b, j) in [B, S*H]
+  const scalar_t h_prev = static_cast<const scalar_t*>(a.h_prev)[e];
+  scalar_t* y = static_cast<scalar_t*>(a.y);
+  acc_t* gates = static_cast<acc_t*>(a.gates);
+
+  if (!step_active(a.t, a.lengths, b)) {  // past the sequence's end: state copied through
+    y[e] = h_prev;                          // bit-exact copy, no round trip through acc_t
+#pragma unroll
+    for (int g = 0; g < kSaved; ++g) gates[saved + g * hidden] = acc_t(0);
+    return;
+  }
+  const acc_t* x_proj = static_cast<const acc_t*>(a.x_proj);
+  const acc_t* hp = static_cast<const acc_t*>(a.hp);
+  const scalar_t* b_ih = static_cast<const scalar_t*>(a.b_ih);
+  const scalar_t* b_hh = static_cast<const scalar_t*>(a.b_hh);
+  acc_t xs[kRows], hs[kRows];  // input parts x W_i*^T + b_i*, recurrent parts h W_h*^T + b_h*
+#pragma unroll
+  for (int g = 0; g < kRows; ++g) {
+    xs[g] = x_proj[row + g * hidden];
+    if (b_ih != nullptr) xs[g] += to_acc(b_ih[g * hidden + j]);
+    hs[g] = hp[row + g * hidden];
+    if (b_hh != nullptr) hs[g] += to_acc(b_hh[g * hidden + j]);
+  }
+  const ElementMasks<acc_t> m = element_masks<acc_t>(p, a.t, b, j);
+  if constexpr (kCell == kGru) {
+    const GruForward<acc_t> out = gru_forward<acc_t>(xs[0], xs[1], xs[2], hs[0], hs[1], hs[2], to_acc(h_prev), m);
+    store(y + e, out.h);
+    gates[saved] = out.r;
+    gates[saved + hidden] = out.u;
+    gates[saved + 2 * hidden] = out.n;
+    gates[saved + 3 * hidden] = out.hp_n;
+  } else {
+    const RnnForward<acc_t> out = rnn_forward<acc_t>(kCell == kRnnRelu, xs[0] + hs[0], to_acc(h_prev), m);
+    store(y + e, out.h);
+    gates[saved] = out.candidate;
+  }
+}
+
+template <typename scalar_t, int kCell>
+__global__ void __launch_bounds__(kPointwiseThreads)
+    gru_rnn_backward_step_kernel(const GruRnnBackwardStepArgs a, const ZoneoutParams p) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int kRows = kCell == kGru ? 3 : 1;
+  constexpr int kSaved = kCell == kGru ? 4 : 1;
+  const int64_t hidden = p.hidden;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= p.batch * hidden) return;
+  const int64_t b = e / hidden, j = e - b * hidden;
+  const int64_t row = b * kRows * hidden + j;
+  const int64_t saved = b * kSaved * hidden + j;
+  acc_t* dh_direct = static_cast<acc_t*>(a.dh_direct);
+  acc_t* d_x = static_cast<acc_t*>(a.d_x);
+  acc_t* d_h = static_cast<acc_t*>(a.d_h);  // GRU only
+  const acc_t dh_rec = a.dh_rec != nullptr ? static_cast<const acc_t*>(a.dh_rec)[e] : acc_t(0);
+  const acc_t dh = to_acc(static_cast<const scalar_t*>(a.grad_y)[e]) + dh_rec + dh_direct[e];
+
+  if (!step_active(a.t, a.lengths, b)) {  // y_t was h_{t-1}: dh passes straight through
+    dh_direct[e] = dh;
+#pragma unroll
+    for (int g = 0; g < kRows; ++g) {
+      d_x[row + g * hidden] = acc_t(0);
+      if constexpr (kCell == kGru) d_h[row + g * hidden] = acc_t(0);
+    }
+    return;
+  }
+  const acc_t* gates = static_cast<const acc_t*>(a.gates);
+  const ElementMasks<acc_t> m = element_masks<acc_t>(p, a.t, b, j);
+  if constexpr (kCell == kGru) {
+    const acc_t h_prev = to_acc(static_cast<const scalar_t*>(a.h_prev)[e]);
+    const GruBackward<acc_t> out = gru_backward<acc_t>(dh, gates[saved], gates[saved + hidden],
+                                                       gates[saved + 2 * hidden], gates[saved + 3 * hidden], h_prev, m);
+    dh_direct[e] = out.dh_prev_direct;
+    d_x[row] = out.d_r;
+    d_x[row + hidden] = out.d_u;
+    d_x[row + 2 * hidden] = out.d_n;
+    d_h[row] = out.d_r;
+    d_h[row + hidden] = out.d_u;
+    d_h[row + 2 * hidden] = out.d_hp_n;
+  } else {
+    const RnnBackward<acc_t> out = rnn_backward<acc_t>(kCell == kRnnRelu, dh, gates[saved], m);
+    dh_direct[e] = out.dh_prev_direct;
+    d_x[row] = out.d_pre;
   }
 }
 

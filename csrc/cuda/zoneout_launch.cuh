@@ -46,6 +46,61 @@ cudaError_t launch_backward_step(Recurrence recurrence, const BackwardStepArgs& 
   return cudaGetLastError();
 }
 
+// GRU / RNN: one pointwise kernel per step, instantiated per cell kind (the activation and
+// the number of rows are compile-time constants).
+inline unsigned pointwise_blocks(int64_t n) {
+  return static_cast<unsigned>((n + kPointwiseThreads - 1) / kPointwiseThreads);
+}
+
+template <typename scalar_t>
+cudaError_t launch_gru_rnn_forward_step(CellKind cell, const GruRnnForwardStepArgs& a, const ZoneoutParams& p,
+                                        cudaStream_t stream) {
+  if (cell != kGru && cell != kRnnTanh && cell != kRnnRelu) return cudaErrorInvalidValue;
+  const int64_t n = p.batch * p.hidden;
+  if (n == 0) return cudaSuccess;
+  if (a.x_proj == nullptr || a.hp == nullptr || a.h_prev == nullptr || a.y == nullptr || a.gates == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const unsigned blocks = pointwise_blocks(n);
+  switch (cell) {
+    case kGru:
+      gru_rnn_forward_step_kernel<scalar_t, kGru><<<blocks, kPointwiseThreads, 0, stream>>>(a, p);
+      break;
+    case kRnnTanh:
+      gru_rnn_forward_step_kernel<scalar_t, kRnnTanh><<<blocks, kPointwiseThreads, 0, stream>>>(a, p);
+      break;
+    default:
+      gru_rnn_forward_step_kernel<scalar_t, kRnnRelu><<<blocks, kPointwiseThreads, 0, stream>>>(a, p);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t launch_gru_rnn_backward_step(CellKind cell, const GruRnnBackwardStepArgs& a, const ZoneoutParams& p,
+                                         cudaStream_t stream) {
+  if (cell != kGru && cell != kRnnTanh && cell != kRnnRelu) return cudaErrorInvalidValue;
+  const int64_t n = p.batch * p.hidden;
+  if (n == 0) return cudaSuccess;
+  if (a.grad_y == nullptr || a.gates == nullptr || a.dh_direct == nullptr || a.d_x == nullptr ||
+      (cell == kGru && (a.d_h == nullptr || a.h_prev == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  const unsigned blocks = pointwise_blocks(n);
+  switch (cell) {
+    case kGru:
+      gru_rnn_backward_step_kernel<scalar_t, kGru><<<blocks, kPointwiseThreads, 0, stream>>>(a, p);
+      break;
+    case kRnnTanh:
+      gru_rnn_backward_step_kernel<scalar_t, kRnnTanh><<<blocks, kPointwiseThreads, 0, stream>>>(a, p);
+      break;
+    default:
+      gru_rnn_backward_step_kernel<scalar_t, kRnnRelu><<<blocks, kPointwiseThreads, 0, stream>>>(a, p);
+      break;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace zoneout
