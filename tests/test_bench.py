@@ -126,3 +126,37 @@ def test_matmul_floor_counts_every_product():
         per_layer = [2 * 5 * 3 * layer_input * 32 + 2 * 5 * 3 * 8 * 32 for layer_input in (4, 8)]
         assert flops(case, "fwd") == flops(case, "eval") == sum(per_layer)
         assert flops(case, "fwd+bwd") == 3 * flops(case, "fwd")
+
+
+def _gru_wrong_masks(gru, zoneout_kwargs):
+    kwargs = dict(zoneout_kwargs, zoneout_hidden=zoneout_kwargs["zoneout_hidden"] / 2)
+    return zf.ZoneoutGRU.from_gru(gru, backend="reference", **kwargs)
+
+
+def test_bench_cell_option_runs_gru_and_rnn_beside_torch(tmp_path):
+    """--cell: the sequence configs with ZoneoutGRU / ZoneoutRNN beside nn.GRU / nn.RNN and the
+    plain GRUCell / RNNCell loop; the check still catches wrong masks."""
+    fused = [name for name in ("cpu",) if name in zf.available_backends("cpu")]
+    for cell, baseline in (("gru", "nn.GRU"), ("rnn-relu", "nn.RNN")):
+        extra = {"wrong-masks": Peer("wrong-masks", _gru_wrong_masks)} if cell == "gru" else {}
+        records = main(["--device", "cpu", "--config", "tiny", "--cell", cell, "--backends",
+                        ",".join(["plain-loop", "reference", "nn.LSTM"] + fused), "--repeats", "1", "--warmup", "0",
+                        "--quiet"], extra_peers=extra)
+        by_backend = {r["backend"]: r for r in records if r["mode"] == "fwd+bwd"}
+        assert set(by_backend) == {"plain-loop", "reference", baseline, *fused, *extra}
+        for name in ["plain-loop", baseline] + fused:
+            assert by_backend[name]["check"] == "ok", by_backend[name]["check_detail"]
+            assert by_backend[name]["baseline"] == baseline and by_backend[name]["rnn_cell"] == cell
+        assert by_backend[baseline]["speedup_vs_nn_lstm"] == 1.0
+        if extra:
+            assert by_backend["wrong-masks"]["check"] == "mismatch"
+        record = by_backend["reference"]
+        assert record["zoneout_hidden"] == 0.1 and "zoneout_cell" not in record
+
+
+def test_bench_cell_option_rejects_what_the_cell_lacks(capsys):
+    import pytest
+    for argv in (["--cell", "gru", "--config", "decode"], ["--cell", "rnn-tanh", "--recurrent-dropout", "0.1"],
+                 ["--cell", "gru", "--mask-mode", "shared"], ["--cell", "gru", "--zoneout-cell", "0.5"]):
+        with pytest.raises(SystemExit):
+            main(argv + ["--device", "cpu"])

@@ -115,7 +115,8 @@ def markdown(records: list[dict]) -> str:
         head = columns(group)
         lines += [f"**{config}** (B={r['batch']}, T={r['steps']}, I={r['input_size']}, H={r['hidden_size']}, "
                   f"layers={r['num_layers']}{', cell stepped T times' if r.get('cell') else ''}, "
-                  f"z_c={r['zoneout_cell']}, z_h={r['zoneout_hidden']}, {dtype})", "",
+                  + (f"z_c={r['zoneout_cell']}, " if r.get("zoneout_cell") is not None else f"{r.get('rnn_cell')}, ")
+                  + f"z_h={r['zoneout_hidden']}, {dtype})", "",
                   "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
         lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows(group)]
         errors = [n for n in notes(group) if ": check " not in n]

@@ -51,7 +51,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..nn import ZoneoutLSTM, ZoneoutLSTMCell
+from ..nn import ZoneoutGRU, ZoneoutLSTM, ZoneoutLSTMCell, ZoneoutRNN
 from ..ops import BACKENDS
 from ..testing import three_way_error
 from .cases import PUBLIC_CONFIGS, Case, cases_for
@@ -69,8 +69,25 @@ BASE_PEERS = ("plain-loop", "plain-loop-compiled", "nn.LSTM", "reference", "refe
 ALL_PEERS = BASE_PEERS + ("nn.LSTMCell", "cpu", "triton", "cuda")
 # Peers of the cell cases (`decode`): the cell API stepped once per frame.
 CELL_PEERS = ("plain-loop", "nn.LSTMCell", "reference")
-# The no-zoneout ceiling of each kind of case ("vs nn.LSTM" columns); either name asks for it.
+# The no-zoneout ceiling of each kind of case ("vs nn.LSTM" columns); any of these names asks for it.
 BASELINE = {False: "nn.LSTM", True: "nn.LSTMCell"}
+# --cell: the recurrent layer benchmarked (sequence configs), its torch layer and ceiling.
+RNN_CELLS = ("lstm", "gru", "rnn-tanh", "rnn-relu")
+SEQUENCE_BASELINES = {"lstm": "nn.LSTM", "gru": "nn.GRU", "rnn-tanh": "nn.RNN", "rnn-relu": "nn.RNN"}
+BASELINE_NAMES = ("nn.LSTM", "nn.LSTMCell", "nn.GRU", "nn.RNN")
+
+
+def baseline_name(rnn_cell: str, cell_case: bool) -> str:
+    return BASELINE[True] if cell_case else SEQUENCE_BASELINES[rnn_cell]
+
+
+def torch_layer(rnn_cell: str, case: Case) -> nn.RNNBase:
+    """The case's torch layer of the --cell kind (its weights are every peer's)."""
+    if rnn_cell == "lstm":
+        return nn.LSTM(case.input_size, case.hidden_size, case.num_layers)
+    if rnn_cell == "gru":
+        return nn.GRU(case.input_size, case.hidden_size, case.num_layers)
+    return nn.RNN(case.input_size, case.hidden_size, case.num_layers, nonlinearity=rnn_cell[len("rnn-"):])
 
 # The check: every output and gradient of a peer against the reference run in float64 on the
 # same inputs and masks (they are drawn in float32 whatever the dtype). float64 peers: normalised
@@ -103,7 +120,8 @@ COMPILE_OPTIONS = {"fallback_random": True, "realize_opcount_threshold": 4}
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Peer:
-    """A contender: build(lstm, zoneout_kwargs) returns a module with nn.LSTM's forward."""
+    """A contender: build(layer, zoneout_kwargs) returns a module with the forward of the torch
+    layer it copies (nn.LSTM's, nn.GRU's or nn.RNN's)."""
 
     name: str
     build: Callable[[nn.LSTM, dict], nn.Module]
@@ -115,8 +133,13 @@ class Peer:
     compiled: bool = False  # torch.compile'd: its first call runs under --compile-timeout
 
 
-def _zoneout_module(lstm: nn.LSTM, zoneout_kwargs: dict, backend: str) -> ZoneoutLSTM:
-    return ZoneoutLSTM.from_lstm(lstm, backend=backend, **zoneout_kwargs)
+def _zoneout_module(layer: nn.RNNBase, zoneout_kwargs: dict, backend: str) -> nn.Module:
+    """ZoneoutLSTM / ZoneoutGRU / ZoneoutRNN with a copy of a torch layer's weights."""
+    if isinstance(layer, nn.LSTM):
+        return ZoneoutLSTM.from_lstm(layer, backend=backend, **zoneout_kwargs)
+    if isinstance(layer, nn.GRU):
+        return ZoneoutGRU.from_gru(layer, backend=backend, **zoneout_kwargs)
+    return ZoneoutRNN.from_rnn(layer, backend=backend, **zoneout_kwargs)
 
 
 def _compiled(module: nn.Module, **options) -> nn.Module:
@@ -130,9 +153,10 @@ def _compiled_reference(lstm: nn.LSTM, zoneout_kwargs: dict) -> nn.Module:
     return _compiled(_zoneout_module(lstm, zoneout_kwargs, "reference"), options=COMPILE_OPTIONS)
 
 
-def _plain_loop(lstm: nn.LSTM, zoneout_kwargs: dict) -> nn.Module:
-    return SteppedCells([PlainZoneoutCell(cell, zoneout_kwargs["zoneout_cell"], zoneout_kwargs["zoneout_hidden"])
-                         for cell in lstm_cells(lstm)])
+def _plain_loop(layer: nn.RNNBase, zoneout_kwargs: dict) -> nn.Module:
+    return SteppedCells([PlainZoneoutCell(cell, zoneout_kwargs.get("zoneout_cell", 0.0),
+                                          zoneout_kwargs["zoneout_hidden"]) for cell in lstm_cells(layer)],
+                        lstm=isinstance(layer, nn.LSTM))
 
 
 def _zoneout_cells(lstm: nn.LSTM, zoneout_kwargs: dict, backend: str) -> nn.Module:
@@ -191,9 +215,11 @@ def fused_peer(name: str, device: torch.device, cell: bool = False) -> Peer:
 
 
 def select_peers(device: torch.device, requested: Optional[list[str]],
-                 extra_peers: Optional[dict[str, Peer]] = None, cell: bool = False) -> list[Peer]:
+                 extra_peers: Optional[dict[str, Peer]] = None, cell: bool = False,
+                 rnn_cell: str = "lstm") -> list[Peer]:
     """The peers of a sequence case (cell=False) or a cell case, in the order of `requested`
-    (default: all for the device); names that do not apply to the kind of case are left out."""
+    (default: all for the device); names that do not apply to the kind of case are left out.
+    rnn_cell: the --cell kind of the sequence cases (its torch layer is the ceiling)."""
     if cell:
         builders = {
             "plain-loop": Peer("plain-loop", _plain_loop, check_without_zoneout=True),
@@ -206,7 +232,7 @@ def select_peers(device: torch.device, requested: Optional[list[str]],
             "plain-loop": Peer("plain-loop", _plain_loop, check_without_zoneout=True),
             "plain-loop-compiled": Peer("plain-loop-compiled", lambda lstm, zkw: _compiled(_plain_loop(lstm, zkw)),
                                         check_without_zoneout=True, compiled=True),
-            "nn.LSTM": Peer("nn.LSTM", _lstm_copy, zoneout=False),
+            SEQUENCE_BASELINES[rnn_cell]: Peer(SEQUENCE_BASELINES[rnn_cell], _lstm_copy, zoneout=False),
             "reference": Peer("reference", lambda lstm, zkw: _zoneout_module(lstm, zkw, "reference")),
             "reference-compiled": Peer("reference-compiled", _compiled_reference, compiled=True),
         }
@@ -214,13 +240,13 @@ def select_peers(device: torch.device, requested: Optional[list[str]],
     names = list(requested) if requested else list(default) + list(FUSED_BACKENDS.get(device.type, ()))
     peers = []
     for name in names:
-        if name in BASELINE.values():
-            name = BASELINE[cell]
+        if name in BASELINE_NAMES:
+            name = baseline_name(rnn_cell, cell)
         if name in builders:
             peers.append(builders[name])
         elif name in ("cpu", "triton", "cuda"):
             peers.append(fused_peer(name, device, cell))
-        elif name not in ALL_PEERS:
+        elif name not in ALL_PEERS + BASELINE_NAMES:
             raise ValueError(f"unknown backend {name!r}; choose from {ALL_PEERS}")
     peers += list((extra_peers or {}).values())
     return peers
@@ -240,10 +266,11 @@ def forward_backward(module: nn.Module, x: torch.Tensor, grads: tuple, seed: int
     for parameter in base.parameters():
         parameter.grad = None
     torch.manual_seed(seed)  # the zoneout seed is drawn from here: same seed, same masks
-    output, (h_n, c_n) = module(x)
-    grad_output, grad_h, grad_c = grads
-    torch.autograd.backward((output, h_n, c_n), (grad_output, grad_h, grad_c))
-    tensors = {"output": output, "h_n": h_n, "c_n": c_n, "grad_input": x.grad}
+    output, state = module(x)
+    states = state if isinstance(state, tuple) else (state,)  # (h_n, c_n) of an LSTM, h_n otherwise
+    torch.autograd.backward((output,) + states, grads[:1 + len(states)])
+    tensors = {"output": output, "grad_input": x.grad}
+    tensors.update(zip(("h_n", "c_n"), states))
     tensors.update({f"grad_{canonical_parameter_name(name)}": p.grad for name, p in base.named_parameters()})
     return {name: t.detach() for name, t in tensors.items()}
 
@@ -330,35 +357,40 @@ def make_step(module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor, mod
     return prepare, step
 
 
-def matmul_shapes(case: Case, mode: str) -> list[tuple[int, int, int, int]]:
+GATE_ROWS = {"lstm": 4, "gru": 3, "rnn-tanh": 1, "rnn-relu": 1}
+
+
+def matmul_shapes(case: Case, mode: str, rnn_cell: str = "lstm") -> list[tuple[int, int, int, int]]:
     """(count, m, k, n): the matrix products [m, k] @ [k, n] of one call of `mode`, per layer.
 
     Sequence layers: one input projection over all steps, one recurrent product per step; in
     backward one product per step for the gradient reaching h_{t-1}, then the input and weight
     gradients over all steps. Cells (decode): both products at every step, and their gradients."""
     T, B, H = case.steps, case.batch, case.hidden_size
+    G = GATE_ROWS[rnn_cell] * H  # rows of W_ih, W_hh
     shapes = []
     for layer in range(case.num_layers):
         I = case.input_size if layer == 0 else H
         if case.cell:
-            shapes += [(T, B, I, 4 * H), (T, B, H, 4 * H)]
+            shapes += [(T, B, I, G), (T, B, H, G)]
             if mode == "fwd+bwd":
-                shapes += [(T, B, 4 * H, I), (T, B, 4 * H, H), (T, 4 * H, B, I), (T, 4 * H, B, H)]
+                shapes += [(T, B, G, I), (T, B, G, H), (T, G, B, I), (T, G, B, H)]
         else:
-            shapes += [(1, T * B, I, 4 * H), (T, B, H, 4 * H)]
+            shapes += [(1, T * B, I, G), (T, B, H, G)]
             if mode == "fwd+bwd":
-                shapes += [(T, B, 4 * H, H), (1, T * B, 4 * H, I), (1, 4 * H, T * B, I), (1, 4 * H, T * B, H)]
+                shapes += [(T, B, G, H), (1, T * B, G, I), (1, G, T * B, I), (1, G, T * B, H)]
     return shapes
 
 
-def matmul_floor_ms(case: Case, dtype: torch.dtype, device: torch.device, modes, repeats: int) -> dict:
+def matmul_floor_ms(case: Case, dtype: torch.dtype, device: torch.device, modes, repeats: int,
+                    rnn_cell: str = "lstm") -> dict:
     """mode -> milliseconds of the case's matrix products (medians of `repeats` timed torch.mm
     calls per distinct shape, times their count): the floor no implementation beats."""
     medians: dict = {}
     floors = {}
     for mode in modes:
         total = 0.0
-        for count, m, k, n in matmul_shapes(case, mode):
+        for count, m, k, n in matmul_shapes(case, mode, rnn_cell):
             if (m, k, n) not in medians:
                 a = torch.randn(m, k, device=device, dtype=dtype)
                 b = torch.randn(k, n, device=device, dtype=dtype)
@@ -401,6 +433,16 @@ def modes_for(case: Case, opts) -> tuple:
 
 
 def zoneout_kwargs_for(case: Case, opts) -> dict:
+    """The zoneout options of the case's modules: the command line's, else the case's, else the
+    defaults (LSTM z_c = 0.5, z_h = 0.05; GRU / RNN z_h = 0.1, the GRU-RNN issue's setting); only
+    the options the --cell kind has."""
+    rnn_cell = getattr(opts, "cell", "lstm")
+    if rnn_cell != "lstm":
+        kwargs = dict(zoneout_hidden=opts.zoneout_hidden if opts.zoneout_hidden is not None else 0.1,
+                      mask_mode=opts.mask_mode or "independent")
+        if rnn_cell == "gru":
+            kwargs["recurrent_dropout"] = opts.recurrent_dropout
+        return kwargs
     return dict(zoneout_cell=opts.zoneout_cell if opts.zoneout_cell is not None else
                 (case.zoneout_cell if case.zoneout_cell is not None else 0.5),
                 zoneout_hidden=opts.zoneout_hidden if opts.zoneout_hidden is not None else
@@ -410,18 +452,20 @@ def zoneout_kwargs_for(case: Case, opts) -> dict:
 
 
 def without_zoneout(zoneout_kwargs: dict) -> dict:
-    return dict(zoneout_kwargs, zoneout_cell=0.0, zoneout_hidden=0.0, recurrent_dropout=0.0)
+    return {k: (0.0 if k in ("zoneout_cell", "zoneout_hidden", "recurrent_dropout") else v)
+            for k, v in zoneout_kwargs.items()}
 
 
 class CaseData:
     """One case's model and data on a device, and the check of a module against the reference."""
 
     def __init__(self, case: Case, dtype: torch.dtype, device: torch.device, *, seed: int = 0,
-                 zoneout_kwargs: dict, check_steps: Optional[int] = None):
+                 zoneout_kwargs: dict, check_steps: Optional[int] = None, rnn_cell: str = "lstm"):
         self.case, self.dtype, self.device, self.seed = case, dtype, device, seed
         self.zoneout_kwargs = zoneout_kwargs
         torch.manual_seed(seed)
-        self.lstm = nn.LSTM(case.input_size, case.hidden_size, case.num_layers).to(device=device, dtype=dtype)
+        # The torch layer every peer copies (named lstm for history; an nn.GRU / nn.RNN for --cell).
+        self.lstm = torch_layer(rnn_cell, case).to(device=device, dtype=dtype)
         self.lstm.train()
         self.x = torch.randn(case.steps, case.batch, case.input_size, device=device, dtype=dtype)
         self.grad_output = torch.randn(case.steps, case.batch, case.hidden_size, device=device, dtype=dtype)
@@ -444,7 +488,7 @@ class CaseData:
             if self.case.cell:
                 reference = _zoneout_cells(lstm, kwargs, "reference")
             else:
-                reference = ZoneoutLSTM.from_lstm(lstm, backend="reference", **kwargs)
+                reference = _zoneout_module(lstm, kwargs, "reference")
             # The case's own values (in self.dtype), cast: float64 sees exactly the peer's inputs.
             x, grads = self._check_inputs(self.dtype)
             x, grads = x.to(dtype), tuple(g.to(dtype) for g in grads)
@@ -466,7 +510,7 @@ class CaseData:
 def run_case(case: Case, dtype: torch.dtype, device: torch.device, peers: list[Peer], opts,
              memory: PeakMemory, progress) -> list[PeerState]:
     data = CaseData(case, dtype, device, seed=opts.seed, zoneout_kwargs=zoneout_kwargs_for(case, opts),
-                    check_steps=opts.check_steps)
+                    check_steps=opts.check_steps, rnn_cell=getattr(opts, "cell", "lstm"))
     x, grad_output = data.x, data.grad_output
     states = [PeerState(peer) for peer in peers]
     for state in states:
@@ -621,6 +665,7 @@ def case_records(case: Case, group: str, dtype_name: str, states: list[PeerState
     """One record per (peer, mode). speedup_vs_nn_lstm is against the case's no-zoneout ceiling
     (nn.LSTM, or nn.LSTMCell for cell cases); floor_ms is the case's matrix products alone."""
     zkw = zoneout_kwargs_for(case, opts)
+    rnn_cell = getattr(opts, "cell", "lstm")
     steps = check_steps_for(case, torch.device(opts.device), opts.check_steps)
     modes = modes_for(case, opts)
     floors = floors or {}
@@ -631,7 +676,8 @@ def case_records(case: Case, group: str, dtype_name: str, states: list[PeerState
         for mode in modes:
             median = medians.get((state.peer.name, mode))
             times = state.times.get(mode, []) if median is not None else []
-            ref, lstm = medians.get(("reference", mode)), medians.get((BASELINE[case.cell], mode))
+            baseline = baseline_name(rnn_cell, case.cell)
+            ref, lstm = medians.get(("reference", mode)), medians.get((baseline, mode))
             plain = medians.get(("plain-loop", mode))
             floor = floors.get(mode)
             records.append(dict(
@@ -645,7 +691,7 @@ def case_records(case: Case, group: str, dtype_name: str, states: list[PeerState
                 speedup_vs_nn_lstm=lstm / median if (lstm and median) else None,
                 speedup_vs_plain_loop=plain / median if (plain and median) else None,
                 floor_ms=floor, floor_fraction=floor / median if (floor and median) else None,
-                baseline=BASELINE[case.cell], cell=case.cell,
+                baseline=baseline, cell=case.cell, rnn_cell=rnn_cell,
                 check=state.check, check_max_err=state.check_error, check_steps=steps,
                 check_detail=state.check_detail, check_call_s=state.first_call_s, error=state.errors.get(mode) or state.error,
                 zoneout=state.peer.zoneout, **case.shape_fields(), **zkw))
@@ -667,6 +713,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         metavar="{" + ",".join(PUBLIC_CONFIGS) + "}",
                         help="shapes: small (the CPU targets), the paper's char-ptb, word-ptb, text8, pmnist, "
                              "sweep (H in 64..512 at B=32 T=50 I=64, for the plot), or all")
+    parser.add_argument("--cell", default="lstm", choices=RNN_CELLS,
+                        help="the recurrent layer of the sequence configs: lstm (default), gru, rnn-tanh or "
+                             "rnn-relu, beside torch's nn.GRU / nn.RNN (GRU/RNN default z_h = 0.1)")
     parser.add_argument("--dtype", default="float32",
                         help="comma list of " + ", ".join(DTYPES) + " (default float32)")
     parser.add_argument("--backends", default="all",
@@ -696,13 +745,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     opts = parser.parse_args(argv)
 
+    if opts.cell != "lstm":
+        if any(case.cell for case in cases_for(opts.config)):
+            parser.error(f"--cell {opts.cell}: the decode configs step LSTM cells; choose a sequence config")
+        if opts.zoneout_cell is not None:
+            parser.error(f"--zoneout-cell: --cell {opts.cell} has no cell state")
+        if opts.mask_mode == "shared":
+            parser.error(f"--mask-mode shared ties a cell mask the {opts.cell} does not have")
+        if opts.cell != "gru" and opts.recurrent_dropout:
+            parser.error("--recurrent-dropout needs a gated cell: --cell lstm or gru")
     opts.dtypes = [d.strip() for d in opts.dtype.split(",") if d.strip()]
     for name in opts.dtypes:
         if name not in DTYPES:
             parser.error(f"--dtype: unknown dtype {name!r}; choose from {tuple(DTYPES)}")
     opts.backend_list = None if opts.backends == "all" else [b.strip() for b in opts.backends.split(",") if b.strip()]
     for name in opts.backend_list or ():
-        if name not in ALL_PEERS:
+        if name not in ALL_PEERS + BASELINE_NAMES:
             parser.error(f"--backends: unknown backend {name!r}; choose from {ALL_PEERS}")
     opts.modes = [m.strip() for m in opts.modes.split(",") if m.strip()] if opts.modes else None
     for mode in opts.modes or ():
@@ -729,7 +787,8 @@ def main(argv=None, *, extra_peers: Optional[dict[str, Peer]] = None) -> list[di
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
     cases = cases_for(opts.config)
-    peers_of = {cell: select_peers(device, opts.backend_list, extra_peers, cell) for cell in {c.cell for c in cases}}
+    peers_of = {cell: select_peers(device, opts.backend_list, extra_peers, cell, opts.cell)
+                for cell in {c.cell for c in cases}}
     if any(p.compiled for peers in peers_of.values() for p in peers) and opts.warmup < 1:
         opts.warmup = 1  # a compiled peer's first call at the timed shape compiles
     memory = PeakMemory(device)
@@ -749,7 +808,8 @@ def main(argv=None, *, extra_peers: Optional[dict[str, Peer]] = None) -> list[di
             for dtype_name in opts.dtypes:
                 progress.set_postfix_str(f"{case.name} {dtype_name}")
                 states = run_case(case, DTYPES[dtype_name], device, peers_of[case.cell], opts, memory, progress)
-                floors = matmul_floor_ms(case, DTYPES[dtype_name], device, modes_for(case, opts), opts.repeats)
+                floors = matmul_floor_ms(case, DTYPES[dtype_name], device, modes_for(case, opts), opts.repeats,
+                                         opts.cell)
                 case_records_ = case_records(case, opts.config, dtype_name, states, env, opts, floors)
                 for record in case_records_:  # a loaded machine explains noisy figures
                     record["load_avg_1m"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
