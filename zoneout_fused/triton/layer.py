@@ -1,10 +1,14 @@
-"""The Triton layer op: `zoneout_fused::triton_layer_forward` / `triton_layer_backward`.
+"""The Triton layer ops: `zoneout_fused::triton_layer_forward` / `triton_layer_backward` (LSTM) and
+`zoneout_fused::triton_gru_rnn_layer_forward` / `triton_gru_rnn_layer_backward` (GRU, plain RNN).
 
-Host side of one layer direction (schema and shapes: zoneout_fused/ops.py's docstring):
-    forward : xp = x W_ih^T + bias (one matmul), then one lstm_forward_step_kernel launch per step
-    backward: one lstm_backward_step_kernel launch per step, then grad_h0 = direct + d_pre[first] W_hh,
-              grad_w_hh = d_pre^T h_prev, grad_w_ih = d_pre^T x, grad_x = d_pre W_ih, grad_bias =
-              sum d_pre, each one matmul / reduction over all steps (no atomics: deterministic).
+Host side of one layer direction (schemas and shapes: zoneout_fused/ops.py's docstring):
+    forward : xp = x W_ih^T + bias (one matmul), then one forward step kernel launch per step
+    backward: one backward step kernel launch per step, then grad_h0 = direct + d_h[first] W_hh,
+              grad_w_hh = d_h^T h_prev, grad_w_ih = d_x^T x, grad_x = d_x W_ih, grad_b = sum d_x (and
+              sum d_h), each one matmul / reduction over all steps (no atomics: deterministic).
+              d_x, d_h: the gradients of the input parts x W_ih^T + b_ih and of the recurrent parts
+              h_{t-1} W_hh^T (+ b_hh); the LSTM's and the RNN's are one buffer (d_pre), the GRU's
+              differ in the n row (the reset gate multiplies the recurrent part).
 Per-step host work is one launch with a prebuilt argument list; only t, t_prev (and, in backward,
 t_next) and the first/last-step flags change.
 """
@@ -17,9 +21,13 @@ import torch
 import triton
 
 from .. import ops as _ops
+from .. import reference as _reference
+from . import gru_rnn_step
+from .gru_rnn_step import gru_rnn_backward_step_kernel, gru_rnn_forward_step_kernel
 from .lstm_step import choose_blocks, lstm_backward_step_kernel, lstm_forward_step_kernel
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+_CELL_NAMES = {code: name for name, code in _reference.CELL_CODES.items() if name != "lstm"}
 # Allocator of every buffer the kernels must fill completely; tests swap in a NaN-filling one
 # so that an element a kernel skips shows up as NaN.
 _empty = torch.empty
@@ -39,9 +47,9 @@ def _params(device: torch.device, values: tuple) -> torch.Tensor:
     return _PARAMS_CACHE[key]
 
 
-def _on_device(x: torch.Tensor):
-    """Triton launches on the current CUDA device: make it x's (a no-op on CPU)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (a no-op on CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def float32_dot_precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -60,22 +68,49 @@ def _tl_acc(dtype: torch.dtype):
 
 
 def _check(x, h0, c0, w_ih, w_hh, bias, lengths, seed, direction, mask_mode):
+    _check_layer(x, (("h0", h0), ("c0", c0)), w_ih, w_hh, (("bias", bias),), 4, lengths, seed, direction, mask_mode)
+
+
+def _check_gru_rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, direction, zoneout_hidden, recurrent_dropout,
+                   mask_mode):
+    if cell not in _CELL_NAMES:
+        raise ValueError(f"cell must be a code in {sorted(_CELL_NAMES)} (1 gru, 2 rnn_tanh, 3 rnn_relu), got {cell}")
+    # Contract sec. 4: "shared" ties a cell mask these cells do not have; the plain RNN has no gated
+    # update for recurrent dropout to drop.
+    if mask_mode == 1:
+        raise ValueError("mask_mode 'shared' (1) ties the cell mask to the hidden mask: the GRU and RNN have no "
+                         "cell state; use 'independent', 'timestep' or 'static'")
+    if cell != gru_rnn_step.GRU and recurrent_dropout != 0.0:
+        raise ValueError(f"recurrent_dropout must be 0 for the plain RNN (cell {_CELL_NAMES[cell]}: no gated "
+                         f"update to drop), got {recurrent_dropout}")
+    if not 0.0 <= zoneout_hidden <= 1.0:
+        raise ValueError(f"zoneout_hidden must be in [0, 1], got {zoneout_hidden}")
+    if not 0.0 <= recurrent_dropout < 1.0:
+        raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
+    _check_layer(x, (("h0", h0),), w_ih, w_hh, (("b_ih", b_ih), ("b_hh", b_hh)), gru_rnn_step.cell_rows(cell),
+                 lengths, seed, direction, mask_mode)
+
+
+def _check_layer(x, states, w_ih, w_hh, biases, rows, lengths, seed, direction, mask_mode):
+    """The checks both op families share. states: (name, tensor) pairs of [B, H] states; biases:
+    (name, tensor or None) pairs of [rows*H] biases; rows: G, W_hh's rows per hidden unit."""
     if x.dim() != 3:
         raise ValueError(f"x must be [T, B, I], got shape {tuple(x.shape)}")
     steps, batch, inputs = x.shape
     if steps == 0:
         raise ValueError("x must have at least one time step")
-    if w_hh.dim() != 2 or w_hh.shape[0] != 4 * w_hh.shape[1]:
-        raise ValueError(f"w_hh must be [4H, H], got shape {tuple(w_hh.shape)}")
+    if w_hh.dim() != 2 or w_hh.shape[0] != rows * w_hh.shape[1]:
+        raise ValueError(f"w_hh must be [{rows}H, H], got shape {tuple(w_hh.shape)}")
     hidden = w_hh.shape[1]
-    if tuple(w_ih.shape) != (4 * hidden, inputs):
-        raise ValueError(f"w_ih must be [{4 * hidden}, {inputs}], got shape {tuple(w_ih.shape)}")
-    for name, state in (("h0", h0), ("c0", c0)):
+    if tuple(w_ih.shape) != (rows * hidden, inputs):
+        raise ValueError(f"w_ih must be [{rows * hidden}, {inputs}], got shape {tuple(w_ih.shape)}")
+    for name, state in states:
         if tuple(state.shape) != (batch, hidden):
             raise ValueError(f"{name} must be [{batch}, {hidden}], got shape {tuple(state.shape)}")
-    if bias is not None and tuple(bias.shape) != (4 * hidden,):
-        raise ValueError(f"bias must be [{4 * hidden}], got shape {tuple(bias.shape)}")
-    for name, tensor in (("h0", h0), ("c0", c0), ("w_ih", w_ih), ("w_hh", w_hh), ("bias", bias)):
+    for name, bias in biases:
+        if bias is not None and tuple(bias.shape) != (rows * hidden,):
+            raise ValueError(f"{name} must be [{rows * hidden}], got shape {tuple(bias.shape)}")
+    for name, tensor in (*states, ("w_ih", w_ih), ("w_hh", w_hh), *biases):
         if tensor is None:
             continue
         if tensor.dtype != x.dtype:
@@ -103,6 +138,7 @@ class _Settings:
 
     def __init__(self, x, w_hh, lengths, seed, layer, direction, zoneout_cell, zoneout_hidden,
                  recurrent_dropout, mask_mode, training):
+        self.device = x.device
         self.steps, self.batch, _ = x.shape
         self.hidden = w_hh.shape[1]
         self.acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -135,9 +171,74 @@ class _Settings:
     def previous(self, t):
         return t + 1 if self.direction == 1 else t - 1
 
+    def first(self):
+        """The first position processed (the step whose h_{t-1} is h0)."""
+        return self.steps - 1 if self.direction == 1 else 0
+
+    def last(self):
+        """The last position processed (the step whose state is the final one)."""
+        return 0 if self.direction == 1 else self.steps - 1
+
+    def run_forward(self, kernel, head, **meta):
+        """One launch per step in processing order: kernel[grid](*head, t, t_prev, B, H, FIRST=...)."""
+        launch = kernel[self.grid]
+        meta = {**meta, **self.meta}
+        with _on_device(self.device):
+            for index, t in enumerate(self.order()):
+                launch(*head, t, self.previous(t), self.batch, self.hidden, FIRST=index == 0, **meta)
+
+    def run_backward(self, kernel, head, **meta):
+        """One launch per step in reverse processing order: kernel[grid](*head, t, t_prev, t_next, B, H,
+        FIRST=..., LAST=...), t_next the step processed after t in the forward pass."""
+        launch = kernel[self.grid]
+        meta = {**meta, **self.meta}
+        order = list(self.order())
+        t_next = order[-1]  # unused at the first backward step (LAST)
+        with _on_device(self.device):
+            for index in range(self.steps - 1, -1, -1):
+                t = order[index]
+                launch(*head, t, self.previous(t), t_next, self.batch, self.hidden, FIRST=index == 0,
+                       LAST=index == self.steps - 1, **meta)
+                t_next = t
+
 
 def _lengths_arg(lengths, like):
     return lengths if lengths is not None else like  # any pointer: never read without HAS_LENGTHS
+
+
+def _input_projection(x, w_ih, bias, s):
+    """xp = x W_ih^T + bias of every step at once, [T, B, G*H] in the accumulation dtype. For 16-bit
+    inputs in their dtype (fp32 accumulation in cuBLAS), then kept in float32 like the rest of the
+    step's arithmetic."""
+    xp = torch.matmul(x.reshape(s.steps * s.batch, -1), w_ih.t())
+    if bias is not None:
+        xp = xp + bias
+    return xp.to(s.acc_dtype).reshape(s.steps, s.batch, -1).contiguous()
+
+
+# After the backward loop: every big product over all steps at once. 16-bit inputs: operands in
+# their dtype (tensor cores, fp32 accumulation), as in the recurrent product.
+def _input_grads(d_x, x, w_ih):
+    """(grad_x, grad_w_ih, grad_b_ih) from d_x [T, B, G*H], the gradient of the input parts xp."""
+    d_flat = d_x.reshape(-1, d_x.shape[-1])
+    d_op = d_flat.to(x.dtype)
+    grad_x = (d_op @ w_ih).reshape(x.shape).to(x.dtype)
+    grad_w_ih = (d_op.t() @ x.reshape(d_flat.shape[0], -1)).to(w_ih.dtype)
+    return grad_x, grad_w_ih, d_flat.sum(0).to(w_ih.dtype)
+
+
+def _recurrent_grads(d_h, dh_direct, y, h0, w_hh, s):
+    """(grad_h0, grad_w_hh) from d_h [T, B, G*H], the gradient of the recurrent parts h_{t-1} W_hh^T,
+    and dh_direct, the direct term the first processed step left for h0."""
+    T, B, H = s.steps, s.batch, s.hidden
+    if T > 1:  # h_{t-1} of every step, in the order of d_h's rows
+        h_prev = torch.cat([y[1:], h0[None]]) if s.direction == 1 else torch.cat([h0[None], y[:-1]])
+    else:
+        h_prev = h0[None]
+    d_op = d_h.reshape(T * B, -1).to(y.dtype)
+    grad_w_hh = (d_op.t() @ h_prev.reshape(T * B, H)).to(w_hh.dtype)
+    grad_h0 = (dh_direct + (d_h[s.first()].to(y.dtype) @ w_hh).to(s.acc_dtype)).to(h0.dtype)
+    return grad_h0, grad_w_hh
 
 
 @torch.library.custom_op("zoneout_fused::triton_layer_forward", mutates_args=())
@@ -151,24 +252,13 @@ def triton_layer_forward(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_
                   mask_mode, training)
     T, B, H = s.steps, s.batch, s.hidden
     x, h0, c0, w_ih, w_hh = (tensor.contiguous() for tensor in (x, h0, c0, w_ih, w_hh))
-
-    # The input projection of every step at once; for 16-bit inputs in their dtype (fp32
-    # accumulation in cuBLAS), then kept in float32 like the rest of the step's arithmetic.
-    xp = torch.matmul(x.reshape(T * B, -1), w_ih.t())
-    if bias is not None:
-        xp = xp + bias
-    xp = xp.to(s.acc_dtype).reshape(T, B, 4 * H).contiguous()
-
+    xp = _input_projection(x, w_ih, bias, s)
     y = _empty(T, B, H, dtype=x.dtype, device=x.device)
     c_seq = _empty(T, B, H, dtype=s.state_dtype, device=x.device)
     gates = _empty(T, B, 4 * H, dtype=s.state_dtype, device=x.device)
-    head = (xp, w_hh, h0, c0, y, c_seq, gates, _lengths_arg(lengths, xp), s.params, s.seed, s.key2)
-    kernel = lstm_forward_step_kernel[s.grid]
-    with _on_device(x):
-        for index, t in enumerate(s.order()):
-            kernel(*head, t, s.previous(t), B, H, FIRST=index == 0, **s.meta)
-    t_last = 0 if s.direction == 1 else T - 1
-    c_n = c_seq[t_last].to(x.dtype, copy=True)  # a copy: outputs must not alias each other
+    s.run_forward(lstm_forward_step_kernel,
+                  (xp, w_hh, h0, c0, y, c_seq, gates, _lengths_arg(lengths, xp), s.params, s.seed, s.key2))
+    c_n = c_seq[s.last()].to(x.dtype, copy=True)  # a copy: outputs must not alias each other
     return y, c_n, c_seq, gates
 
 
@@ -190,31 +280,11 @@ def triton_layer_backward(grad_y: torch.Tensor, grad_c_n: torch.Tensor, x: torch
     d_pre = _empty(T, B, 4 * H, dtype=s.acc_dtype, device=x.device)
     dh = torch.zeros(B, H, dtype=s.acc_dtype, device=x.device)  # direct term m_h * dh from step t_next
     dc = grad_c_n.to(s.acc_dtype, copy=True).contiguous()
-    head = (grad_y, w_hh, c0, c_seq, gates, d_pre, dh, dc, _lengths_arg(lengths, d_pre), s.params, s.seed, s.key2)
-    kernel = lstm_backward_step_kernel[s.grid]
-    order = list(s.order())
-    t_next = order[-1]  # unused at the first backward step (LAST)
-    with _on_device(x):
-        for index in range(T - 1, -1, -1):
-            t = order[index]
-            kernel(*head, t, s.previous(t), t_next, B, H, FIRST=index == 0, LAST=index == T - 1, **s.meta)
-            t_next = t
-    t_first = order[0]
-
-    # After the loop: every big product over all steps at once. 16-bit inputs: operands in
-    # their dtype (tensor cores, fp32 accumulation), as in the recurrent product.
-    op_dtype = x.dtype
-    d_flat = d_pre.reshape(T * B, 4 * H)
-    d_op = d_flat.to(op_dtype)
-    if T > 1:  # h_{t-1} of every step, in the order of d_pre's rows
-        h_prev = torch.cat([y[1:], h0[None]]) if s.direction == 1 else torch.cat([h0[None], y[:-1]])
-    else:
-        h_prev = h0[None]
-    grad_w_hh = (d_op.t() @ h_prev.reshape(T * B, H)).to(w_hh.dtype)
-    grad_w_ih = (d_op.t() @ x.reshape(T * B, -1)).to(w_ih.dtype)
-    grad_x = (d_op @ w_ih).reshape(x.shape).to(x.dtype)
-    grad_bias = d_flat.sum(0).to(w_hh.dtype)
-    grad_h0 = (dh + (d_pre[t_first].to(op_dtype) @ w_hh).to(s.acc_dtype)).to(h0.dtype)
+    s.run_backward(lstm_backward_step_kernel,
+                   (grad_y, w_hh, c0, c_seq, gates, d_pre, dh, dc, _lengths_arg(lengths, d_pre), s.params, s.seed,
+                    s.key2))
+    grad_x, grad_w_ih, grad_bias = _input_grads(d_pre, x, w_ih)
+    grad_h0, grad_w_hh = _recurrent_grads(d_pre, dh, y, h0, w_hh, s)
     grad_c0 = dc.to(c0.dtype, copy=True)
     return grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias
 
@@ -229,3 +299,78 @@ def layer_forward(x, h0, c0, w_ih, w_hh, bias, lengths, seed, layer, direction, 
         x, h0, c0, w_ih, w_hh, bias, lengths, seed, int(layer), int(direction), float(zoneout_cell),
         float(zoneout_hidden), float(recurrent_dropout), int(mask_mode), bool(training))
     return y, c_n
+
+
+# ---------------------------------------------------------------------------------------------
+# The GRU / plain-RNN layer op (gru_rnn_step.py's kernels; schema in zoneout_fused/ops.py).
+# ---------------------------------------------------------------------------------------------
+def _gru_rnn_settings(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, layer, direction, zoneout_hidden,
+                      recurrent_dropout, mask_mode, training):
+    _check_gru_rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, direction, zoneout_hidden, recurrent_dropout,
+                   mask_mode)
+    # The LSTM's masks with z_c = 0: the hidden mask m_h and the dropout scale of the candidate n.
+    return _Settings(x, w_hh, lengths, seed, layer, direction, 0.0, zoneout_hidden, recurrent_dropout, mask_mode,
+                     training)
+
+
+@torch.library.custom_op("zoneout_fused::triton_gru_rnn_layer_forward", mutates_args=())
+def triton_gru_rnn_layer_forward(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                                 b_ih: Optional[torch.Tensor], b_hh: Optional[torch.Tensor],
+                                 lengths: Optional[torch.Tensor], seed: torch.Tensor, cell: int, layer: int,
+                                 direction: int, zoneout_hidden: float, recurrent_dropout: float, mask_mode: int,
+                                 training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    s = _gru_rnn_settings(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, layer, direction, zoneout_hidden,
+                          recurrent_dropout, mask_mode, training)
+    T, B, H = s.steps, s.batch, s.hidden
+    x, h0, w_ih, w_hh = (tensor.contiguous() for tensor in (x, h0, w_ih, w_hh))
+    xp = _input_projection(x, w_ih, b_ih, s)
+    y = _empty(T, B, H, dtype=x.dtype, device=x.device)
+    gates = _empty(T, B, gru_rnn_step.saved_columns(cell) * H, dtype=s.state_dtype, device=x.device)
+    b_hh_arg = b_hh.contiguous() if b_hh is not None else xp  # any pointer: never read without HAS_B_HH
+    s.run_forward(gru_rnn_forward_step_kernel,
+                  (xp, w_hh, b_hh_arg, h0, y, gates, _lengths_arg(lengths, xp), s.params, s.seed, s.key2),
+                  CELL=int(cell), HAS_B_HH=b_hh is not None)
+    return y, gates
+
+
+@torch.library.custom_op("zoneout_fused::triton_gru_rnn_layer_backward", mutates_args=())
+def triton_gru_rnn_layer_backward(grad_y: torch.Tensor, x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor,
+                                  w_hh: torch.Tensor, b_ih: Optional[torch.Tensor], b_hh: Optional[torch.Tensor],
+                                  lengths: Optional[torch.Tensor], seed: torch.Tensor, cell: int, layer: int,
+                                  direction: int, zoneout_hidden: float, recurrent_dropout: float, mask_mode: int,
+                                  training: bool, y: torch.Tensor, gates: torch.Tensor
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor]:
+    s = _gru_rnn_settings(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, layer, direction, zoneout_hidden,
+                          recurrent_dropout, mask_mode, training)
+    T, B, H = s.steps, s.batch, s.hidden
+    x, h0, w_ih, w_hh, y, gates, grad_y = (
+        tensor.contiguous() for tensor in (x, h0, w_ih, w_hh, y, gates, grad_y))
+
+    rows = gru_rnn_step.cell_rows(cell)
+    # d_h: gradient of the recurrent parts; d_x: of the input parts (the GRU's differ in the n row,
+    # d_hp_n = d_n * r; the RNN's are the same buffer).
+    d_h = _empty(T, B, rows * H, dtype=s.acc_dtype, device=x.device)
+    d_x = _empty(T, B, rows * H, dtype=s.acc_dtype, device=x.device) if cell == gru_rnn_step.GRU else d_h
+    dh = torch.zeros(B, H, dtype=s.acc_dtype, device=x.device)  # direct term from step t_next
+    s.run_backward(gru_rnn_backward_step_kernel,
+                   (grad_y, w_hh, h0, y, gates, d_x, d_h, dh, _lengths_arg(lengths, d_h), s.params, s.seed, s.key2),
+                   CELL=int(cell))
+    grad_x, grad_w_ih, grad_b_ih = _input_grads(d_x, x, w_ih)
+    grad_h0, grad_w_hh = _recurrent_grads(d_h, dh, y, h0, w_hh, s)
+    # The RNN's bias gradients are equal; a copy, since outputs must not alias each other.
+    grad_b_hh = grad_b_ih.clone() if d_x is d_h else d_h.reshape(T * B, rows * H).sum(0).to(w_hh.dtype)
+    return grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh
+
+
+_ops.register_layer_op_pair("zoneout_fused::triton_gru_rnn_layer_forward",
+                            "zoneout_fused::triton_gru_rnn_layer_backward", _ops.GRU_RNN_OPS)
+
+
+def gru_rnn_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, layer, direction, zoneout_hidden,
+                          recurrent_dropout, mask_mode, training):
+    """The GRU / plain-RNN layer op (zoneout_fused.ops's signature) on Triton kernels: returns y."""
+    y, _ = torch.ops.zoneout_fused.triton_gru_rnn_layer_forward(
+        x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, int(cell), int(layer), int(direction), float(zoneout_hidden),
+        float(recurrent_dropout), int(mask_mode), bool(training))
+    return y
