@@ -303,6 +303,11 @@ ZF_ALWAYS_INLINE void chunk_masks(MaskChunk<scalar_t>& out, const ZoneoutParams&
   }
 }
 
+// The row kernels below each repeat the same chunk loop (draw a chunk's masks, then the
+// element math over it) on purpose: folded into one helper taking the element math as a
+// lambda, the element loops stopped vectorizing (the lambda's captured pointers are no longer
+// __restrict) and the LSTM's fwd+bwd took 1.7x as long (measured, B=64 T=50 H=128).
+
 // Forward of units [j0, j1) of one active example row. g: the row's pre-activations
 // [4H] in, activations out; hp, cp: h_{t-1}, c_{t-1}; yo, co: h_t, c_t.
 template <typename scalar_t>
