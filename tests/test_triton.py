@@ -248,6 +248,10 @@ def test_bad_arguments_raise():
         call(seed=torch.tensor(-5))
     with pytest.raises(ValueError, match="mask_mode"):
         call(mask_mode=7)
+    with pytest.raises(ValueError, match="recurrent_dropout"):
+        call(recurrent_dropout=1.0)
+    with pytest.raises(ValueError, match="zoneout_cell"):
+        call(zoneout_cell=-0.5)
 
 
 # ----------------------------------------------------------------------------- the in-kernel masks

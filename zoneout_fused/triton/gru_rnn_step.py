@@ -24,7 +24,7 @@ then does the element backward of step t and writes d_x[t], d_h[t] and the direc
 import triton
 import triton.language as tl
 
-from .lstm_step import _sigmoid, _tanh
+from .tiles import _previous_state, _recurrent_grad, _recurrent_row, _sigmoid, _tanh, _tile
 from .masks import element_masks
 
 # Cell codes (reference.CELL_CODES); the kernels' CELL constexpr.
@@ -39,16 +39,6 @@ def cell_rows(cell: int) -> int:
 def saved_columns(cell: int) -> int:
     """Columns of the saved gates per hidden unit: (r, u, n, hp_n) for the GRU, h~ for the RNN."""
     return 4 if cell == GRU else 1
-
-
-@triton.jit
-def _tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """This program's examples b [BB, 1] and units j [1, BH] (int64), and their bounds masks."""
-    b = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
-    j = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)[None, :]
-    in_b = b < B
-    in_j = j < H
-    return b, j, in_b, in_j, in_b & in_j
 
 
 @triton.jit
@@ -67,15 +57,6 @@ def _hidden_masks(seed, key2, t, b, j, in_b, B, H, params_ptr, lengths_ptr, HAS_
 
 
 @triton.jit
-def _previous_state(h0_ptr, y_ptr, t_prev, B, H, FIRST: tl.constexpr):
-    """Pointer to h_{t-1} [B, H]: h0 at the first processed step, else y[t_prev]."""
-    if FIRST:
-        return h0_ptr
-    else:
-        return y_ptr + t_prev.to(tl.int64) * B * H
-
-
-@triton.jit
 def _three_columns(row_ptr, H, inside, ACC: tl.constexpr):
     """Columns 0, 1, 2 (r, u, n) of this tile from rows of q*H + j, as ACC."""
     return (tl.load(row_ptr + 0 * H, mask=inside, other=0.0).to(ACC),
@@ -84,42 +65,11 @@ def _three_columns(row_ptr, H, inside, ACC: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, WIDE: tl.constexpr, PRECISION: tl.constexpr):
-    if WIDE:  # float32/float64 operands: PRECISION is torch's float32 matmul policy ("ieee" or "tf32")
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    else:  # 16-bit weights: the other operand rounded to their dtype for the tensor cores, fp32 accumulation
-        return tl.dot(a.to(b.dtype), b, acc)
-
-
-@triton.jit
-def _recurrent_row(acc, h_tile, w_hh_ptr, q, j, k_col, w_mask, H, WIDE: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + h_tile @ (W_hh^T tile [BK, BH] of gate row q: W_hh[q*H + j, k])."""
-    w = tl.load(w_hh_ptr + (q * H + j) * H + k_col, mask=w_mask, other=0.0)
-    return _dot(h_tile, w, acc, WIDE, PRECISION)
-
-
-@triton.jit
 def _with_bias(acc, b_hh_ptr, q, j, in_j, H, HAS_B_HH: tl.constexpr, ACC: tl.constexpr):
     if HAS_B_HH:
         return acc + tl.load(b_hh_ptr + q * H + j, mask=in_j, other=0.0).to(ACC)
     else:
         return acc
-
-
-@triton.jit
-def _recurrent_grad(d_next, w_hh_ptr, b, j, in_b, in_j, K, H, ACC: tl.constexpr, WIDE: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """d_next [B, K] @ W_hh [K, H] for this tile: the gradient reaching h_{t-1} through the recurrent
-    parts (K = G*H, the whole reduction)."""
-    acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    for k0 in range(0, K, BLOCK_K):
-        k_row = k0 + rk[None, :]
-        k_col = k0 + rk[:, None]
-        d_tile = tl.load(d_next + b * K + k_row, mask=in_b & (k_row < K), other=0.0)
-        w_tile = tl.load(w_hh_ptr + k_col * H + j, mask=(k_col < K) & in_j, other=0.0)
-        acc = _dot(d_tile, w_tile, acc, WIDE, PRECISION)
-    return acc
 
 
 @triton.jit(do_not_specialize=["seed", "key2", "t", "t_prev"])

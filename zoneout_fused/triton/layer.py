@@ -67,8 +67,18 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _check(x, h0, c0, w_ih, w_hh, bias, lengths, seed, direction, mask_mode):
+def _check(x, h0, c0, w_ih, w_hh, bias, lengths, seed, direction, zoneout_cell, zoneout_hidden, recurrent_dropout,
+           mask_mode):
+    _check_probabilities(zoneout_cell, zoneout_hidden, recurrent_dropout)
     _check_layer(x, (("h0", h0), ("c0", c0)), w_ih, w_hh, (("bias", bias),), 4, lengths, seed, direction, mask_mode)
+
+
+def _check_probabilities(zoneout_cell, zoneout_hidden, recurrent_dropout):
+    for name, value in (("zoneout_cell", zoneout_cell), ("zoneout_hidden", zoneout_hidden)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if not 0.0 <= recurrent_dropout < 1.0:
+        raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
 
 
 def _check_gru_rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, direction, zoneout_hidden, recurrent_dropout,
@@ -83,10 +93,7 @@ def _check_gru_rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, direction
     if cell != gru_rnn_step.GRU and recurrent_dropout != 0.0:
         raise ValueError(f"recurrent_dropout must be 0 for the plain RNN (cell {_CELL_NAMES[cell]}: no gated "
                          f"update to drop), got {recurrent_dropout}")
-    if not 0.0 <= zoneout_hidden <= 1.0:
-        raise ValueError(f"zoneout_hidden must be in [0, 1], got {zoneout_hidden}")
-    if not 0.0 <= recurrent_dropout < 1.0:
-        raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
+    _check_probabilities(0.0, zoneout_hidden, recurrent_dropout)
     _check_layer(x, (("h0", h0),), w_ih, w_hh, (("b_ih", b_ih), ("b_hh", b_hh)), gru_rnn_step.cell_rows(cell),
                  lengths, seed, direction, mask_mode)
 
@@ -247,7 +254,8 @@ def triton_layer_forward(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_
                          seed: torch.Tensor, layer: int, direction: int, zoneout_cell: float,
                          zoneout_hidden: float, recurrent_dropout: float, mask_mode: int,
                          training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(x, h0, c0, w_ih, w_hh, bias, lengths, seed, direction, mask_mode)
+    _check(x, h0, c0, w_ih, w_hh, bias, lengths, seed, direction, zoneout_cell, zoneout_hidden, recurrent_dropout,
+           mask_mode)
     s = _Settings(x, w_hh, lengths, seed, layer, direction, zoneout_cell, zoneout_hidden, recurrent_dropout,
                   mask_mode, training)
     T, B, H = s.steps, s.batch, s.hidden
@@ -270,7 +278,8 @@ def triton_layer_backward(grad_y: torch.Tensor, grad_c_n: torch.Tensor, x: torch
                           training: bool, y: torch.Tensor, c_seq: torch.Tensor, gates: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor]:
-    _check(x, h0, c0, w_ih, w_hh, bias, lengths, seed, direction, mask_mode)
+    _check(x, h0, c0, w_ih, w_hh, bias, lengths, seed, direction, zoneout_cell, zoneout_hidden, recurrent_dropout,
+           mask_mode)
     s = _Settings(x, w_hh, lengths, seed, layer, direction, zoneout_cell, zoneout_hidden, recurrent_dropout,
                   mask_mode, training)
     T, B, H = s.steps, s.batch, s.hidden

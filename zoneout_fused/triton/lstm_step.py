@@ -26,36 +26,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
-
 from .masks import element_masks
-
-
-@triton.jit
-def _exp(x, ACCURATE: tl.constexpr):
-    # On a GPU tl.exp lowers to ex2.approx; libdevice's expf/exp are accurate to an ulp or two,
-    # like the CUDA backend's and the reference's. The interpreter runs tl.exp (numpy's).
-    if ACCURATE:
-        return libdevice.exp(x)
-    else:
-        return tl.exp(x)
-
-
-@triton.jit
-def _sigmoid(x, ACCURATE: tl.constexpr):
-    return 1.0 / (1.0 + _exp(-x, ACCURATE))
-
-
-@triton.jit
-def _tanh(x, ACCURATE: tl.constexpr):
-    if ACCURATE:  # libdevice's tanhf/tanh: relative accuracy near 0 too
-        return libdevice.tanh(x)
-    else:
-        # The interpreter has no tanh: this form never overflows (exp of a non-positive number);
-        # its absolute error is a few ulp of 1 (relative precision is lost near 0).
-        e = tl.exp(-2.0 * tl.abs(x))
-        r = (1.0 - e) / (1.0 + e)
-        return tl.where(x < 0, -r, r)
+from .tiles import _previous_state, _recurrent_grad, _recurrent_row, _sigmoid, _tanh, _tile
 
 
 @triton.jit(do_not_specialize=["seed", "key2", "t", "t_prev"])
@@ -73,20 +45,10 @@ def lstm_forward_step_kernel(
         DRAW_ZONEOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
         PRECISION: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_K: tl.constexpr):
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rj = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    b = rb.to(tl.int64)[:, None]  # [BB, 1]
-    j = rj.to(tl.int64)[None, :]  # [1, BH]
-    in_b = b < B
-    in_j = j < H
-    inside = in_b & in_j
+    b, j, in_b, in_j, inside = _tile(B, H, BLOCK_B, BLOCK_H)
     t64 = t.to(tl.int64)
-    if FIRST:
-        h_prev_ptr = h0_ptr
-        c_prev_ptr = c0_ptr
-    else:
-        h_prev_ptr = y_ptr + t_prev.to(tl.int64) * B * H
-        c_prev_ptr = c_seq_ptr + t_prev.to(tl.int64) * B * H
+    h_prev_ptr = _previous_state(h0_ptr, y_ptr, t_prev, B, H, FIRST)
+    c_prev_ptr = _previous_state(c0_ptr, c_seq_ptr, t_prev, B, H, FIRST)
 
     # Recurrent product for the four gate columns of this j tile (fp32/fp64 accumulation).
     acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
@@ -99,21 +61,10 @@ def lstm_forward_step_kernel(
         k_col = k0 + rk[:, None]  # [BK, 1]
         h_tile = tl.load(h_prev_ptr + b * H + k_row, mask=in_b & (k_row < H), other=0.0)
         w_mask = (k_col < H) & in_j
-        # W_hh^T tile [BK, BH] of gate q: W_hh[q*H + j, k].
-        w_i = tl.load(w_hh_ptr + (0 * H + j) * H + k_col, mask=w_mask, other=0.0)
-        w_f = tl.load(w_hh_ptr + (1 * H + j) * H + k_col, mask=w_mask, other=0.0)
-        w_g = tl.load(w_hh_ptr + (2 * H + j) * H + k_col, mask=w_mask, other=0.0)
-        w_o = tl.load(w_hh_ptr + (3 * H + j) * H + k_col, mask=w_mask, other=0.0)
-        if WIDE:  # float32/float64 operands: PRECISION is torch's float32 matmul policy ("ieee" or "tf32")
-            acc_i = tl.dot(h_tile, w_i, acc_i, input_precision=PRECISION)
-            acc_f = tl.dot(h_tile, w_f, acc_f, input_precision=PRECISION)
-            acc_g = tl.dot(h_tile, w_g, acc_g, input_precision=PRECISION)
-            acc_o = tl.dot(h_tile, w_o, acc_o, input_precision=PRECISION)
-        else:  # float16/bfloat16 operands, float32 accumulation
-            acc_i = tl.dot(h_tile, w_i, acc_i)
-            acc_f = tl.dot(h_tile, w_f, acc_f)
-            acc_g = tl.dot(h_tile, w_g, acc_g)
-            acc_o = tl.dot(h_tile, w_o, acc_o)
+        acc_i = _recurrent_row(acc_i, h_tile, w_hh_ptr, 0, j, k_col, w_mask, H, WIDE, PRECISION)
+        acc_f = _recurrent_row(acc_f, h_tile, w_hh_ptr, 1, j, k_col, w_mask, H, WIDE, PRECISION)
+        acc_g = _recurrent_row(acc_g, h_tile, w_hh_ptr, 2, j, k_col, w_mask, H, WIDE, PRECISION)
+        acc_o = _recurrent_row(acc_o, h_tile, w_hh_ptr, 3, j, k_col, w_mask, H, WIDE, PRECISION)
 
     four_h = 4 * H
     xp_row = xp_ptr + t64 * B * four_h + b * four_h + j
@@ -172,13 +123,7 @@ def lstm_backward_step_kernel(
         HAS_LENGTHS: tl.constexpr, MODE: tl.constexpr, TRAINING: tl.constexpr, DRAW_ZONEOUT: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
         ACCURATE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rj = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    b = rb.to(tl.int64)[:, None]
-    j = rj.to(tl.int64)[None, :]
-    in_b = b < B
-    in_j = j < H
-    inside = in_b & in_j
+    b, j, in_b, in_j, inside = _tile(B, H, BLOCK_B, BLOCK_H)
     t64 = t.to(tl.int64)
     four_h = 4 * H
     tile = b * H + j
@@ -186,19 +131,8 @@ def lstm_backward_step_kernel(
     # dh_t = direct term + d_pre[t_next] @ W_hh (the whole 4H reduction, for this tile).
     dh = tl.load(dh_ptr + tile, mask=inside, other=0.0).to(ACC)
     if not LAST:
-        acc = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-        rk = tl.arange(0, BLOCK_K).to(tl.int64)
-        d_next = d_pre_ptr + t_next.to(tl.int64) * B * four_h
-        for k0 in range(0, four_h, BLOCK_K):
-            k_row = k0 + rk[None, :]
-            k_col = k0 + rk[:, None]
-            d_tile = tl.load(d_next + b * four_h + k_row, mask=in_b & (k_row < four_h), other=0.0)
-            w_tile = tl.load(w_hh_ptr + k_col * H + j, mask=(k_col < four_h) & in_j, other=0.0)
-            if WIDE:
-                acc = tl.dot(d_tile, w_tile, acc, input_precision=PRECISION)
-            else:  # 16-bit weights: round d_pre to their dtype for the tensor cores, accumulate in fp32
-                acc = tl.dot(d_tile.to(w_tile.dtype), w_tile, acc)
-        dh += acc
+        dh += _recurrent_grad(d_pre_ptr + t_next.to(tl.int64) * B * four_h, w_hh_ptr, b, j, in_b, in_j, four_h, H,
+                              ACC, WIDE, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     dh += tl.load(grad_y_ptr + t64 * B * H + tile, mask=inside, other=0.0).to(ACC)
     dc = tl.load(dc_ptr + tile, mask=inside, other=0.0).to(ACC)
 
