@@ -4,9 +4,10 @@
 # 10-minute call:
 #   1. build the extension against the machine's own torch;
 #   2. the whole test suite on the GPU (GPU tests included);
-#   3. compute-sanitizer memcheck and racecheck on a small forward + backward of each GPU backend;
+#   3. compute-sanitizer memcheck and racecheck on a small forward + backward of each GPU backend
+#      (LSTM, GRU with recurrent dropout, relu RNN);
 #   4. python -m zoneout_fused.bench --device cuda on the paper's shapes, float32 and bfloat16,
-#      cuDNN nn.LSTM in the same run.
+#      cuDNN nn.LSTM in the same run, and the GRU at the char-PTB shape beside cuDNN nn.GRU.
 # Logs and JSON go to $OUT (else ./gpu-validation). Without a GPU it says so and exits 0 (CI runs
 # that path). Each step's exit code is recorded in $OUT/summary.txt; the script exits non-zero if
 # any step failed. The steps' time limits add up to under 10 minutes; KIT_STEPS="build tests" (any
@@ -58,6 +59,11 @@ for backend in [b for b in ("cuda", "triton") if b in zf.available_backends("cud
     x = torch.randn(5, 3, 16, device="cuda", requires_grad=True)
     output, (h, c) = model(x)
     (output.sum() + h.sum() + c.sum()).backward()
+    for cls, kwargs in ((zf.ZoneoutGRU, dict(recurrent_dropout=0.1)), (zf.ZoneoutRNN, dict(nonlinearity="relu"))):
+        model = cls(16, 40, num_layers=2, bidirectional=True, zoneout_hidden=0.1, backend=backend, device="cuda",
+                    **kwargs)
+        output, h = model(x)
+        (output.sum() + h.sum()).backward()
     torch.cuda.synchronize()
     print(backend, "ok")
 PY
@@ -67,9 +73,12 @@ else
 fi
 # The compiled peers are left out here: inductor's compile of an unrolled loop alone can take minutes.
 for config in char-ptb text8 pmnist decode; do
-  wanted bench && step "bench-$config" 35 python3 -m zoneout_fused.bench --device cuda --config "$config" \
+  wanted bench && step "bench-$config" 30 python3 -m zoneout_fused.bench --device cuda --config "$config" \
     --dtype float32,bfloat16 --repeats 10 --backends plain-loop,nn.LSTM,reference,triton,cuda \
     --json "$out/bench-$config.json" --quiet
 done
+wanted bench && step bench-char-ptb-gru 30 python3 -m zoneout_fused.bench --device cuda --config char-ptb \
+  --cell gru --dtype float32,bfloat16 --repeats 10 --backends plain-loop,nn.GRU,triton,cuda \
+  --json "$out/bench-char-ptb-gru.json" --quiet
 cat "$out/summary.txt"
 exit $status
