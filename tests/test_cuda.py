@@ -229,6 +229,31 @@ def test_low_precision_saves_float32_state(dtype):
     assert c_seq.shape == (4, 2, 5) and gates.shape == (4, 2, 20)
 
 
+def test_float16_pre_activation_gradients_do_not_underflow(recurrence):
+    """d_pre, d_pre W_hh and the products stay in float32 for 16-bit inputs: with grad_y scaled
+    by 2**-22 every pre-activation gradient (~1e-8) lies below float16's smallest subnormal, yet
+    the bias and W_ih gradients (sums over T*B = 16384 of them) must be the unscaled ones times
+    2**-22, to float16 rounding. Rounded to float16 each step, d_pre would flush to zero."""
+    steps, batch, inputs, hidden = 64, 256, 4, 32
+    g = torch.Generator().manual_seed(5)
+    x = torch.full((steps, batch, inputs), 2.0)
+    h0 = c0 = torch.zeros(batch, hidden)
+    w_ih = torch.rand(4 * hidden, inputs, generator=g) * 0.1
+    w_hh = torch.rand(4 * hidden, hidden, generator=g) * 0.1
+    bias = torch.rand(4 * hidden, generator=g) * 0.1
+    tensors = [t.to(DEVICE, torch.float16) for t in (x, h0, c0, w_ih, w_hh, bias)]
+    grads = {}
+    for scale in (1.0, 2.0 ** -22):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        y, _ = cuda_layer(*leaves, None, torch.tensor(3), 0, 0, 0.0, 0.0, 0.0, 0, True)
+        y.backward(torch.full_like(y, scale))
+        grads[scale] = [leaves[3].grad.float(), leaves[5].grad.float()]  # W_ih, bias
+    for name, small, full in zip(("grad_w_ih", "grad_bias"), grads[2.0 ** -22], grads[1.0]):
+        normal = full.abs() * 2.0 ** -22 > 1e-4  # both results float16 normals: comparable to rounding
+        assert normal.sum() >= 16, name  # enough comparable elements
+        torch.testing.assert_close(small[normal] * 2.0 ** 22, full[normal], rtol=2e-3, atol=0, msg=name)
+
+
 # --------------------------------------------------------------------------------------
 # Gradients, op registration, determinism
 # --------------------------------------------------------------------------------------

@@ -182,6 +182,21 @@ void check_saved(const Tensor& tensor, const char* name, const Tensor& x, at::In
   check_shape(tensor, name, shape);
 }
 
+// a b with the result in the state dtype: for float16/bfloat16 cuBLAS accumulates in float32
+// and writes float32 (no rounding of the product to 16 bits); a plain mm otherwise.
+Tensor mm_state(const Tensor& a, const Tensor& b) {
+  const auto state = state_dtype(a.scalar_type());
+  return state == a.scalar_type() ? at::mm(a, b) : at::mm(a, b, state);
+}
+
+void mm_state_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  if (out.scalar_type() == a.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b, out.scalar_type());
+  }
+}
+
 // Validates the LSTM layer-op arguments (shared by forward and backward) and returns the
 // mask parameters; seed is read only in training mode.
 std::pair<LayerShape, zoneout::ZoneoutParams> check_layer_args(
@@ -227,13 +242,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_layer_forward(
     c_n.copy_(c0_in);
     return {y, c_n, c_seq, gates};
   }
-  // x_t W_ih^T for every step in one GEMM; the bias is added in the kernel in float32.
-  const Tensor x_proj = at::mm(x.view({T * B, s.input}), w_ih.t()).view({T, B, 4 * H});
+  // x_t W_ih^T for every step in one GEMM, in the state dtype (float32 for 16-bit inputs: no
+  // rounding of the products); the bias is added in the kernel in float32.
+  const Tensor x_proj = mm_state(x.view({T * B, s.input}), w_ih.t()).view({T, B, 4 * H});
   const Tensor c0 = c0_in.to(state).contiguous();  // the kernels read c_{t-1} in the state dtype
   const zc::Recurrence recurrence = choose_recurrence(B, H);
   const bool fused = recurrence == zc::Recurrence::kFused;
   const Tensor w_hh_t = fused ? w_hh.t().contiguous() : Tensor();  // [H, 4H]: coalesced reads
-  Tensor hh = fused ? Tensor() : at::empty({B, 4 * H}, x.options());
+  Tensor hh = fused ? Tensor() : at::empty({B, 4 * H}, x.options().dtype(state));
   const zc::ScalarType kdtype = kernel_dtype(x.scalar_type());
 
   zc::ForwardStepArgs a;
@@ -245,7 +261,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_layer_forward(
     const int64_t t = direction == 0 ? step : T - 1 - step;  // position in the input
     const int64_t t_prev = direction == 0 ? t - 1 : t + 1;   // valid when step > 0
     if (!fused) {
-      at::mm_out(hh, step == 0 ? h0 : y.select(0, t_prev), w_hh.t());
+      mm_state_out(hh, step == 0 ? h0 : y.select(0, t_prev), w_hh.t());
     }
     a.t = t;
     a.x_proj = slice_ptr(x_proj, t, B * 4 * H);
@@ -291,14 +307,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_layer_backward(
     return {at::empty_like(x), at::zeros_like(h0_in), grad_c_n_in.clone(), at::zeros_like(w_ih_in),
             at::zeros_like(w_hh_in), at::zeros({4 * H}, w_hh_in.options())};
   }
-  Tensor d_pre = at::empty({T, B, 4 * H}, x.options());
+  // d_pre and the recurrent gradient in the state dtype: float16's range would flush small
+  // pre-activation gradients to zero (the Triton backend keeps them in float32 too).
+  Tensor d_pre = at::empty({T, B, 4 * H}, x.options().dtype(state));
   Tensor dh_direct = at::zeros({B, H}, x.options().dtype(state));
   Tensor dc = at::empty({B, H}, x.options().dtype(state));
   dc.copy_(grad_c_n_in);
   const Tensor c0 = c0_in.to(state).contiguous();
   const zc::Recurrence recurrence = choose_recurrence(B, H);
   const bool fused = recurrence == zc::Recurrence::kFused;
-  Tensor dh_rec = fused ? Tensor() : at::empty({B, H}, x.options());
+  Tensor dh_rec = fused ? Tensor() : at::empty({B, H}, x.options().dtype(state));
+  const Tensor w_hh_state = w_hh.to(state);  // (a float32 copy for 16-bit inputs)
   const zc::ScalarType kdtype = kernel_dtype(x.scalar_type());
 
   zc::BackwardStepArgs a;
@@ -313,7 +332,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_layer_backward(
     const int64_t t_prev = direction == 0 ? t - 1 : t + 1;  // forward predecessor (c_{t-1})
     const bool first_forward_step = direction == 0 ? t == 0 : t == T - 1;
     if (!fused && step > 0) {
-      at::mm_out(dh_rec, d_pre.select(0, t_next), w_hh);
+      at::mm_out(dh_rec, d_pre.select(0, t_next), w_hh_state);
     }
     a.t = t;
     a.grad_y = slice_ptr(grad_y, t, B * H);
@@ -326,23 +345,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_layer_backward(
   }
   const int64_t t_first = direction == 0 ? 0 : T - 1;  // first forward step: h_{t-1} = h0
   const Tensor d_first = d_pre.select(0, t_first);
-  const Tensor grad_h0 = (dh_direct + at::mm(d_first, w_hh).to(state)).to(x.scalar_type());
-  const Tensor grad_c0 = dc.to(x.scalar_type());
+  const auto dtype = x.scalar_type();
+  const Tensor grad_h0 = (dh_direct + at::mm(d_first, w_hh_state)).to(dtype);
+  const Tensor grad_c0 = dc.to(dtype);
 
-  // Weight and input gradients: single large products over all T*B rows.
+  // Weight and input gradients: single large products over all T*B rows, in the state dtype
+  // (float32 copies of x, y, h0 and W_ih for 16-bit inputs), rounded to x's dtype at the end.
   const Tensor d_flat = d_pre.view({T * B, 4 * H});
-  const Tensor grad_x = at::mm(d_flat, w_ih).view({T, B, I});
-  const Tensor grad_w_ih = at::mm(d_flat.t(), x.view({T * B, I}));
+  const Tensor grad_x = at::mm(d_flat, w_ih.to(state)).view({T, B, I}).to(dtype);
+  const Tensor grad_w_ih = at::mm(d_flat.t(), x.view({T * B, I}).to(state)).to(dtype);
   // grad_w_hh = sum_t d_pre[t]^T h_{t-1}: h0 for the first forward step, y of its predecessor otherwise.
-  Tensor grad_w_hh = at::mm(d_first.t(), h0);
+  Tensor grad_w_hh = at::mm(d_first.t(), h0.to(state));
   if (T > 1) {
     const Tensor d_rest = direction == 0 ? d_pre.narrow(0, 1, T - 1) : d_pre.narrow(0, 0, T - 1);
     const Tensor h_rest = direction == 0 ? y.narrow(0, 0, T - 1) : y.narrow(0, 1, T - 1);
-    grad_w_hh = at::addmm(grad_w_hh, d_rest.reshape({(T - 1) * B, 4 * H}).t(), h_rest.reshape({(T - 1) * B, H}));
+    grad_w_hh = at::addmm(grad_w_hh, d_rest.reshape({(T - 1) * B, 4 * H}).t(),
+                          h_rest.reshape({(T - 1) * B, H}).to(state));
   }
-  // Deterministic reduction (no atomics), float32 accumulation for 16-bit dtypes.
-  const Tensor grad_bias = d_flat.sum(0);
-  return {grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias};
+  // Deterministic reduction (no atomics) in the state dtype.
+  const Tensor grad_bias = d_flat.sum(0).to(dtype);
+  return {grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh.to(dtype), grad_bias};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -383,20 +405,6 @@ GruRnnArgs check_gru_rnn_args(const Tensor& x, const Tensor& h0, const Tensor& w
   return {s, p, kind, rows, zoneout::cell_saved(kind)};
 }
 
-// a b with the result in the state dtype: for float16/bfloat16 cuBLAS accumulates in float32
-// and writes float32 (no rounding of the product to 16 bits); a plain mm otherwise.
-Tensor mm_state(const Tensor& a, const Tensor& b) {
-  const auto state = state_dtype(a.scalar_type());
-  return state == a.scalar_type() ? at::mm(a, b) : at::mm(a, b, state);
-}
-
-void mm_state_out(Tensor& out, const Tensor& a, const Tensor& b) {
-  if (out.scalar_type() == a.scalar_type()) {
-    at::mm_out(out, a, b);
-  } else {
-    at::mm_out(out, a, b, out.scalar_type());
-  }
-}
 
 std::tuple<Tensor, Tensor> cuda_gru_rnn_layer_forward(
     const Tensor& x_in, const Tensor& h0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,

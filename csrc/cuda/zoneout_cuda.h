@@ -6,9 +6,11 @@
 // large matrix products (x W_ih^T for all steps before the loop; the weight and input
 // gradients after it) and all allocation; the kernels only read and write what is listed.
 //
-// Dtypes: `scalar` is the I/O dtype (x, h, y, weights, pre-activations, d_pre);
-// `state` is float32 for float16/bfloat16 and the I/O dtype otherwise (cell states, gates
-// and the backward carries dh/dc); arithmetic is in float32 (float64 for float64).
+// Dtypes: `scalar` is the I/O dtype (x, h, y, weights, biases, grad_y);
+// `state` is float32 for float16/bfloat16 and the I/O dtype otherwise (cell states, gates,
+// the products x W_ih^T and h W_hh^T, d_pre and the backward carries dh/dc: cuBLAS writes
+// its float32 accumulators straight out, so no product is rounded to 16 bits and no
+// pre-activation gradient underflows); arithmetic is in float32 (float64 for float64).
 //
 // Shapes (B = params.batch, H = params.hidden; all contiguous, row-major):
 //   [B, H] per-step states, [B, 4H] per-step gates / pre-activations (rows i, f, g, o).
@@ -46,8 +48,8 @@ constexpr int64_t kFusedMaxBatch = 65535 * 4;  // grid.y limit times examples pe
 
 struct ForwardStepArgs {
   int64_t t = 0;                   // position in the input (the mask counter's t)
-  const void* x_proj = nullptr;    // [B, 4H] scalar: x_t W_ih^T, bias not added
-  const void* hh = nullptr;        // [B, 4H] scalar: h_{t-1} W_hh^T (kCublas only)
+  const void* x_proj = nullptr;    // [B, 4H] state: x_t W_ih^T, bias not added
+  const void* hh = nullptr;        // [B, 4H] state: h_{t-1} W_hh^T (kCublas only)
   const void* w_hh_t = nullptr;    // [H, 4H] scalar: W_hh transposed (kFused only)
   const void* bias = nullptr;      // [4H] scalar, or nullptr: b_ih + b_hh
   const int64_t* lengths = nullptr;  // [B] on the device, or nullptr (all steps active)
@@ -62,8 +64,8 @@ struct ForwardStepArgs {
 struct BackwardStepArgs {
   int64_t t = 0;                     // position in the input
   const void* grad_y = nullptr;      // [B, H] scalar: gradient of the loss w.r.t. y_t
-  const void* dh_rec = nullptr;      // [B, H] scalar, or nullptr: d_pre_next W_hh (kCublas)
-  const void* d_pre_next = nullptr;  // [B, 4H] scalar, or nullptr: the previously processed
+  const void* dh_rec = nullptr;      // [B, H] state, or nullptr: d_pre_next W_hh (kCublas)
+  const void* d_pre_next = nullptr;  // [B, 4H] state, or nullptr: the previously processed
                                      // step's d_pre (kFused; nullptr at the first one)
   const void* w_hh = nullptr;        // [4H, H] scalar (kFused only)
   const int64_t* lengths = nullptr;  // [B] on the device, or nullptr
@@ -72,7 +74,7 @@ struct BackwardStepArgs {
   void* dh_direct = nullptr;         // [B, H] state in/out: m_h * dh reaching h_{t-1}
                                      // directly (zero before the first processed step)
   void* dc = nullptr;                // [B, H] state in/out: gradient reaching c_t, then c_{t-1}
-  void* d_pre = nullptr;             // [B, 4H] scalar out: gradient of the pre-activations
+  void* d_pre = nullptr;             // [B, 4H] state out: gradient of the pre-activations
 };
 
 // One forward step: gates, masks (regenerated from params), zoneout mixing.

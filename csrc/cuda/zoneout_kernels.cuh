@@ -79,12 +79,12 @@ __device__ __forceinline__ void forward_element(const ForwardStepArgs& a, const 
     if (c_n != nullptr) store(c_n + e, c_prev);
     return;
   }
-  const scalar_t* x_proj = static_cast<const scalar_t*>(a.x_proj);
+  const acc_t* x_proj = static_cast<const acc_t*>(a.x_proj);
   const scalar_t* bias = static_cast<const scalar_t*>(a.bias);
   acc_t pre[4];
 #pragma unroll
   for (int g = 0; g < 4; ++g) {
-    acc_t v = to_acc(x_proj[row + g * hidden]);
+    acc_t v = x_proj[row + g * hidden];
     if (bias != nullptr) v += to_acc(bias[g * hidden + j]);
     pre[g] = v + rec[g];
   }
@@ -108,10 +108,10 @@ __global__ void __launch_bounds__(kPointwiseThreads)
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= p.batch * hidden) return;
   const int64_t b = e / hidden, j = e - b * hidden;
-  const scalar_t* hh = static_cast<const scalar_t*>(a.hh) + b * 4 * hidden + j;
+  const acc_t* hh = static_cast<const acc_t*>(a.hh) + b * 4 * hidden + j;
   acc_t rec[4];
 #pragma unroll
-  for (int g = 0; g < 4; ++g) rec[g] = to_acc(hh[g * hidden]);
+  for (int g = 0; g < 4; ++g) rec[g] = hh[g * hidden];
   forward_element<scalar_t>(a, p, b, j, rec);
 }
 
@@ -174,13 +174,13 @@ __device__ __forceinline__ void backward_element(const BackwardStepArgs& a, cons
   const int64_t row = b * 4 * hidden + j;
   acc_t* dh_direct = static_cast<acc_t*>(a.dh_direct);
   acc_t* dc = static_cast<acc_t*>(a.dc);
-  scalar_t* d_pre = static_cast<scalar_t*>(a.d_pre);
+  acc_t* d_pre = static_cast<acc_t*>(a.d_pre);
   const acc_t dh = to_acc(static_cast<const scalar_t*>(a.grad_y)[e]) + dh_rec + dh_direct[e];
 
   if (!step_active(a.t, a.lengths, b)) {  // y_t was h_{t-1}: dh and dc pass straight through
     dh_direct[e] = dh;
 #pragma unroll
-    for (int g = 0; g < 4; ++g) store(d_pre + row + g * hidden, acc_t(0));
+    for (int g = 0; g < 4; ++g) d_pre[row + g * hidden] = acc_t(0);
     return;
   }
   const acc_t* gates = static_cast<const acc_t*>(a.gates);
@@ -190,10 +190,10 @@ __device__ __forceinline__ void backward_element(const BackwardStepArgs& a, cons
                                                        gates[row + 2 * hidden], gates[row + 3 * hidden], c_prev, m);
   dh_direct[e] = out.dh_prev_direct;
   dc[e] = out.dc_prev;
-  store(d_pre + row, out.d_pre_i);
-  store(d_pre + row + hidden, out.d_pre_f);
-  store(d_pre + row + 2 * hidden, out.d_pre_g);
-  store(d_pre + row + 3 * hidden, out.d_pre_o);
+  d_pre[row] = out.d_pre_i;
+  d_pre[row + hidden] = out.d_pre_f;
+  d_pre[row + 2 * hidden] = out.d_pre_g;
+  d_pre[row + 3 * hidden] = out.d_pre_o;
 }
 
 template <typename scalar_t>
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kPointwiseThreads)
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= p.batch * hidden) return;
   const int64_t b = e / hidden, j = e - b * hidden;
-  const acc_t dh_rec = a.dh_rec != nullptr ? to_acc(static_cast<const scalar_t*>(a.dh_rec)[e]) : acc_t(0);
+  const acc_t dh_rec = a.dh_rec != nullptr ? static_cast<const acc_t*>(a.dh_rec)[e] : acc_t(0);
   backward_element<scalar_t>(a, p, b, j, dh_rec);
 }
 
@@ -222,10 +222,10 @@ __global__ void __launch_bounds__(kFusedMaxThreads)
   const bool has_next = a.d_pre_next != nullptr;  // uniform over the grid
   acc_t* d_s = reinterpret_cast<acc_t*>(fused_smem);  // [kFusedRows][4H]
   if (has_next) {
-    const scalar_t* d_next = static_cast<const scalar_t*>(a.d_pre_next) + b0 * gates4;
+    const acc_t* d_next = static_cast<const acc_t*>(a.d_pre_next) + b0 * gates4;
     for (int idx = threadIdx.x; idx < kFusedRows * gates4; idx += blockDim.x) {
       const bool valid = b0 + idx / gates4 < batch;
-      d_s[idx] = valid ? to_acc(d_next[idx]) : acc_t(0);
+      d_s[idx] = valid ? d_next[idx] : acc_t(0);
     }
   }
   __syncthreads();
