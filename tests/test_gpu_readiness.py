@@ -42,23 +42,27 @@ def test_triton_params_are_made_once_not_per_call():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="stream syncs can only be caught on a GPU")
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_no_stream_sync_in_forward_and_backward(backend, packed):
+def test_no_stream_sync_in_forward_and_backward(backend, packed, cell):
     """torch.cuda.set_sync_debug_mode('error') raises on any call that waits for the GPU."""
     if backend not in zf.available_backends("cuda"):
         pytest.skip(f"{backend} not available")
-    model = zf.ZoneoutLSTM(8, 16, num_layers=2, bidirectional=True, zoneout_cell=0.5, zoneout_hidden=0.05,
-                           backend=backend, device="cuda")
+    common = dict(num_layers=2, bidirectional=True, zoneout_hidden=0.05, backend=backend, device="cuda")
+    model = {"lstm": lambda: zf.ZoneoutLSTM(8, 16, zoneout_cell=0.5, **common),
+             "gru": lambda: zf.ZoneoutGRU(8, 16, recurrent_dropout=0.1, **common),
+             "rnn": lambda: zf.ZoneoutRNN(8, 16, **common)}[cell]()
     x = torch.randn(6, 3, 8, device="cuda", requires_grad=True)
     inputs = pack_padded_sequence(x, torch.tensor([6, 4, 2]), enforce_sorted=False) if packed else x
     model(inputs)  # first call: compiles kernels and fills caches
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        output, (h_n, c_n) = model(inputs)
+        output, state = model(inputs)
         data = output.data if packed else output
-        (data.sum() + h_n.sum() + c_n.sum()).backward()
+        states = state if isinstance(state, tuple) else (state,)
+        (data.sum() + sum(s.sum() for s in states)).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
