@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/gemm.h"
 #include "cpu/lstm_cpu.h"
 #include "zoneout_lstm.h"
 
@@ -246,6 +247,10 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
   m.def("_cpu_isa_supported(int isa) -> bool");
   m.def("_cpu_isa() -> int");
   m.def("_set_cpu_isa(int isa) -> int");
+  // The engine of the CPU kernels' matrix products (0 aten, 1 onednn; csrc/cpu/gemm.h).
+  m.def("_cpu_gemm_supported(int engine) -> bool");
+  m.def("_cpu_gemm() -> int");
+  m.def("_set_cpu_gemm(int engine) -> int");
 }
 
 TORCH_LIBRARY_IMPL(zoneout_fused, CPU, m) {
@@ -261,4 +266,7 @@ TORCH_LIBRARY_IMPL(zoneout_fused, CompositeExplicitAutograd, m) {
   m.impl("_cpu_isa_supported", &zoneout_cpu::cpu_isa_supported);
   m.impl("_cpu_isa", &zoneout_cpu::cpu_isa);
   m.impl("_set_cpu_isa", &zoneout_cpu::set_cpu_isa);
+  m.impl("_cpu_gemm_supported", &zoneout_cpu::cpu_gemm_supported);
+  m.impl("_cpu_gemm", &zoneout_cpu::cpu_gemm);
+  m.impl("_set_cpu_gemm", &zoneout_cpu::set_cpu_gemm);
 }

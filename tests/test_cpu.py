@@ -528,3 +528,63 @@ def test_three_way_rule_catches_the_wrong_step_order(monkeypatch):
     failures = _three_way_failures(monkeypatch, settings=dict(direction=1), lstm_layer=forward_walk)
     assert calls and set(calls) == {1}
     assert any(m.startswith("y ") for m in failures) and any("grad of w_hh" in m for m in failures)
+
+
+# --------------------------------------------------------------------------------------
+# The products' engine (csrc/cpu/gemm.h): oneDNN's linear or ATen's mm, each checked against
+# the reference in float32, for every cell kind, at shapes whose products are large enough to
+# take the oneDNN path (all but the RNN's per-step product, which the size rule keeps on ATen);
+# the profiler confirms which engine ran.
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", cpu_isa.CPU_GEMMS)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_each_gemm_engine_matches_reference(engine, cell):
+    if engine not in cpu_isa.supported_cpu_gemms():
+        pytest.skip(f"this torch has no {engine} products")
+    steps, batch, inputs, hidden = 3, 64, 192, 128  # products of >= 4M multiply-adds (the RNN's per step: fewer)
+    rows = {"lstm": 4, "gru": 3, "rnn_tanh": 1}[cell] * hidden
+    g = torch.Generator().manual_seed(3)
+
+    def rand(*shape, s=1.0):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * s
+
+    x, h0, c0 = rand(steps, batch, inputs), rand(batch, hidden, s=0.5), rand(batch, hidden, s=0.5)
+    w_ih, w_hh, b_ih, b_hh = rand(rows, inputs, s=0.1), rand(rows, hidden, s=0.1), rand(rows, s=0.1), rand(rows, s=0.1)
+    seed = torch.tensor(SEED)
+    if cell == "lstm":
+        tensors = [x, h0, c0, w_ih, w_hh, b_ih + b_hh]
+
+        def layer(fn, ts):
+            return fn(*ts, None, seed, 0, 1, 0.3, 0.1, 0.1, 0, True)
+        fused, oracle = ops.BACKENDS["cpu"].layer, reference.lstm_layer
+    else:
+        tensors = [x, h0, w_ih, w_hh, b_ih, b_hh]
+
+        def layer(fn, ts):
+            return fn(*ts, None, seed, {"gru": 1, "rnn_tanh": 2}[cell], 0, 1, 0.2,
+                      0.1 if cell == "gru" else 0.0, 0, True)
+        fused, oracle = ops.BACKENDS["cpu"].gru_rnn_layer, reference.gru_rnn_layer
+
+    def results(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in tensors]
+        out = layer(fn, leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        weights = [torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view_as(o).to(dtype) for o in outs]
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        return [o.detach() for o in outs] + [leaf.grad for leaf in leaves]
+
+    with cpu_isa.use_cpu_gemm(engine), torch.profiler.profile() as profile:
+        actual = results(fused, torch.float32)
+    used_onednn = any(event.name == "mkldnn::_linear_pointwise" for event in profile.events())
+    assert used_onednn == (engine == "onednn")  # the engine asked for is the one that ran
+    names = [f"result {k}" for k in range(len(actual))]
+    assert_all_three_way(actual, results(oracle, torch.float32), results(oracle, torch.float64), names)
+
+
+def test_gemm_engine_choice_is_checked_and_restored():
+    before = cpu_isa.cpu_gemm()
+    with pytest.raises(ValueError, match="engine"):
+        cpu_isa.set_cpu_gemm("blas")
+    with cpu_isa.use_cpu_gemm("aten"):
+        assert cpu_isa.cpu_gemm() == "aten"
+    assert cpu_isa.cpu_gemm() == before

@@ -1,4 +1,4 @@
-"""Which instruction set the C++ CPU kernels run.
+"""Which instruction set the C++ CPU kernels run, and which engine their matrix products use.
 
 The CPU extension holds one copy of its element kernels and vectorized Philox per instruction
 set (baseline x86-64 "scalar", "avx2", "avx512") and runs the best one this CPU has. The
@@ -60,3 +60,38 @@ def use_cpu_isa(isa: str) -> Iterator[None]:
         yield
     finally:
         set_cpu_isa(previous)
+
+
+# The engine of the CPU kernels' matrix products (csrc/cpu/gemm.h): "onednn" (the default where
+# torch has it: oneDNN's linear, the library nn.LSTM runs on; products of at least 4M
+# multiply-adds in float32) or "aten" (torch.mm: the BLAS torch was built with). The environment
+# variable ZONEOUT_FUSED_CPU_GEMM (auto, onednn, aten) is read when the extension loads.
+CPU_GEMMS = ("aten", "onednn")
+
+
+def supported_cpu_gemms() -> list[str]:
+    ops = _ops()
+    return [name for code, name in enumerate(CPU_GEMMS) if ops._cpu_gemm_supported(code)]
+
+
+def cpu_gemm() -> str:
+    return CPU_GEMMS[_ops()._cpu_gemm()]
+
+
+def set_cpu_gemm(engine: str) -> str:
+    """Makes the CPU kernels' products run on `engine`; returns the previous one."""
+    if engine not in CPU_GEMMS:
+        raise ValueError(f"engine must be one of {CPU_GEMMS}, got {engine!r}")
+    if engine not in supported_cpu_gemms():
+        raise ValueError(f"engine={engine!r} is not available in this torch; supported: {supported_cpu_gemms()}")
+    return CPU_GEMMS[_ops()._set_cpu_gemm(CPU_GEMMS.index(engine))]
+
+
+@contextlib.contextmanager
+def use_cpu_gemm(engine: str) -> Iterator[None]:
+    """Runs the block's CPU products on `engine`, then restores the previous choice."""
+    previous = set_cpu_gemm(engine)
+    try:
+        yield
+    finally:
+        set_cpu_gemm(previous)

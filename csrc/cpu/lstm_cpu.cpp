@@ -22,6 +22,7 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 #endif
 
 #include "cpu/lstm_cpu.h"
+#include "cpu/gemm.h"
 
 #include <algorithm>
 #include <cstring>
@@ -624,12 +625,12 @@ inline void add_row(scalar_t* out, const scalar_t* in, int64_t j0, int64_t j1) {
 Tensor recurrent_weight_grad(const Tensor& d_rec, const Tensor& y, const Tensor& h0, int direction) {
   const int64_t steps = d_rec.size(0), batch = d_rec.size(1), rows = d_rec.size(2), hidden = h0.size(1);
   const int64_t first = step_position(0, steps, direction);
-  Tensor grad_w_hh = at::mm(d_rec[first].t(), h0);
+  Tensor grad_w_hh = transposed_product(d_rec[first], h0);
   if (steps > 1) {
     const int64_t count = (steps - 1) * batch;
     const Tensor d_rest = d_rec.narrow(0, direction == 0 ? 1 : 0, steps - 1).reshape({count, rows});
     const Tensor h_rest = y.narrow(0, direction == 0 ? 0 : 1, steps - 1).view({count, hidden});
-    grad_w_hh.addmm_(d_rest.t(), h_rest);
+    grad_w_hh.add_(transposed_product(d_rest, h_rest));
   }
   return grad_w_hh;
 }
@@ -715,16 +716,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
   const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), hidden = w_hh.size(1);
   Tensor y = at::empty({steps, batch, hidden}, x.options());
   Tensor c_seq = at::empty({steps, batch, hidden}, x.options());
-  Tensor gates = at::empty({steps, batch, 4 * hidden}, x.options());
-
-  // Input projection of every step at once, written where the pre-activations live.
-  Tensor gates_2d = gates.view({steps * batch, 4 * hidden});
-  if (bias.defined()) {
-    at::addmm_out(gates_2d, bias, x.view({steps * batch, input}), w_ih.t());
-  } else {
-    at::mm_out(gates_2d, x.view({steps * batch, input}), w_ih.t());
-  }
-  const Tensor w_hh_t = w_hh.t();
+  // Input projection of every step at once: the buffer where the pre-activations live.
+  Tensor gates = linear_product(x.view({steps * batch, input}), w_ih, bias).view({steps, batch, 4 * hidden});
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const int direction = params.direction;
   const CpuKernels& kernels = active_kernels();
@@ -742,7 +735,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
       const Tensor h_prev = t_prev < 0 ? h0 : y[t_prev];
       const scalar_t* c_prev = t_prev < 0 ? c0.data_ptr<scalar_t>() : c_p + t_prev * state;
       Tensor gates_t = gates[t];
-      gates_t.addmm_(h_prev, w_hh_t);  // the step's one GEMM, accumulated onto x_t W_ih^T + b
+      add_linear_product_(gates_t, h_prev, w_hh);  // the step's one GEMM, accumulated onto x_t W_ih^T + b
       forward_pointwise<scalar_t>(g_p + t * 4 * state, h_prev.data_ptr<scalar_t>(), c_prev, y_p + t * state,
                                   c_p + t * state, len, t, params, kernels);
     }
@@ -764,6 +757,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   Tensor dc = grad_c_n.clone();
   const CpuKernels& kernels = active_kernels();
+  const Tensor w_hh_t = w_hh.t().contiguous();  // [H, 4H]: dh += d_pre_t W_hh is a product with its transpose
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_layer_backward", [&] {
     const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
@@ -776,14 +770,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
       Tensor d_pre_t = d_pre[t];
       backward_pointwise<scalar_t>(gy_p + t * state, g_p + t * 4 * state, c_prev, dh.data_ptr<scalar_t>(),
                                    dc.data_ptr<scalar_t>(), d_pre_t.data_ptr<scalar_t>(), len, t, params, kernels);
-      dh.addmm_(d_pre_t, w_hh);  // the step's one GEMM: the W_hh path to h_{t-1}
+      add_linear_product_(dh, d_pre_t, w_hh_t);  // the step's one GEMM: the W_hh path to h_{t-1}
     }
   });
 
   // Weight and input gradients: large products over all steps.
   const Tensor d_pre_2d = d_pre.view({steps * batch, 4 * hidden});
-  const Tensor grad_x = at::mm(d_pre_2d, w_ih).view({steps, batch, input});
-  const Tensor grad_w_ih = at::mm(d_pre_2d.t(), x.view({steps * batch, input}));
+  const Tensor grad_x = linear_product(d_pre_2d, w_ih.t().contiguous()).view({steps, batch, input});
+  const Tensor grad_w_ih = transposed_product(d_pre_2d, x.view({steps * batch, input}));
   const Tensor grad_w_hh = recurrent_weight_grad(d_pre, y, h0, direction);
   const Tensor grad_bias = d_pre_2d.sum(0);
   return {grad_x, dh, dc, grad_w_ih, grad_w_hh, grad_bias};
@@ -805,14 +799,6 @@ Tensor optional_sum(const Tensor& a, const Tensor& b) {
   return a.defined() ? a : b;
 }
 
-// out = a @ w^T (+ bias): x's projection of every step, or one step's recurrent part.
-void project(Tensor out, const Tensor& a, const Tensor& w, const Tensor& bias) {
-  if (bias.defined()) {
-    at::addmm_out(out, bias, a, w.t());
-  } else {
-    at::mm_out(out, a, w.t());
-  }
-}
 
 }  // namespace
 
@@ -826,14 +812,11 @@ std::tuple<Tensor, Tensor> gru_rnn_layer_forward(const Tensor& x, const Tensor& 
   const int64_t rows = zoneout::cell_rows(static_cast<int>(cell)) * hidden;
   const int64_t saved = zoneout::cell_saved(static_cast<int>(cell)) * hidden;
   Tensor y = at::empty({steps, batch, hidden}, x.options());
-  Tensor gates = at::empty({steps, batch, saved}, x.options());
-  // The input part of every step: the GRU's in its own buffer, the RNN's where its
-  // pre-activations accumulate (with both biases: they are simply summed there).
-  Tensor x_proj = gru ? at::empty({steps, batch, rows}, x.options()) : gates;
-  project(x_proj.view({steps * batch, rows}), x.view({steps * batch, input}), w_ih,
-          gru ? b_ih : optional_sum(b_ih, b_hh));
-  Tensor h_proj = gru ? at::empty({batch, rows}, x.options()) : Tensor();
-  const Tensor w_hh_t = w_hh.t();
+  // The input part of every step: the GRU's in its own buffer, the RNN's as the buffer where
+  // its pre-activations accumulate (with both biases: they are simply summed there).
+  const Tensor x_proj = linear_product(x.view({steps * batch, input}), w_ih, gru ? b_ih : optional_sum(b_ih, b_hh))
+                            .view({steps, batch, rows});
+  Tensor gates = gru ? at::empty({steps, batch, saved}, x.options()) : x_proj;
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const int direction = params.direction;
   const CpuKernels& kernels = active_kernels();
@@ -853,7 +836,7 @@ std::tuple<Tensor, Tensor> gru_rnn_layer_forward(const Tensor& x, const Tensor& 
       scalar_t* y_t = y_p + t * state;
       scalar_t* g_t = g_p + t * batch * saved;
       if (gru) {
-        project(h_proj, h_prev, w_hh, b_hh);
+        const Tensor h_proj = linear_product(h_prev, w_hh, b_hh);  // the step's one GEMM, b_hh included
         const scalar_t* xp_t = xp_p + t * batch * rows;
         const scalar_t* hh = h_proj.data_ptr<scalar_t>();
         for_step_rows(
@@ -867,7 +850,8 @@ std::tuple<Tensor, Tensor> gru_rnn_layer_forward(const Tensor& x, const Tensor& 
               zero_columns(g_t + b * saved, 4, hidden, j0, j1);
             });
       } else {
-        gates[t].addmm_(h_prev, w_hh_t);  // onto x_t W_ih^T + b_ih + b_hh
+        Tensor gates_t = gates[t];
+        add_linear_product_(gates_t, h_prev, w_hh);  // onto x_t W_ih^T + b_ih + b_hh
         for_step_rows(
             params, len, t,
             [&](int64_t b, int64_t j0, int64_t j1) {
@@ -897,6 +881,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_rnn_layer_backwar
   Tensor d_h = gru ? at::empty({steps, batch, rows}, x.options()) : d_x;  // ... of the recurrent part
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   const CpuKernels& kernels = active_kernels();
+  const Tensor w_hh_t = w_hh.t().contiguous();  // [H, G*H], as in layer_backward
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_gru_rnn_layer_backward", [&] {
     const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
@@ -931,13 +916,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_rnn_layer_backwar
             zero_columns(dx_t + b * rows, rows / hidden, hidden, j0, j1);
             if (gru) zero_columns(dhh_t + b * rows, rows / hidden, hidden, j0, j1);
           });
-      dh.addmm_(d_h[t], w_hh);  // the step's one GEMM: the W_hh path to h_{t-1}
+      add_linear_product_(dh, d_h[t], w_hh_t);  // the step's one GEMM: the W_hh path to h_{t-1}
     }
   });
 
   const Tensor d_x_2d = d_x.view({steps * batch, rows});
-  const Tensor grad_x = at::mm(d_x_2d, w_ih).view({steps, batch, input});
-  const Tensor grad_w_ih = at::mm(d_x_2d.t(), x.view({steps * batch, input}));
+  const Tensor grad_x = linear_product(d_x_2d, w_ih.t().contiguous()).view({steps, batch, input});
+  const Tensor grad_w_ih = transposed_product(d_x_2d, x.view({steps * batch, input}));
   const Tensor grad_w_hh = recurrent_weight_grad(d_h, y, h0, direction);
   const Tensor grad_b_ih = d_x_2d.sum(0);
   const Tensor grad_b_hh = gru ? d_h.view({steps * batch, rows}).sum(0) : grad_b_ih.clone();
