@@ -63,8 +63,8 @@ def use_cpu_isa(isa: str) -> Iterator[None]:
 
 
 # The engine of the CPU kernels' matrix products (csrc/cpu/gemm.h): "onednn" (the default where
-# torch has it: oneDNN's linear, the library nn.LSTM runs on; products of at least 4M
-# multiply-adds in float32) or "aten" (torch.mm: the BLAS torch was built with). The environment
+# torch has it: oneDNN's linear, the library nn.LSTM runs on; float32 products of at least 2-4M
+# multiply-adds, see csrc/cpu/gemm.cpp) or "aten" (torch.mm: the BLAS torch was built with). The environment
 # variable ZONEOUT_FUSED_CPU_GEMM (auto, onednn, aten) is read when the extension loads.
 CPU_GEMMS = ("aten", "onednn")
 

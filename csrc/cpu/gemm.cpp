@@ -42,14 +42,18 @@ int64_t engine() {
 }
 
 // Products below this many multiply-adds stay on ATen even with oneDNN active: there oneDNN's
-// call (a boxed dispatch, a fresh output, and for accumulation an extra add) costs more than it
-// saves (measured, 2 threads: [64,128]x[128,128] 21 us ATen vs 26 us oneDNN + add;
-// [64,128]x[128,512], 4.2M, about even; [32,256]x[256,1024] 153 vs 97 us; [1,1024]x[1024,4096]
-// 306 vs 116 us).
+// fixed cost per call (a boxed dispatch, a fresh output, for accumulation an extra add: about
+// 12 us) outweighs its faster kernel (measured, 2 threads, ATen vs oneDNN + add: [64,128]x
+// [128,128] 21 vs 26 us; [64,128]x[128,512], 4.2M, about even; [32,256]x[256,1024] 153 vs 97 us).
+// A decoder's one-row products (ATen's gemv path) gain from half that size on: [1,512]x
+// [512,4096] 124 vs 84 us, [1,1024]x[1024,4096] 385 vs 159 us, [1,256]x[256,1024] 16 vs 18 us.
 constexpr int64_t kOnednnMinWork = int64_t(1) << 22;
+constexpr int64_t kOnednnMinWorkFewRows = int64_t(1) << 21;  // a.size(0) < 16
 
 bool use_onednn(const at::Tensor& a, int64_t n, int64_t k) {
-  return a.scalar_type() == at::kFloat && engine() == kGemmOnednn && a.size(0) * n * k >= kOnednnMinWork;
+  const int64_t rows = a.size(0);
+  return a.scalar_type() == at::kFloat && engine() == kGemmOnednn &&
+         rows * n * k >= (rows < 16 ? kOnednnMinWorkFewRows : kOnednnMinWork);
 }
 
 at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias) {
