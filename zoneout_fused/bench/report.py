@@ -69,7 +69,7 @@ def floor_line(records: list[dict]) -> str:
         if floor is None:
             continue
         parts.append(f"{mode} {_ms(floor)} ms")
-    return ("matrix-product floor (torch.mm of the case's shapes, same run): " + ", ".join(parts)) if parts else ""
+    return ("matrix-product floor (the case's products on the fastest engine here, torch.mm or oneDNN, same run): " + ", ".join(parts)) if parts else ""
 
 
 def notes(records: list[dict]) -> list[str]:
