@@ -21,6 +21,14 @@ const std::optional<c10::OperatorHandle>& onednn_linear_op() {
   return op;
 }
 
+// mkldnn::_reorder_linear_weight(Tensor self, int? batch_size=None) -> Tensor: w in oneDNN's
+// blocked layout for products with batch_size-row inputs (an mkldnn tensor).
+const std::optional<c10::OperatorHandle>& onednn_reorder_op() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""});
+  return op;
+}
+
 int64_t engine_from_environment() {
   const char* value = std::getenv("ZONEOUT_FUSED_CPU_GEMM");
   const std::string name = value == nullptr ? "auto" : value;
@@ -56,6 +64,11 @@ bool use_onednn(const at::Tensor& a, int64_t n, int64_t k) {
          rows * n * k >= (rows < 16 ? kOnednnMinWorkFewRows : kOnednnMinWork);
 }
 
+// a w^T goes through oneDNN: always for a packed w, else by the rule above.
+bool use_onednn(const at::Tensor& a, const at::Tensor& w) {
+  return w.is_mkldnn() || use_onednn(a, w.size(0), w.size(1));
+}
+
 at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias) {
   // Boxed call: no dependence on the C++ spelling of the schema's types across torch versions.
   torch::jit::Stack stack;
@@ -73,16 +86,26 @@ at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& w, const at::Ten
 }  // namespace
 
 at::Tensor linear_product(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias) {
-  if (use_onednn(a, w.size(0), w.size(1))) return onednn_linear(a, w, bias);
+  if (use_onednn(a, w)) return onednn_linear(a, w, bias);
   return bias.defined() ? at::addmm(bias, a, w.t()) : at::mm(a, w.t());
 }
 
 void add_linear_product_(at::Tensor& out, const at::Tensor& a, const at::Tensor& w) {
-  if (use_onednn(a, w.size(0), w.size(1))) {
+  if (use_onednn(a, w)) {
     out.add_(onednn_linear(a, w, at::Tensor()));
   } else {
     out.addmm_(a, w.t());
   }
+}
+
+at::Tensor prepare_weight(const at::Tensor& w, int64_t rows) {
+  // Packing costs about one product ([512,128]: 85 us) and then makes each product faster
+  // (measured: [32,256]x[256,1024] 98 -> 50 us, [64,128]x[128,512] 46 -> 33 us).
+  const at::Tensor probe = at::empty({rows, 0}, w.options());  // only rows and dtype matter
+  if (!onednn_reorder_op().has_value() || !use_onednn(probe, w.size(0), w.size(1))) return w;
+  torch::jit::Stack stack{c10::IValue(w.contiguous()), c10::IValue(rows)};
+  onednn_reorder_op()->callBoxed(&stack);
+  return stack.back().toTensor();
 }
 
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {

@@ -19,6 +19,10 @@ constexpr int64_t kGemmAten = 0, kGemmOnednn = 1;
 at::Tensor linear_product(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias = at::Tensor());
 // out [M, N] += a [M, K] w^T.
 void add_linear_product_(at::Tensor& out, const at::Tensor& a, const at::Tensor& w);
+// w [N, K] made ready for many products a w^T with `rows`-row a's (a recurrent weight, used at
+// every step): packed once into oneDNN's blocked layout when oneDNN will form those products
+// (then only linear_product / add_linear_product_ may read it), else w itself.
+at::Tensor prepare_weight(const at::Tensor& w, int64_t rows);
 // a [M, N]^T b [M, K]: a contiguous [N, K] (a weight gradient, summed over the M rows).
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b);
 

@@ -721,6 +721,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const int direction = params.direction;
   const CpuKernels& kernels = active_kernels();
+  const Tensor w_rec = steps > 1 ? prepare_weight(w_hh, batch) : w_hh;  // packed once, used every step
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_layer_forward", [&] {
     // Raw pointers per step: only the GEMM's operands are Tensor views (each select costs
@@ -735,7 +736,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
       const Tensor h_prev = t_prev < 0 ? h0 : y[t_prev];
       const scalar_t* c_prev = t_prev < 0 ? c0.data_ptr<scalar_t>() : c_p + t_prev * state;
       Tensor gates_t = gates[t];
-      add_linear_product_(gates_t, h_prev, w_hh);  // the step's one GEMM, accumulated onto x_t W_ih^T + b
+      add_linear_product_(gates_t, h_prev, w_rec);  // the step's one GEMM, accumulated onto x_t W_ih^T + b
       forward_pointwise<scalar_t>(g_p + t * 4 * state, h_prev.data_ptr<scalar_t>(), c_prev, y_p + t * state,
                                   c_p + t * state, len, t, params, kernels);
     }
@@ -757,7 +758,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   Tensor dc = grad_c_n.clone();
   const CpuKernels& kernels = active_kernels();
-  const Tensor w_hh_t = w_hh.t().contiguous();  // [H, 4H]: dh += d_pre_t W_hh is a product with its transpose
+  // [H, 4H]: dh += d_pre_t W_hh is a product with W_hh's transpose (packed once, used every step).
+  const Tensor w_hh_t = steps > 1 ? prepare_weight(w_hh.t().contiguous(), batch) : w_hh.t().contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_layer_backward", [&] {
     const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
@@ -820,6 +822,7 @@ std::tuple<Tensor, Tensor> gru_rnn_layer_forward(const Tensor& x, const Tensor& 
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const int direction = params.direction;
   const CpuKernels& kernels = active_kernels();
+  const Tensor w_rec = steps > 1 ? prepare_weight(w_hh, batch) : w_hh;  // packed once, used every step
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_gru_rnn_layer_forward", [&] {
     scalar_t* y_p = y.data_ptr<scalar_t>();
@@ -836,7 +839,7 @@ std::tuple<Tensor, Tensor> gru_rnn_layer_forward(const Tensor& x, const Tensor& 
       scalar_t* y_t = y_p + t * state;
       scalar_t* g_t = g_p + t * batch * saved;
       if (gru) {
-        const Tensor h_proj = linear_product(h_prev, w_hh, b_hh);  // the step's one GEMM, b_hh included
+        const Tensor h_proj = linear_product(h_prev, w_rec, b_hh);  // the step's one GEMM, b_hh included
         const scalar_t* xp_t = xp_p + t * batch * rows;
         const scalar_t* hh = h_proj.data_ptr<scalar_t>();
         for_step_rows(
@@ -851,7 +854,7 @@ std::tuple<Tensor, Tensor> gru_rnn_layer_forward(const Tensor& x, const Tensor& 
             });
       } else {
         Tensor gates_t = gates[t];
-        add_linear_product_(gates_t, h_prev, w_hh);  // onto x_t W_ih^T + b_ih + b_hh
+        add_linear_product_(gates_t, h_prev, w_rec);  // onto x_t W_ih^T + b_ih + b_hh
         for_step_rows(
             params, len, t,
             [&](int64_t b, int64_t j0, int64_t j1) {
@@ -881,7 +884,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_rnn_layer_backwar
   Tensor d_h = gru ? at::empty({steps, batch, rows}, x.options()) : d_x;  // ... of the recurrent part
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   const CpuKernels& kernels = active_kernels();
-  const Tensor w_hh_t = w_hh.t().contiguous();  // [H, G*H], as in layer_backward
+  const Tensor w_hh_t = steps > 1 ? prepare_weight(w_hh.t().contiguous(), batch) : w_hh.t().contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_gru_rnn_layer_backward", [&] {
     const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
