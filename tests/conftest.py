@@ -27,6 +27,48 @@ def assert_close(actual, expected, dtype=None, msg=""):
     torch.testing.assert_close(actual, expected, **TOLERANCES[dtype], msg=msg or None)
 
 
+def as_float64(tensors):
+    """The floating tensors of a tensor, list, tuple or dict cast to float64 (others unchanged)."""
+    if isinstance(tensors, dict):
+        return {name: as_float64(t) for name, t in tensors.items()}
+    if isinstance(tensors, (list, tuple)):
+        return type(tensors)(as_float64(t) for t in tensors)
+    if isinstance(tensors, torch.Tensor) and tensors.is_floating_point():
+        return tensors.double()
+    return tensors
+
+
+def reference_mismatch(actual, run_reference, tensors, names):
+    """None if the results `actual` (a sequence in the order of `names`, or a dict) match
+    run_reference(tensors), else why not: in float64 tightly (TOLERANCES), in the other dtypes by
+    the three-way rule (zoneout_fused/testing.py) against run_reference on float64 copies of the
+    same inputs (same seed, same masks). The comparison every backend's tests share."""
+    expected = run_reference(tensors)
+    if isinstance(actual, dict):
+        if actual.keys() != expected.keys():
+            return f"results {sorted(actual)} vs reference {sorted(expected)}"
+        actual, expected = list(actual.values()), list(expected.values())
+    actual, expected = list(actual), list(expected)
+    for name, a, e in zip(names, actual, expected):
+        if (a is None) != (e is None) or (e is not None and (a.dtype != e.dtype or a.shape != e.shape)):
+            return f"{name}: {a} vs reference {e}"
+    dtype = next(e.dtype for e in expected if e is not None)
+    from zoneout_fused.testing import assert_all_three_way
+
+    try:
+        if dtype == torch.float64:
+            for name, a, e in zip(names, actual, expected):
+                if e is not None:
+                    assert_close(a, e, torch.float64, msg=name)
+        else:
+            exact = run_reference(as_float64(tensors))
+            exact = list(exact.values()) if isinstance(exact, dict) else list(exact)
+            assert_all_three_way(actual, expected, exact, names)
+    except AssertionError as error:
+        return str(error)
+    return None
+
+
 # --------------------------------------------------------------------------------------
 # Instruction sets of the CPU kernels: tests marked @isa_param run once per copy of the
 # kernels (zoneout_fused.cpu_isa) that this CPU can run; the others are skipped, and the

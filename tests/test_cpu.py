@@ -17,7 +17,7 @@ from torch import nn
 import zoneout_fused as zf
 from zoneout_fused import cpu_isa, masks, ops, reference
 from zoneout_fused.testing import assert_all_three_way, three_way_error
-from conftest import assert_close, isa_param
+from conftest import assert_close, isa_param, reference_mismatch
 
 # CI always builds the extension: a missing build is a failure, not a skip.
 _UNAVAILABLE = ops.BACKENDS["cpu"].unavailable_reason(torch.device("cpu"))
@@ -68,20 +68,11 @@ def _flat(result):
 
 
 def assert_same_as_reference(tensors, dtype, **kwargs):
-    """float64: tight agreement; float32: the three-way rule against a float64 reference run on
-    the same (cast-up) inputs and the same masks."""
+    """conftest.reference_mismatch of the CPU backend's run against the reference's."""
     actual = _flat(run(cpu_layer, tensors, **kwargs))
-    same_dtype = _flat(run(reference.lstm_layer, tensors, **kwargs))
-    if dtype == torch.float64:
-        for name, a, e in zip(RESULT_NAMES, actual, same_dtype):
-            if e is None:
-                assert a is None, name
-                continue
-            assert_close(a, e, dtype, msg=name)
-        return
-    tensors64 = [t.double() if t is not None else None for t in tensors]
-    exact = _flat(run(reference.lstm_layer, tensors64, **kwargs))
-    assert_all_three_way(actual, same_dtype, exact, RESULT_NAMES)
+    error = reference_mismatch(actual, lambda ts: _flat(run(reference.lstm_layer, ts, **kwargs)), tensors,
+                               RESULT_NAMES)
+    assert error is None, error
 
 
 # --------------------------------------------------------------------------------------

@@ -19,8 +19,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from zoneout_fused import ops, reference  # noqa: E402
 from zoneout_fused.masks import MASK_MODE_CODES, MASK_MODES  # noqa: E402
-from zoneout_fused.testing import assert_all_three_way  # noqa: E402
-from conftest import assert_close  # noqa: E402
+from conftest import assert_close, reference_mismatch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU: the CUDA backend's kernels cannot run without one")
@@ -103,17 +102,11 @@ def to_float64(tensors):
 
 
 def assert_matches_reference(actual, tensors, **kwargs):
-    """`actual` (run() of the CUDA backend) against run() of the reference on `tensors`."""
-    expected = run(reference.gru_rnn_layer, tensors, **kwargs)
-    assert actual.keys() == expected.keys()
-    dtype = tensors["x"].dtype
-    if dtype == torch.float64:
-        for name in expected:
-            assert_close(actual[name], expected[name], dtype, msg=f"{name} differs from the reference")
-        return
-    exact = run(reference.gru_rnn_layer, to_float64(tensors), **kwargs)
-    assert all(actual[name].dtype == dtype for name in actual)
-    assert_all_three_way(actual.values(), expected.values(), exact.values(), list(expected))
+    """`actual` (run() of the CUDA backend) against run() of the reference on `tensors`
+    (conftest.reference_mismatch)."""
+    assert all(a.dtype == tensors["x"].dtype for a in actual.values())
+    error = reference_mismatch(actual, lambda ts: run(reference.gru_rnn_layer, ts, **kwargs), tensors, list(actual))
+    assert error is None, error
 
 
 # --------------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import zoneout_fused as zf
 from zoneout_fused import masks, ops, reference
-from zoneout_fused.testing import assert_all_three_way
-from conftest import assert_close, isa_param
+from conftest import assert_close, isa_param, reference_mismatch
 
 REQUIRED = {name for name in os.environ.get("ZONEOUT_FUSED_REQUIRE_BACKENDS", "").split(",") if name}
 CELLS = {"gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
@@ -61,18 +60,11 @@ def run(layer_fn, cell, tensors, lengths=None, seed=SEED, layer=0, direction=0, 
 
 
 def assert_backend_matches_reference(backend, cell, tensors, **kwargs):
-    """float64: tight; float32: the three-way rule against a float64 reference on the same masks."""
-    layer_fn = ops.BACKENDS[backend].gru_rnn_layer
-    actual = run(layer_fn, cell, tensors, **kwargs)
-    same_dtype = run(reference.gru_rnn_layer, cell, tensors, **kwargs)
-    if tensors[0].dtype == torch.float64:
-        for name, a, e in zip(RESULT_NAMES, actual, same_dtype):
-            assert (a is None) == (e is None), name
-            if e is not None:
-                assert_close(a, e, msg=name)
-        return
-    exact = run(reference.gru_rnn_layer, cell, [t.double() if t is not None else None for t in tensors], **kwargs)
-    assert_all_three_way(actual, same_dtype, exact, RESULT_NAMES)
+    """conftest.reference_mismatch of the backend's run against the reference's."""
+    actual = run(ops.BACKENDS[backend].gru_rnn_layer, cell, tensors, **kwargs)
+    error = reference_mismatch(actual, lambda ts: run(reference.gru_rnn_layer, cell, ts, **kwargs), tensors,
+                               RESULT_NAMES)
+    assert error is None, error
 
 
 # ------------------------------------------------------------------ the CPU kernels vs the reference

@@ -16,8 +16,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import zoneout_fused as zf
 from zoneout_fused import masks, ops, reference
-from zoneout_fused.testing import assert_all_three_way, three_way_error
-from conftest import assert_close
+from zoneout_fused.testing import assert_all_three_way
+from conftest import reference_mismatch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REASON = ops.BACKENDS["triton"].unavailable_reason(torch.device(DEVICE))
@@ -74,29 +74,11 @@ RESULT_NAMES = ("y", "c_n") + tuple(f"grad_{n}" for n in GRAD_NAMES)
 
 
 def _reference_error(actual, tensors, args, what=""):
-    """None if `actual` (from _run on `tensors`, `args`) matches the reference, else why not:
-    float64 tightly; other dtypes by the three-way rule (zoneout_fused/testing.py) against a float64
-    reference run on the same inputs and masks."""
+    """None if `actual` (from _run on `tensors`, `args`) matches the reference, else why not
+    (conftest.reference_mismatch)."""
     grads = len(actual) > 2
     names = [f"{what} {n}".strip() for n in RESULT_NAMES[:len(actual)]]
-    expected = _run(reference.lstm_layer, tensors, *args, grads=grads)
-    for name, a, e in zip(names, actual, expected):
-        if (a is None) != (e is None) or (e is not None and (a.dtype != e.dtype or a.shape != e.shape)):
-            return f"{name}: {a} vs reference {e}"
-    if tensors[0].dtype == torch.float64:
-        try:
-            for name, a, e in zip(names, actual, expected):
-                if e is not None:
-                    assert_close(a, e, torch.float64, msg=name)
-        except AssertionError as error:
-            return str(error)
-        return None
-    exact = _run(reference.lstm_layer, [t.double() if t is not None else None for t in tensors], *args, grads=grads)
-    try:
-        assert_all_three_way(actual, expected, exact, names)
-    except AssertionError as error:
-        return str(error)
-    return None
+    return reference_mismatch(actual, lambda ts: _run(reference.lstm_layer, ts, *args, grads=grads), tensors, names)
 
 
 def _assert_matches_reference(actual, tensors, args, what=""):

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from zoneout_fused import masks, ops, reference
-from zoneout_fused.testing import assert_all_three_way
 import test_triton
-from conftest import assert_close
+from conftest import assert_close, reference_mismatch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REASON = ops.BACKENDS["triton"].unavailable_reason(torch.device(DEVICE))
@@ -78,27 +77,9 @@ def _triton(*args):
 
 
 def _reference_error(actual, tensors, args):
-    """None if `actual` (from _run on `tensors`, `args`) matches the reference, else why not:
-    float64 tightly; float32 by the three-way rule (zoneout_fused/testing.py) against a float64
-    reference run on the same inputs and masks."""
-    expected = _run(reference.gru_rnn_layer, tensors, *args)
-    for name, a, e in zip(RESULT_NAMES, actual, expected):
-        if (a is None) != (e is None) or (e is not None and (a.dtype != e.dtype or a.shape != e.shape)):
-            return f"{name}: {a} vs reference {e}"
-    if tensors[0].dtype == torch.float64:
-        try:
-            for name, a, e in zip(RESULT_NAMES, actual, expected):
-                if e is not None:
-                    assert_close(a, e, torch.float64, msg=name)
-        except AssertionError as error:
-            return str(error)
-        return None
-    exact = _run(reference.gru_rnn_layer, [t.double() if t is not None else None for t in tensors], *args)
-    try:
-        assert_all_three_way(actual, expected, exact, RESULT_NAMES)
-    except AssertionError as error:
-        return str(error)
-    return None
+    """None if `actual` (from _run on `tensors`, `args`) matches the reference, else why not
+    (conftest.reference_mismatch)."""
+    return reference_mismatch(actual, lambda ts: _run(reference.gru_rnn_layer, ts, *args), tensors, RESULT_NAMES)
 
 
 def _assert_matches_reference(tensors, args, what=""):
