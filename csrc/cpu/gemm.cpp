@@ -64,10 +64,18 @@ bool use_onednn(const at::Tensor& a, int64_t n, int64_t k) {
          rows * n * k >= (rows < 16 ? kOnednnMinWorkFewRows : kOnednnMinWork);
 }
 
-// a w^T goes through oneDNN: always for a packed w, else by the rule above.
+// a w^T goes through oneDNN: always for a packed w; for a plain one by the rule above, if w is
+// contiguous (a strided view would make oneDNN copy it at every call).
 bool use_onednn(const at::Tensor& a, const at::Tensor& w) {
-  return w.is_mkldnn() || use_onednn(a, w.size(0), w.size(1));
+  return w.is_mkldnn() || (w.is_contiguous() && use_onednn(a, w.size(0), w.size(1)));
 }
+
+// oneDNN reads the weight as [N, K]: a product with a stored [K, N] operand (a weight read
+// transposed), or a weight gradient summed over few rows, first copies an operand. Worth it
+// only for this many rows of a; below that (a decoder cell's step: one row) ATen forms it
+// (measured at B = 1, I = 512, H = 1024: copying W_ih^T and W_hh^T per call made the cell's
+// backward 5x slower than ATen's).
+constexpr int64_t kCopyRows = 64;
 
 at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias) {
   // Boxed call: no dependence on the C++ spelling of the schema's types across torch versions.
@@ -108,8 +116,15 @@ at::Tensor prepare_weight(const at::Tensor& w, int64_t rows) {
   return stack.back().toTensor();
 }
 
+at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
+  if (a.size(0) >= kCopyRows && use_onednn(a, b.size(1), b.size(0))) {
+    return onednn_linear(a, b.t().contiguous(), at::Tensor());
+  }
+  return at::mm(a, b);
+}
+
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
-  if (use_onednn(a, a.size(1), b.size(1))) {
+  if (a.size(0) >= kCopyRows && use_onednn(a, a.size(1), b.size(1))) {
     // oneDNN forms (b^T a) = (a^T b)^T fastest from these two transposed views (measured:
     // [3150,512]^T [3150,128] 1.2 ms, a^T b directly 1.8 ms, MKL's mm 2.2 ms); one small copy
     // makes the result contiguous.

@@ -23,6 +23,8 @@ void add_linear_product_(at::Tensor& out, const at::Tensor& a, const at::Tensor&
 // every step): packed once into oneDNN's blocked layout when oneDNN will form those products
 // (then only linear_product / add_linear_product_ may read it), else w itself.
 at::Tensor prepare_weight(const at::Tensor& w, int64_t rows);
+// a [M, K] b [K, N] for a stored b (e.g. grad_x = d_pre W_ih): a new contiguous [M, N].
+at::Tensor product(const at::Tensor& a, const at::Tensor& b);
 // a [M, N]^T b [M, K]: a contiguous [N, K] (a weight gradient, summed over the M rows).
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b);
 

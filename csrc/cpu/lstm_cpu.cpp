@@ -758,8 +758,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   Tensor dc = grad_c_n.clone();
   const CpuKernels& kernels = active_kernels();
-  // [H, 4H]: dh += d_pre_t W_hh is a product with W_hh's transpose (packed once, used every step).
-  const Tensor w_hh_t = steps > 1 ? prepare_weight(w_hh.t().contiguous(), batch) : w_hh.t().contiguous();
+  // [H, 4H]: dh += d_pre_t W_hh is a product with W_hh's transpose (packed once and used every
+  // step of a sequence; a one-step call reads it as a view).
+  const Tensor w_hh_t = steps > 1 ? prepare_weight(w_hh.t().contiguous(), batch) : w_hh.t();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_layer_backward", [&] {
     const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
@@ -778,7 +779,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
 
   // Weight and input gradients: large products over all steps.
   const Tensor d_pre_2d = d_pre.view({steps * batch, 4 * hidden});
-  const Tensor grad_x = linear_product(d_pre_2d, w_ih.t().contiguous()).view({steps, batch, input});
+  const Tensor grad_x = product(d_pre_2d, w_ih).view({steps, batch, input});
   const Tensor grad_w_ih = transposed_product(d_pre_2d, x.view({steps * batch, input}));
   const Tensor grad_w_hh = recurrent_weight_grad(d_pre, y, h0, direction);
   const Tensor grad_bias = d_pre_2d.sum(0);
@@ -884,7 +885,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_rnn_layer_backwar
   Tensor d_h = gru ? at::empty({steps, batch, rows}, x.options()) : d_x;  // ... of the recurrent part
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   const CpuKernels& kernels = active_kernels();
-  const Tensor w_hh_t = steps > 1 ? prepare_weight(w_hh.t().contiguous(), batch) : w_hh.t().contiguous();
+  const Tensor w_hh_t = steps > 1 ? prepare_weight(w_hh.t().contiguous(), batch) : w_hh.t();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_gru_rnn_layer_backward", [&] {
     const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
@@ -924,7 +925,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_rnn_layer_backwar
   });
 
   const Tensor d_x_2d = d_x.view({steps * batch, rows});
-  const Tensor grad_x = linear_product(d_x_2d, w_ih.t().contiguous()).view({steps, batch, input});
+  const Tensor grad_x = product(d_x_2d, w_ih).view({steps, batch, input});
   const Tensor grad_w_ih = transposed_product(d_x_2d, x.view({steps * batch, input}));
   const Tensor grad_w_hh = recurrent_weight_grad(d_h, y, h0, direction);
   const Tensor grad_b_ih = d_x_2d.sum(0);
