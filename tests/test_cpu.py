@@ -579,3 +579,22 @@ def test_gemm_engine_choice_is_checked_and_restored():
     with cpu_isa.use_cpu_gemm("aten"):
         assert cpu_isa.cpu_gemm() == "aten"
     assert cpu_isa.cpu_gemm() == before
+
+
+@pytest.mark.parametrize("engine", cpu_isa.CPU_GEMMS)
+def test_one_step_calls_copy_no_weight(engine):
+    """A decoder cell's step (one row, one step) reads the weights in place: a transposed copy
+    per call (W_ih^T for grad_x, W_hh^T for the recurrent gradient) made it 5x slower."""
+    if engine not in cpu_isa.supported_cpu_gemms():
+        pytest.skip(f"this torch has no {engine} products")
+    torch.manual_seed(0)
+    cell = zf.ZoneoutLSTMCell(512, 1024, zoneout_cell=0.1, zoneout_hidden=0.1, backend="cpu")
+    x = torch.randn(1, 512, requires_grad=True)
+    weight_shapes = {(4096, 512), (4096, 1024), (512, 4096), (1024, 4096)}
+    with cpu_isa.use_cpu_gemm(engine), torch.profiler.profile(record_shapes=True) as profile:
+        h, c = cell(x)
+        (h.sum() + c.sum()).backward()
+    copies = [(e.name, e.input_shapes) for e in profile.events()
+              if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+              and any(tuple(shape) in weight_shapes for shape in e.input_shapes)]
+    assert not copies, copies
