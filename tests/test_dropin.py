@@ -203,7 +203,18 @@ class _Encoder(nn.Module):
         return self.lstm(x)[0]
 
 
-@pytest.mark.parametrize("model_cls", [_Decoder, _Encoder], ids=["decoder-cells", "bidirectional-lstm"])
+class _GruEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = zf.ZoneoutGRU(6, 8, num_layers=2, bidirectional=True, zoneout_hidden=0.1)
+        self.rnn = zf.ZoneoutRNN(16, 5, nonlinearity="relu", zoneout_hidden=0.1)
+
+    def forward(self, x):
+        return self.rnn(self.gru(x)[0])[0]
+
+
+@pytest.mark.parametrize("model_cls", [_Decoder, _Encoder, _GruEncoder],
+                         ids=["decoder-cells", "bidirectional-lstm", "gru-then-relu-rnn"])
 def test_onnx_export_runs_in_onnxruntime(model_cls, tmp_path):
     """Eval-mode models export with torch.onnx.export (the reference's plain ops are traced, whatever
     the backend) and onnxruntime gives the eager outputs: within the float32 three-way bound."""
