@@ -375,3 +375,28 @@ def test_no_grad_calls_skip_autograd_with_the_same_bits(backend):
         free = cell(x)
     assert all(r.grad_fn is not None for r in recorded) and all(f.grad_fn is None for f in free)
     assert all(torch.equal(r, f) for r, f in zip(recorded, free))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_cell_bias_sum_follows_every_change_of_the_biases(backend):
+    """Under no_grad the cell keeps b_ih + b_hh between calls: an in-place update, a loaded
+    state_dict or a new dtype must still reach the next step (as for nn.LSTMCell)."""
+    _backend_or_skip(backend, "cpu")
+    torch.manual_seed(0)
+    cell = zf.ZoneoutLSTMCell(3, 4, zoneout_cell=0.2, zoneout_hidden=0.3, backend=backend,
+                              dtype=torch.float64).eval()
+    plain = nn.LSTMCell(3, 4, dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        for change in (lambda: None, lambda: cell.bias_hh.add_(0.5), lambda: cell.load_state_dict(plain.state_dict()),
+                       lambda: cell.bias_ih.mul_(-2.0)):
+            change()
+            h, c = cell(x)
+            plain.load_state_dict(cell.state_dict())
+            h_plain, c_plain = plain(x)
+            # evaluation: z * previous (zero) + (1 - z) * nn.LSTMCell's step
+            assert_close(c, 0.8 * c_plain)
+            assert_close(h, 0.7 * h_plain)
+        cell.float()
+        h, _ = cell(x.float())
+        assert h.dtype == torch.float32

@@ -500,6 +500,23 @@ class ZoneoutLSTMCell(_ZoneoutOptions, nn.RNNCellBase):
         return h1, c1
 
     @torch.jit.unused
+    def _summed_bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """b_ih + b_hh in `dtype`. Where nothing differentiates it (inference, a decoder stepping
+        under no_grad) the sum is kept until a bias changes (its version counter moves): the add
+        was a tenth of a small cell's step."""
+        if not self.bias:
+            return None
+        b_ih, b_hh = self.bias_ih, self.bias_hh
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (b_ih.requires_grad or b_hh.requires_grad)):
+            return _as_dtype(b_ih, dtype) + _as_dtype(b_hh, dtype)
+        key = (b_ih.data_ptr(), b_hh.data_ptr(), b_ih._version, b_hh._version, dtype)
+        cached = self.__dict__.get("_bias_sum")
+        if cached is None or cached[0] != key:
+            cached = (key, _as_dtype(b_ih, dtype) + _as_dtype(b_hh, dtype))
+            self.__dict__["_bias_sum"] = cached
+        return cached[1]
+
+    @torch.jit.unused
     def _forward(self, input: torch.Tensor,
                  hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         # nn.LSTMCell's checks, types and messages (its kernel's RuntimeErrors included).
@@ -520,7 +537,7 @@ class ZoneoutLSTMCell(_ZoneoutOptions, nn.RNNCellBase):
         z_c, z_h, p, mode = self._layer_settings()
         backend = _backend_for(self.backend, x.device, dtype)
         w_ih, w_hh = _as_dtype(self.weight_ih, dtype), _as_dtype(self.weight_hh, dtype)
-        bias = _as_dtype(self.bias_ih, dtype) + _as_dtype(self.bias_hh, dtype) if self.bias else None
+        bias = self._summed_bias(dtype)
         y, c1 = backend.layer(x.unsqueeze(0).contiguous(), h0, c0, w_ih, w_hh, bias, None,
                               self._draw_seed(), 0, 0, z_c, z_h, p, mode, self.training)
         h1 = y[0]

@@ -390,9 +390,23 @@ def _gru_rnn_unavailable(backend: Backend, device: torch.device) -> Optional[str
     return None
 
 
+# resolve_backend's answers: a backend's availability does not change once its extension has
+# loaded (or failed to), and a decoder cell asks the same question at every step.
+_RESOLVED: dict = {}
+
+
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, *, projection: bool = False,
                     cell: str = "lstm") -> Backend:
     """The Backend to run for (device, dtype, cell kind); raises a RuntimeError saying why one cannot."""
+    key = (requested, device, dtype, projection, cell)
+    backend = _RESOLVED.get(key)
+    if backend is None:
+        backend = _RESOLVED[key] = _resolve_backend(requested, device, dtype, projection, cell)
+    return backend
+
+
+def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, projection: bool,
+                     cell: str) -> Backend:
     if requested not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {requested!r}")
     if requested == "auto":
