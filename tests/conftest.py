@@ -109,6 +109,20 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture
+def nan_fill():
+    """Fresh torch allocations (at::empty included) are filled with NaN, so an output element a
+    kernel forgets to write fails the comparison (fla's trick, via torch's deterministic mode;
+    cuBLAS then needs CUBLAS_WORKSPACE_CONFIG set before its first handle, as the GPU test files do)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.fixture
 def float64_default():
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)

@@ -51,17 +51,6 @@ def recurrence(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture
-def nan_fill():
-    """Fresh torch allocations (at::empty included) are filled with NaN, so an output element a
-    kernel forgets to write fails the comparison (fla's trick, via torch's deterministic mode)."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def cuda_layer(*args):

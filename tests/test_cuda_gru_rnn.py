@@ -39,17 +39,6 @@ def cuda_extension():
             pytest.fail(reason)
 
 
-@pytest.fixture
-def nan_fill():
-    """Fresh torch allocations (at::empty included) are filled with NaN, so an output element a
-    kernel forgets to write fails the comparison (via torch's deterministic mode)."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def cuda_gru_rnn_layer(*args):
