@@ -143,8 +143,9 @@ class _ZoneoutRNNBase(_ZoneoutOptions, nn.RNNBase):
     def _from_torch(cls, module: nn.RNNBase, extra_args: dict, zoneout_kwargs: dict):
         """A copy of a torch recurrent layer's configuration and weights, with zoneout."""
         weight = module.weight_ih_l0
-        copy = cls(module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
-                   module.dropout, module.bidirectional, **extra_args, device=weight.device, dtype=weight.dtype,
+        copy = cls(input_size=module.input_size, hidden_size=module.hidden_size, num_layers=module.num_layers,
+                   bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
+                   bidirectional=module.bidirectional, device=weight.device, dtype=weight.dtype, **extra_args,
                    **zoneout_kwargs)
         copy.load_state_dict(module.state_dict(), strict=False)
         copy.train(module.training)
@@ -347,7 +348,7 @@ class _ZoneoutHiddenStateRNN(_HiddenStateOptions, _ZoneoutRNNBase):
 
     def __init__(self, mode, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device,
                  dtype, zoneout_hidden, recurrent_dropout, mask_mode, backend):
-        _check_hidden_state_options(mask_mode, recurrent_dropout, mode == "GRU")
+        # (sec. 4's rules are checked as the options are assigned: _HiddenStateOptions)
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
                          device, dtype, (0.0, zoneout_hidden, recurrent_dropout, mask_mode, backend))
 
@@ -428,12 +429,7 @@ class ZoneoutRNN(_ZoneoutHiddenStateRNN):
         """A ZoneoutRNN with `rnn`'s configuration (nonlinearity included) and a copy of its weights."""
         if not isinstance(rnn, nn.RNN):
             raise TypeError(f"rnn must be a torch.nn.RNN, got {type(rnn).__name__}")
-        weight = rnn.weight_ih_l0
-        copy = cls(rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.nonlinearity, rnn.bias, rnn.batch_first,
-                   rnn.dropout, rnn.bidirectional, device=weight.device, dtype=weight.dtype, **zoneout_kwargs)
-        copy.load_state_dict(rnn.state_dict(), strict=False)
-        copy.train(rnn.training)
-        return copy
+        return cls._from_torch(rnn, {"nonlinearity": rnn.nonlinearity}, zoneout_kwargs)
 
 
 def _check_hidden_state_options(mask_mode: str, recurrent_dropout: float, gru: bool) -> None:
@@ -600,7 +596,6 @@ class _ZoneoutHiddenStateCell(_HiddenStateOptions, nn.RNNCellBase):
         if mask_mode == "static":
             raise ValueError(f"mask_mode='static' needs the step index: use {type(self).__name__[:-4]} for it, "
                              f"not {type(self).__name__}")
-        _check_hidden_state_options(mask_mode, recurrent_dropout, self._cell == "gru")
         self.cell_code = CELL_CODES[self._cell]  # (an instance attribute: TorchScript reads it)
         self._set_zoneout_options(0.0, zoneout_hidden, recurrent_dropout, mask_mode, backend)
 
@@ -642,7 +637,7 @@ class _ZoneoutHiddenStateCell(_HiddenStateOptions, nn.RNNCellBase):
         backend = _backend_for(self.backend, x.device, dtype, cell=self._cell)
         get = lambda name: _as_dtype(getattr(self, name), dtype) if getattr(self, name) is not None else None  # noqa: E731
         y = backend.gru_rnn_layer(x.unsqueeze(0).contiguous(), h0, get("weight_ih"), get("weight_hh"), get("bias_ih"),
-                                  get("bias_hh"), None, self._draw_seed(), CELL_CODES[self._cell], 0, 0,
+                                  get("bias_hh"), None, self._draw_seed(), self.cell_code, 0, 0,
                                   self.zoneout_hidden, self.recurrent_dropout, MASK_MODE_CODES[self.mask_mode],
                                   self.training)
         h1 = y[0]

@@ -117,9 +117,8 @@ def _gru_rnn_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, la
                           recurrent_dropout, mask_mode, training):
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
-    saved_columns = 4 if cell == reference.CELL_CODES["gru"] else 1
     return (x.new_empty(steps, batch, hidden),
-            x.new_empty(steps, batch, saved_columns * hidden, dtype=state_dtype(x.dtype)))
+            x.new_empty(steps, batch, reference.saved_columns(cell) * hidden, dtype=state_dtype(x.dtype)))
 
 
 def _lstm_reference(tensors, lengths, seed, scalars):

@@ -72,6 +72,17 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
 CELL_CODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 
 
+def cell_rows(cell: int) -> int:
+    """G: rows of W_ih / W_hh per hidden unit (the header's cell_rows)."""
+    return 4 if cell == 0 else (3 if cell == 1 else 1)
+
+
+def saved_columns(cell: int) -> int:
+    """Columns of the saved gates per hidden unit: (i, f, g, o) for the LSTM, (r, u, n, hp_n) for the
+    GRU, h~ for the RNN (the header's cell_saved)."""
+    return 4 if cell <= 1 else 1
+
+
 def gru_rnn_layer(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
                   b_ih: Optional[torch.Tensor], b_hh: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
                   seed: torch.Tensor, cell: int, layer: int, direction: int, zoneout_hidden: float,

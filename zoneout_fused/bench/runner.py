@@ -54,6 +54,7 @@ from torch import nn
 
 from ..nn import ZoneoutGRU, ZoneoutLSTM, ZoneoutLSTMCell, ZoneoutRNN
 from ..ops import BACKENDS
+from ..reference import CELL_CODES, cell_rows
 from ..testing import three_way_error
 from .cases import PUBLIC_CONFIGS, Case, cases_for
 from .loops import PlainZoneoutCell, SteppedCells, canonical_parameter_name, lstm_cells
@@ -358,9 +359,6 @@ def make_step(module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor, mod
     return prepare, step
 
 
-GATE_ROWS = {"lstm": 4, "gru": 3, "rnn-tanh": 1, "rnn-relu": 1}
-
-
 def matmul_shapes(case: Case, mode: str, rnn_cell: str = "lstm") -> list[tuple[int, int, int, int]]:
     """(count, m, k, n): the matrix products [m, k] @ [k, n] of one call of `mode`, per layer.
 
@@ -368,7 +366,7 @@ def matmul_shapes(case: Case, mode: str, rnn_cell: str = "lstm") -> list[tuple[i
     backward one product per step for the gradient reaching h_{t-1}, then the input and weight
     gradients over all steps. Cells (decode): both products at every step, and their gradients."""
     T, B, H = case.steps, case.batch, case.hidden_size
-    G = GATE_ROWS[rnn_cell] * H  # rows of W_ih, W_hh
+    G = cell_rows(CELL_CODES[rnn_cell.replace("-", "_")]) * H  # rows of W_ih, W_hh
     shapes = []
     for layer in range(case.num_layers):
         I = case.input_size if layer == 0 else H

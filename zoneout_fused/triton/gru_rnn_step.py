@@ -24,21 +24,12 @@ then does the element backward of step t and writes d_x[t], d_h[t] and the direc
 import triton
 import triton.language as tl
 
-from .tiles import _previous_state, _recurrent_grad, _recurrent_row, _sigmoid, _tanh, _tile
+from .tiles import _previous_state, _recurrent_grad, _recurrent_operands, _recurrent_row, _sigmoid, _tanh, _tile
+from ..reference import CELL_CODES
 from .masks import element_masks
 
 # Cell codes (reference.CELL_CODES); the kernels' CELL constexpr.
-GRU, RNN_TANH, RNN_RELU = 1, 2, 3
-
-
-def cell_rows(cell: int) -> int:
-    """G: rows of W_ih / W_hh per hidden unit."""
-    return 3 if cell == GRU else 1
-
-
-def saved_columns(cell: int) -> int:
-    """Columns of the saved gates per hidden unit: (r, u, n, hp_n) for the GRU, h~ for the RNN."""
-    return 4 if cell == GRU else 1
+GRU, RNN_TANH, RNN_RELU = CELL_CODES["gru"], CELL_CODES["rnn_tanh"], CELL_CODES["rnn_relu"]
 
 
 @triton.jit
@@ -96,12 +87,8 @@ def gru_rnn_forward_step_kernel(
     acc_0 = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
     acc_1 = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
     acc_2 = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
     for k0 in range(0, H, BLOCK_K):
-        k_row = k0 + rk[None, :]  # [1, BK]
-        k_col = k0 + rk[:, None]  # [BK, 1]
-        h_tile = tl.load(h_prev_ptr + b * H + k_row, mask=in_b & (k_row < H), other=0.0)
-        w_mask = (k_col < H) & in_j
+        h_tile, k_col, w_mask = _recurrent_operands(h_prev_ptr, b, in_b, in_j, k0, H, BLOCK_K)
         acc_0 = _recurrent_row(acc_0, h_tile, w_hh_ptr, 0, j, k_col, w_mask, H, WIDE, PRECISION)
         if IS_GRU:
             acc_1 = _recurrent_row(acc_1, h_tile, w_hh_ptr, 1, j, k_col, w_mask, H, WIDE, PRECISION)

@@ -94,7 +94,7 @@ def _check_gru_rnn(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, direction
         raise ValueError(f"recurrent_dropout must be 0 for the plain RNN (cell {_CELL_NAMES[cell]}: no gated "
                          f"update to drop), got {recurrent_dropout}")
     _check_probabilities(0.0, zoneout_hidden, recurrent_dropout)
-    _check_layer(x, (("h0", h0),), w_ih, w_hh, (("b_ih", b_ih), ("b_hh", b_hh)), gru_rnn_step.cell_rows(cell),
+    _check_layer(x, (("h0", h0),), w_ih, w_hh, (("b_ih", b_ih), ("b_hh", b_hh)), _reference.cell_rows(cell),
                  lengths, seed, direction, mask_mode)
 
 
@@ -334,7 +334,7 @@ def triton_gru_rnn_layer_forward(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.
     x, h0, w_ih, w_hh = (tensor.contiguous() for tensor in (x, h0, w_ih, w_hh))
     xp = _input_projection(x, w_ih, b_ih, s)
     y = _empty(T, B, H, dtype=x.dtype, device=x.device)
-    gates = _empty(T, B, gru_rnn_step.saved_columns(cell) * H, dtype=s.state_dtype, device=x.device)
+    gates = _empty(T, B, _reference.saved_columns(cell) * H, dtype=s.state_dtype, device=x.device)
     b_hh_arg = b_hh.contiguous() if b_hh is not None else xp  # any pointer: never read without HAS_B_HH
     s.run_forward(gru_rnn_forward_step_kernel,
                   (xp, w_hh, b_hh_arg, h0, y, gates, _lengths_arg(lengths, xp), s.params, s.seed, s.key2),
@@ -356,7 +356,7 @@ def triton_gru_rnn_layer_backward(grad_y: torch.Tensor, x: torch.Tensor, h0: tor
     x, h0, w_ih, w_hh, y, gates, grad_y = (
         tensor.contiguous() for tensor in (x, h0, w_ih, w_hh, y, gates, grad_y))
 
-    rows = gru_rnn_step.cell_rows(cell)
+    rows = _reference.cell_rows(cell)
     # d_h: gradient of the recurrent parts; d_x: of the input parts (the GRU's differ in the n row,
     # d_hp_n = d_n * r; the RNN's are the same buffer).
     d_h = _empty(T, B, rows * H, dtype=s.acc_dtype, device=x.device)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 from .masks import element_masks
-from .tiles import _previous_state, _recurrent_grad, _recurrent_row, _sigmoid, _tanh, _tile
+from .tiles import _previous_state, _recurrent_grad, _recurrent_operands, _recurrent_row, _sigmoid, _tanh, _tile
 
 
 @triton.jit(do_not_specialize=["seed", "key2", "t", "t_prev"])
@@ -55,12 +55,8 @@ def lstm_forward_step_kernel(
     acc_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
     acc_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
     acc_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
     for k0 in range(0, H, BLOCK_K):
-        k_row = k0 + rk[None, :]  # [1, BK]
-        k_col = k0 + rk[:, None]  # [BK, 1]
-        h_tile = tl.load(h_prev_ptr + b * H + k_row, mask=in_b & (k_row < H), other=0.0)
-        w_mask = (k_col < H) & in_j
+        h_tile, k_col, w_mask = _recurrent_operands(h_prev_ptr, b, in_b, in_j, k0, H, BLOCK_K)
         acc_i = _recurrent_row(acc_i, h_tile, w_hh_ptr, 0, j, k_col, w_mask, H, WIDE, PRECISION)
         acc_f = _recurrent_row(acc_f, h_tile, w_hh_ptr, 1, j, k_col, w_mask, H, WIDE, PRECISION)
         acc_g = _recurrent_row(acc_g, h_tile, w_hh_ptr, 2, j, k_col, w_mask, H, WIDE, PRECISION)

@@ -55,6 +55,17 @@ def _previous_state(h0_ptr, y_ptr, t_prev, B, H, FIRST: tl.constexpr):
 
 
 @triton.jit
+def _recurrent_operands(h_prev_ptr, b, in_b, in_j, k0, H, BLOCK_K: tl.constexpr):
+    """For the block of k from k0 of h_{t-1} W_hh^T: the h_{t-1} tile [BB, BK], the k indices as a
+    column [BK, 1] (for _recurrent_row's W_hh^T tiles) and those tiles' bounds mask."""
+    rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    k_row = rk[None, :]  # [1, BK]
+    k_col = rk[:, None]  # [BK, 1]
+    h_tile = tl.load(h_prev_ptr + b * H + k_row, mask=in_b & (k_row < H), other=0.0)
+    return h_tile, k_col, (k_col < H) & in_j
+
+
+@triton.jit
 def _dot(a, b, acc, WIDE: tl.constexpr, PRECISION: tl.constexpr):
     if WIDE:  # float32/float64 operands: PRECISION is torch's float32 matmul policy ("ieee" or "tf32")
         return tl.dot(a, b, acc, input_precision=PRECISION)
