@@ -108,6 +108,18 @@ def pytest_terminal_summary(terminalreporter):
         + (f"; this machine cannot run (not tested here): {', '.join(missing)}" if missing else ""))
 
 
+@pytest.fixture(scope="module")
+def cuda_extension():
+    """The CUDA extension, imported once; where torch sees a GPU a missing build fails the tests
+    that use this fixture (without a GPU they skip on their own)."""
+    if torch.cuda.is_available():
+        from zoneout_fused import ops
+
+        reason = ops._load_extension("cuda")
+        if reason is not None:
+            pytest.fail(reason)
+
+
 @pytest.fixture
 def nan_fill():
     """Fresh torch allocations (at::empty included) are filled with NaN, so an output element a

@@ -21,22 +21,16 @@ from zoneout_fused import ops, reference  # noqa: E402
 from zoneout_fused.masks import MASK_MODE_CODES, MASK_MODES  # noqa: E402
 from conftest import assert_close, reference_mismatch  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU: the CUDA backend's kernels cannot run without one")
+# Where a GPU is present a missing build fails instead of skipping (conftest.cuda_extension).
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA GPU: the CUDA backend's kernels cannot run without one"),
+              pytest.mark.usefixtures("cuda_extension")]
 
 DEVICE = "cuda"
 CELLS = ("gru", "rnn_tanh", "rnn_relu")
 # "shared" differs from "independent" only in the cell mask, which these cells do not have.
 MODES = tuple(mode for mode in MASK_MODES if mode != "shared")
 GRAD_NAMES = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cuda_extension():
-    if torch.cuda.is_available():
-        reason = ops._load_extension("cuda")
-        if reason is not None:
-            pytest.fail(reason)
 
 
 
