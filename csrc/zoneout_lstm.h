@@ -83,6 +83,7 @@ ZF_HOST_DEVICE float uint32_to_uniform(uint32_t r) {
 // ---------------------------------------------------------------------------------------
 struct ZoneoutParams {
   uint64_t seed;
+  const int64_t* seed_in_memory;  // nullptr: use seed; else the CUDA kernels load the seed from here
   int layer;
   int direction;  // 0 forward, 1 reverse
   int mask_mode;  // MaskMode
@@ -103,6 +104,7 @@ inline ZoneoutParams make_params(uint64_t seed, int64_t layer, int64_t direction
                                  int64_t batch, int64_t hidden) {
   ZoneoutParams p{};
   p.seed = seed;
+  p.seed_in_memory = nullptr;  // the CUDA binding sets it for a seed on the device
   p.layer = static_cast<int>(layer);
   p.direction = static_cast<int>(direction);
   p.mask_mode = static_cast<int>(mask_mode);

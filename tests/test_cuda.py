@@ -72,10 +72,11 @@ GRAD_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "bias")
 
 def run(layer_fn, tensors, *, seed=1234, layer=0, direction=0, zoneout_cell=0.0, zoneout_hidden=0.0,
         recurrent_dropout=0.0, mask_mode="independent", training=True, grads=True):
-    """Forward, then gradients of a fixed random weighting of y and c_n; returns a dict of results."""
+    """Forward, then gradients of a fixed random weighting of y and c_n; returns a dict of results.
+    `seed`: an int (passed as a CPU tensor) or the seed tensor itself."""
     leaves = {n: tensors[n].detach().clone().requires_grad_(grads) if tensors[n] is not None else None
               for n in GRAD_NAMES}
-    seed_tensor = torch.tensor(seed, dtype=torch.int64)
+    seed_tensor = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
     y, c_n = layer_fn(leaves["x"], leaves["h0"], leaves["c0"], leaves["w_ih"], leaves["w_hh"], leaves["bias"],
                       tensors["lengths"], seed_tensor, layer, direction, zoneout_cell, zoneout_hidden,
                       recurrent_dropout, MASK_MODE_CODES[mask_mode], training)
@@ -352,7 +353,8 @@ BAD_ARGUMENTS = [
     ("bias", lambda: torch.zeros(19, device=DEVICE), RuntimeError),
     ("lengths", lambda: torch.tensor([3, 1], device=DEVICE, dtype=torch.int32), TypeError),
     ("lengths", lambda: torch.tensor([3, 1]), RuntimeError),                 # lengths on the CPU
-    ("seed", lambda: torch.tensor(1, device=DEVICE), RuntimeError),          # seed on the GPU
+    ("seed", lambda: torch.tensor(1, device=DEVICE, dtype=torch.int32), TypeError),  # on the GPU, int32
+    ("seed", lambda: torch.tensor([1, 2], device=DEVICE), RuntimeError),    # on the GPU, two values
     ("direction", lambda: 2, ValueError),
     ("mask_mode", lambda: 4, ValueError),
     ("zoneout_cell", lambda: 1.5, ValueError),
@@ -366,6 +368,102 @@ BAD_ARGUMENTS = [
 def test_rejects_bad_arguments(name, make_value, error):
     with pytest.raises(error, match=name):
         torch.ops.zoneout_fused.cuda_layer_forward(*_forward_args(**{name: make_value()}))
+
+
+# --------------------------------------------------------------------------------------
+# seed on the GPU: the kernels load it (never read on the host), so a CUDA graph replay
+# draws with whatever value the buffer holds
+# --------------------------------------------------------------------------------------
+SEED = 2 ** 40 + 12345  # both 32-bit halves of the Philox key nonzero
+
+
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, mode) for mode in MASK_MODES]
+                         + [(torch.float64, "independent"), (torch.bfloat16, "timestep")])
+@pytest.mark.parametrize("direction", [0, 1])
+def test_device_seed_matches_cpu_seed(dtype, mode, direction, recurrence, nan_fill):
+    """Outputs and every gradient bit for bit as with the same value on the CPU (the backward op
+    gets the device seed back from autograd's saved tensors)."""
+    tensors = make_inputs(9, 4, 3, 10, dtype, lengths=[9, 5, 1, 8])
+    kwargs = dict(layer=1, direction=direction, zoneout_cell=0.3, zoneout_hidden=0.2, recurrent_dropout=0.25,
+                  mask_mode=mode)
+    on_cpu = run(cuda_layer, tensors, seed=SEED, **kwargs)
+    on_gpu = run(cuda_layer, tensors, seed=torch.tensor(SEED, device=DEVICE), **kwargs)
+    assert on_gpu.keys() == on_cpu.keys()
+    for name in on_cpu:
+        assert torch.equal(on_gpu[name], on_cpu[name]), f"{name}: device seed differs from the CPU seed"
+    # The value is really read: another one draws other masks.
+    other = run(cuda_layer, tensors, seed=torch.tensor(SEED + 1, device=DEVICE), grads=False, **kwargs)
+    assert not torch.equal(other["y"], on_cpu["y"])
+
+
+def test_device_seed_no_host_sync():
+    """Forward and backward ops with a device seed in training mode never synchronize with the host."""
+    args = _forward_args(seed=torch.tensor(SEED, device=DEVICE), recurrent_dropout=0.2)
+    torch.ops.zoneout_fused.cuda_layer_forward(*args)  # first call outside: cuBLAS handle, workspace
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, c_n, c_seq, gates = torch.ops.zoneout_fused.cuda_layer_forward(*args)
+        torch.ops.zoneout_fused.cuda_layer_backward(torch.ones_like(y), torch.ones_like(c_n), *args, y, c_seq, gates)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def test_device_seed_cuda_graph_replay(recurrence):
+    """A captured forward draws fresh masks from the seed buffer's value at each replay."""
+    tensors = make_inputs(6, 3, 4, 8, torch.float64, lengths=[6, 2, 4])
+    kwargs = dict(zoneout_cell=0.3, zoneout_hidden=0.3, recurrent_dropout=0.2)
+    seed = torch.tensor(1, device=DEVICE)
+
+    def forward():
+        return cuda_layer(tensors["x"], tensors["h0"], tensors["c0"], tensors["w_ih"], tensors["w_hh"],
+                          tensors["bias"], tensors["lengths"], seed, 0, 0, kwargs["zoneout_cell"],
+                          kwargs["zoneout_hidden"], kwargs["recurrent_dropout"], MASK_MODE_CODES["independent"], True)
+
+    side = torch.cuda.Stream()  # warm-up off the capture, as torch.cuda.graph's documentation asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, c_n = forward()
+    replayed = {}
+    for value in (5, SEED, 5):
+        seed.fill_(value)
+        graph.replay()
+        eager = run(cuda_layer, tensors, seed=value, grads=False, **kwargs)
+        # float64, tightly: any mask drawn from another seed is an O(1) difference.
+        assert_close(y, eager["y"], torch.float64, msg=f"y, seed {value}")
+        assert_close(c_n, eager["c_n"], torch.float64, msg=f"c_n, seed {value}")
+        if value in replayed:
+            assert torch.equal(y, replayed[value]), "a replay with the same seed differs"
+        replayed[value] = y.clone()
+    assert not torch.equal(replayed[5], replayed[SEED])
+
+
+def test_eval_ignores_device_seed(recurrence, nan_fill):
+    """Evaluation draws nothing: a device seed holding garbage changes nothing (never dereferenced)."""
+    tensors = make_inputs(8, 3, 4, 10, lengths=[8, 5, 2])
+    kwargs = dict(zoneout_cell=0.25, zoneout_hidden=0.5, recurrent_dropout=0.2, training=False)
+    garbage = torch.tensor(torch.iinfo(torch.int64).min + 12345, device=DEVICE)
+    on_cpu = run(cuda_layer, tensors, seed=0, **kwargs)
+    on_gpu = run(cuda_layer, tensors, seed=garbage, **kwargs)
+    for name in on_cpu:
+        assert torch.equal(on_gpu[name], on_cpu[name]), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: a seed on a GPU other than x's")
+def test_seed_on_another_gpu_rejected():
+    with pytest.raises(RuntimeError, match=r"seed.*cuda:0.*cuda:1"):
+        torch.ops.zoneout_fused.cuda_layer_forward(*_forward_args(seed=torch.tensor(1, device="cuda:1")))
+
+
+def test_opcheck_forward_device_seed():
+    args = _opcheck_args(True)
+    args[7] = torch.tensor(8, device=DEVICE)
+    torch.library.opcheck(torch.ops.zoneout_fused.cuda_layer_forward.default, args)
 
 
 # --------------------------------------------------------------------------------------

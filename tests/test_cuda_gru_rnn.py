@@ -62,10 +62,11 @@ def make_inputs(cell, steps, batch, inputs, hidden, dtype=torch.float32, *, bias
 
 def run(layer_fn, tensors, *, cell, seed=1234, layer=0, direction=0, zoneout_hidden=0.0, recurrent_dropout=0.0,
         mask_mode="independent", training=True, grads=True):
-    """Forward, then gradients of a fixed random weighting of y; returns a dict of results."""
+    """Forward, then gradients of a fixed random weighting of y; returns a dict of results.
+    `seed`: an int (passed as a CPU tensor) or the seed tensor itself."""
     leaves = {n: tensors[n].detach().clone().requires_grad_(grads) if tensors[n] is not None else None
               for n in GRAD_NAMES}
-    seed_tensor = torch.tensor(seed, dtype=torch.int64)
+    seed_tensor = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
     y = layer_fn(leaves["x"], leaves["h0"], leaves["w_ih"], leaves["w_hh"], leaves["b_ih"], leaves["b_hh"],
                  tensors["lengths"], seed_tensor, reference.CELL_CODES[cell], layer, direction, zoneout_hidden,
                  recurrent_dropout, MASK_MODE_CODES[mask_mode], training)
@@ -338,7 +339,8 @@ BAD_ARGUMENTS = [
     ("gru", "b_hh", lambda: torch.zeros(15, device=DEVICE, dtype=torch.float64), TypeError),
     ("gru", "lengths", lambda: torch.tensor([3, 1], device=DEVICE, dtype=torch.int32), TypeError),
     ("gru", "lengths", lambda: torch.tensor([3, 1]), RuntimeError),         # lengths on the CPU
-    ("gru", "seed", lambda: torch.tensor(1, device=DEVICE), RuntimeError),  # seed on the GPU
+    ("gru", "seed", lambda: torch.tensor(1, device=DEVICE, dtype=torch.int32), TypeError),  # on the GPU, int32
+    ("rnn_relu", "seed", lambda: torch.tensor([1, 2], device=DEVICE), RuntimeError),  # on the GPU, two values
     ("gru", "direction", lambda: 2, ValueError),
     ("gru", "mask_mode", lambda: 4, ValueError),
     ("gru", "zoneout_hidden", lambda: 1.5, ValueError),
@@ -362,3 +364,99 @@ def test_backward_rejects_bad_saved_gates():
     y, gates = torch.ops.zoneout_fused.cuda_gru_rnn_layer_forward(*args)
     with pytest.raises(RuntimeError, match="gates"):
         torch.ops.zoneout_fused.cuda_gru_rnn_layer_backward(torch.ones_like(y), *args, y, gates[..., :5])
+
+
+# --------------------------------------------------------------------------------------
+# seed on the GPU: the kernels load it (never read on the host), so a CUDA graph replay
+# draws with whatever value the buffer holds
+# --------------------------------------------------------------------------------------
+SEED = 2 ** 40 + 12345  # both 32-bit halves of the Philox key nonzero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("direction", [0, 1])
+@pytest.mark.parametrize("cell", CELLS)
+def test_device_seed_matches_cpu_seed(cell, direction, mode, dtype, nan_fill):
+    """Outputs and every gradient bit for bit as with the same value on the CPU (the backward op
+    gets the device seed back from autograd's saved tensors)."""
+    tensors = make_inputs(cell, 9, 4, 3, 10, dtype, lengths=[9, 5, 1, 8])
+    kwargs = dict(cell=cell, layer=1, direction=direction, zoneout_hidden=0.3,
+                  recurrent_dropout=0.25 if cell == "gru" else 0.0, mask_mode=mode)
+    on_cpu = run(cuda_gru_rnn_layer, tensors, seed=SEED, **kwargs)
+    on_gpu = run(cuda_gru_rnn_layer, tensors, seed=torch.tensor(SEED, device=DEVICE), **kwargs)
+    assert on_gpu.keys() == on_cpu.keys()
+    for name in on_cpu:
+        assert torch.equal(on_gpu[name], on_cpu[name]), f"{name}: device seed differs from the CPU seed"
+    # The value is really read: another one draws other masks.
+    other = run(cuda_gru_rnn_layer, tensors, seed=torch.tensor(SEED + 1, device=DEVICE), grads=False, **kwargs)
+    assert not torch.equal(other["y"], on_cpu["y"])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_device_seed_no_host_sync(cell):
+    """Forward and backward ops with a device seed in training mode never synchronize with the host."""
+    args = _forward_args(cell, seed=torch.tensor(SEED, device=DEVICE), zoneout_hidden=0.3,
+                         recurrent_dropout=0.2 if cell == "gru" else 0.0)
+    torch.ops.zoneout_fused.cuda_gru_rnn_layer_forward(*args)  # first call outside: cuBLAS handle, workspace
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, gates = torch.ops.zoneout_fused.cuda_gru_rnn_layer_forward(*args)
+        torch.ops.zoneout_fused.cuda_gru_rnn_layer_backward(torch.ones_like(y), *args, y, gates)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_device_seed_cuda_graph_replay(cell):
+    """A captured forward draws fresh masks from the seed buffer's value at each replay."""
+    tensors = make_inputs(cell, 6, 3, 4, 8, torch.float64, lengths=[6, 2, 4])
+    kwargs = dict(cell=cell, zoneout_hidden=0.3, recurrent_dropout=0.2 if cell == "gru" else 0.0)
+    seed = torch.tensor(1, device=DEVICE)
+
+    def forward():
+        return cuda_gru_rnn_layer(tensors["x"], tensors["h0"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"],
+                                  tensors["b_hh"], tensors["lengths"], seed, reference.CELL_CODES[cell], 0, 0,
+                                  kwargs["zoneout_hidden"], kwargs["recurrent_dropout"],
+                                  MASK_MODE_CODES["independent"], True)
+
+    side = torch.cuda.Stream()  # warm-up off the capture, as torch.cuda.graph's documentation asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = forward()
+    replayed = {}
+    for value in (5, SEED, 5):
+        seed.fill_(value)
+        graph.replay()
+        eager = run(cuda_gru_rnn_layer, tensors, seed=value, grads=False, **kwargs)
+        # float64, tightly: any mask drawn from another seed is an O(1) difference.
+        assert_close(y, eager["y"], torch.float64, msg=f"y, seed {value}")
+        if value in replayed:
+            assert torch.equal(y, replayed[value]), "a replay with the same seed differs"
+        replayed[value] = y.clone()
+    assert not torch.equal(replayed[5], replayed[SEED])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_eval_ignores_device_seed(cell, nan_fill):
+    """Evaluation draws nothing: a device seed holding garbage changes nothing (never dereferenced)."""
+    tensors = make_inputs(cell, 8, 3, 4, 10, lengths=[8, 5, 2])
+    kwargs = dict(cell=cell, zoneout_hidden=0.5, recurrent_dropout=0.2 if cell == "gru" else 0.0, training=False)
+    garbage = torch.tensor(torch.iinfo(torch.int64).min + 12345, device=DEVICE)
+    on_cpu = run(cuda_gru_rnn_layer, tensors, seed=0, **kwargs)
+    on_gpu = run(cuda_gru_rnn_layer, tensors, seed=garbage, **kwargs)
+    for name in on_cpu:
+        assert torch.equal(on_gpu[name], on_cpu[name]), name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: a seed on a GPU other than x's")
+@pytest.mark.parametrize("cell", CELLS)
+def test_seed_on_another_gpu_rejected(cell):
+    with pytest.raises(RuntimeError, match=r"seed.*cuda:0.*cuda:1"):
+        torch.ops.zoneout_fused.cuda_gru_rnn_layer_forward(*_forward_args(cell, seed=torch.tensor(1, device="cuda:1")))

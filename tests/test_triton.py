@@ -52,7 +52,8 @@ def _inputs(steps=4, batch=3, inputs=5, hidden=20, dtype=torch.float32, bias=Tru
 def _run(layer_fn, tensors, lengths, seed, layer, direction, z_c, z_h, p, mode, training, grads=True):
     """Forward through layer_fn, backward from fixed weights on y and c_n; returns [y, c_n, *grads]."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
-    y, c_n = layer_fn(*leaves, lengths, torch.tensor(seed), layer, direction, z_c, z_h, p,
+    seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed)
+    y, c_n = layer_fn(*leaves, lengths, seed, layer, direction, z_c, z_h, p,
                       masks.MASK_MODE_CODES[mode], training)
     if not grads:
         return [y.detach(), c_n.detach()]
@@ -127,6 +128,36 @@ def test_awkward_shapes_and_settings(case, dtype):
     for direction in (0, 1):
         args = (lengths, SEED, 0, direction, settings["z_c"], settings["z_h"], settings["p"], settings["mode"], True)
         _assert_matches_reference(_run(_triton, tensors, *args), tensors, args, f"direction {direction}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("mode", MODES)
+def test_seed_in_device_memory_draws_the_same_masks(mode, training, monkeypatch):
+    """A seed the kernels load from its tensor (one on the GPU: no host read, so a CUDA graph replay
+    draws from the key the buffer holds) gives the results of the same key passed by value, bit for
+    bit. Under the interpreter every tensor is on the CPU: the load is forced there."""
+    tensors = _inputs()
+    lengths = torch.tensor([4, 2, 3], device=DEVICE)
+    args = (lengths, SEED, 1, 1, 0.4, 0.3, 0.2, mode, training)
+    by_value = _run(_triton, tensors, *args)
+    loads = []
+    if DEVICE == "cpu":
+        monkeypatch.setattr(triton_layer, "_reads_seed_from_memory", lambda seed, x: loads.append(1) or True)
+    device_seed = torch.tensor(SEED, device=DEVICE)
+    in_memory = _run(_triton, tensors, lengths, device_seed, *args[2:])
+    assert loads or DEVICE == "cuda"
+    for name, a, b in zip(RESULT_NAMES, in_memory, by_value):
+        assert torch.equal(a, b), name
+    assert torch.equal(device_seed.cpu(), torch.tensor(SEED))  # read, never written
+
+
+def test_seed_on_another_device_raises():
+    x, h0, c0, w_ih, w_hh, bias = _inputs(steps=2, batch=2, inputs=3, hidden=5)
+    # (Called below the op: a meta tensor among an op's arguments would send it to the fake kernel.)
+    with pytest.raises(RuntimeError, match="seed must be on the CPU or on x's device"):
+        triton_layer._check(x, h0, c0, w_ih, w_hh, bias, None, torch.tensor(SEED, device="meta"), 0, 0.1, 0.1, 0.0, 0)
+    with pytest.raises(ValueError, match="seed must be a 0-dim int64"):
+        _triton(x, h0, c0, w_ih, w_hh, bias, None, torch.tensor(1.5), 0, 0, 0.1, 0.1, 0.0, 0, True)
 
 
 def test_wrong_seed_fails_the_comparison():
@@ -239,15 +270,17 @@ def test_bad_arguments_raise():
 # ----------------------------------------------------------------------------- the in-kernel masks
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("step", [0, 3, 80_000_000])  # the last puts n above 2**32 (high counter word)
-def test_kernel_masks_equal_the_oracle(mode, step):
+@pytest.mark.parametrize("seed_in_memory", [False, True])
+def test_kernel_masks_equal_the_oracle(mode, step, seed_in_memory):
     batch, hidden, layer, direction = 3, 20, 2, 1
     z_c, z_h, p = 0.5, 0.25, 0.3
     out = [torch.empty(batch, hidden, dtype=torch.float32, device=DEVICE) for _ in range(3)]
     params = torch.tensor([z_c, z_h, p, 1.0 / (1.0 - p)], dtype=torch.float64, device=DEVICE)
     import triton.language as tl
-    step_masks_kernel[(1, 2)](*out, params, SEED, 2 * layer + direction, step, batch, hidden,
+    seed = torch.tensor(SEED, device=DEVICE) if seed_in_memory else SEED  # loaded by the kernel, or by value
+    step_masks_kernel[(1, 2)](*out, params, seed, 2 * layer + direction, step, batch, hidden,
                               MODE=masks.MASK_MODE_CODES[mode], TRAINING=True, DRAW_ZONEOUT=True, HAS_DROPOUT=True,
-                              ACC=tl.float32, BLOCK_B=16, BLOCK_H=16)
+                              ACC=tl.float32, SEED_IN_MEMORY=seed_in_memory, BLOCK_B=16, BLOCK_H=16)
     m_c, m_h, keep = masks.step_masks(SEED, layer, direction, step, batch, hidden, zoneout_cell=z_c,
                                       zoneout_hidden=z_h, recurrent_dropout=p, mask_mode=mode, device=DEVICE)
     assert torch.equal(out[0], m_c.float())
@@ -355,19 +388,21 @@ _COMPILE_FOR_HOPPER = textwrap.dedent("""
     tiles = sorted({lstm_step.blocks_for(b, h, 132) for b, h in shapes} | {(64, 32, 32, 8)})
     assert all(bb * bh <= lstm_step.MAX_TILE for bb, bh, _, _ in tiles), tiles
     spills = []
-    for x, wide in (("*fp32", True), ("*bf16", False)):
+    # The seed by value (fp32 builds) and loaded from device memory (bf16 builds): both variants compile.
+    for x, wide, in_memory in (("*fp32", True, False), ("*bf16", False, True)):
+        seed = "*i64" if in_memory else "i64"
         for block_b, block_h, block_k, warps in tiles:
             common = dict(HAS_LENGTHS=True, MODE=0, TRAINING=True, DRAW_ZONEOUT=True, HAS_DROPOUT=True,
-                          ACC=tl.float32, WIDE=wide, PRECISION="ieee", ACCURATE=True, BLOCK_B=block_b, BLOCK_H=block_h,
-                          BLOCK_K=block_k)
+                          ACC=tl.float32, SEED_IN_MEMORY=in_memory, WIDE=wide, PRECISION="ieee", ACCURATE=True,
+                          BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
             forward = build(lstm_step.lstm_forward_step_kernel,
                   dict(xp_ptr="*fp32", w_hh_ptr=x, h0_ptr=x, c0_ptr=x, y_ptr=x, c_seq_ptr="*fp32",
-                       gates_ptr="*fp32", lengths_ptr="*i64", params_ptr="*fp64", seed="i64", key2="i32", t="i32",
+                       gates_ptr="*fp32", lengths_ptr="*i64", params_ptr="*fp64", seed=seed, key2="i32", t="i32",
                        t_prev="i32", B="i32", H="i32"), dict(FIRST=False, **common), warps)
             backward = build(lstm_step.lstm_backward_step_kernel,
                   dict(grad_y_ptr=x, w_hh_ptr=x, c0_ptr=x, c_seq_ptr="*fp32", gates_ptr="*fp32",
                        d_pre_ptr="*fp32", dh_ptr="*fp32", dc_ptr="*fp32", lengths_ptr="*i64", params_ptr="*fp64",
-                       seed="i64", key2="i32", t="i32", t_prev="i32", t_next="i32", B="i32", H="i32"),
+                       seed=seed, key2="i32", t="i32", t_prev="i32", t_next="i32", B="i32", H="i32"),
                   dict(FIRST=False, LAST=False, **common), warps)
             for name, ptx in (("forward", forward), ("backward", backward)):
                 spilled = spill_bytes(ptx)

@@ -58,7 +58,8 @@ def _inputs(cell, steps=4, batch=3, inputs=5, hidden=20, dtype=EXACT_DTYPE, bias
 
 
 def _call(layer_fn, tensors, lengths, seed, cell, layer, direction, z_h, p, mode, training):
-    return layer_fn(*tensors, lengths, torch.tensor(seed), reference.CELL_CODES[cell], layer, direction, z_h, p,
+    seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed)
+    return layer_fn(*tensors, lengths, seed, reference.CELL_CODES[cell], layer, direction, z_h, p,
                     masks.MASK_MODE_CODES[mode], training)
 
 
@@ -100,6 +101,24 @@ def test_training_matches_reference(cell, mode, direction):
     tensors = _inputs(cell, steps=3)
     lengths = torch.tensor([3, 1, 2], device=DEVICE)
     _assert_matches_reference(tensors, (lengths, SEED, cell, 1, direction, 0.3, _dropout(cell), mode, True))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_seed_in_device_memory_draws_the_same_masks(cell, mode, monkeypatch):
+    """A seed the kernels load from its tensor (on the GPU; forced under the interpreter) gives the
+    results of the same key passed by value, bit for bit (test_triton.py has the LSTM's)."""
+    tensors = _inputs(cell, steps=3)
+    lengths = torch.tensor([3, 1, 2], device=DEVICE)
+    args = (cell, 1, 1, 0.3, _dropout(cell), mode, True)
+    by_value = _run(_triton, tensors, lengths, SEED, *args)
+    loads = []
+    if DEVICE == "cpu":
+        monkeypatch.setattr(triton_layer, "_reads_seed_from_memory", lambda seed, x: loads.append(1) or True)
+    in_memory = _run(_triton, tensors, lengths, torch.tensor(SEED, device=DEVICE), *args)
+    assert loads or DEVICE == "cuda"
+    for name, a, b in zip(RESULT_NAMES, in_memory, by_value):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("direction", [0, 1])
@@ -291,18 +310,21 @@ _COMPILE_FOR_HOPPER = test_triton._COMPILE_FOR_HOPPER.split(_LSTM_TILES)[0] + te
     assert block_b * block_h <= lstm_step.MAX_TILE
     spills = []
     # The RNN's products are the GRU's with one row: its 16-bit build adds nothing.
+    # The seed by value (fp32 builds) and loaded from device memory (bf16): both variants compile.
     for cell, x, wide in ((gru_rnn_step.GRU, "*fp32", True), (gru_rnn_step.GRU, "*bf16", False),
                           (gru_rnn_step.RNN_RELU, "*fp32", True)):
+        in_memory = not wide
+        seed = "*i64" if in_memory else "i64"
         common = dict(CELL=cell, FIRST=False, HAS_LENGTHS=True, MODE=0, TRAINING=True, DRAW_ZONEOUT=True,
-                      HAS_DROPOUT=cell == gru_rnn_step.GRU, ACC=tl.float32, WIDE=wide, PRECISION="ieee",
-                      ACCURATE=True, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
+                      HAS_DROPOUT=cell == gru_rnn_step.GRU, ACC=tl.float32, SEED_IN_MEMORY=in_memory, WIDE=wide,
+                      PRECISION="ieee", ACCURATE=True, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k)
         forward = build(gru_rnn_step.gru_rnn_forward_step_kernel,
               dict(xp_ptr="*fp32", w_hh_ptr=x, b_hh_ptr=x, h0_ptr=x, y_ptr=x, gates_ptr="*fp32",
-                   lengths_ptr="*i64", params_ptr="*fp64", seed="i64", key2="i32", t="i32", t_prev="i32",
+                   lengths_ptr="*i64", params_ptr="*fp64", seed=seed, key2="i32", t="i32", t_prev="i32",
                    B="i32", H="i32"), dict(HAS_B_HH=True, **common), warps)
         backward = build(gru_rnn_step.gru_rnn_backward_step_kernel,
               dict(grad_y_ptr=x, w_hh_ptr=x, h0_ptr=x, y_ptr=x, gates_ptr="*fp32", d_x_ptr="*fp32",
-                   d_h_ptr="*fp32", dh_ptr="*fp32", lengths_ptr="*i64", params_ptr="*fp64", seed="i64",
+                   d_h_ptr="*fp32", dh_ptr="*fp32", lengths_ptr="*i64", params_ptr="*fp64", seed=seed,
                    key2="i32", t="i32", t_prev="i32", t_next="i32", B="i32", H="i32"),
               dict(LAST=False, **common), warps)
         for name, ptx in (("forward", forward), ("backward", backward)):

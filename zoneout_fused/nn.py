@@ -71,10 +71,18 @@ class _ZoneoutOptions:
     def _is_stochastic(self) -> bool:
         return self.training and (self.zoneout_cell > 0 or self.zoneout_hidden > 0 or self.recurrent_dropout > 0)
 
-    def _draw_seed(self) -> torch.Tensor:
-        """One Philox key per training forward call, from torch's default CPU generator (like dropout)."""
+    def _draw_seed(self, device: torch.device) -> torch.Tensor:
+        """One Philox key per training forward call, from torch's default CPU generator (like dropout).
+
+        While a CUDA graph is captured (torch.cuda.graph, torch.compile(mode="reduce-overhead")) or
+        torch.compile traces a CUDA model, it is drawn on the GPU by the CUDA generator instead
+        (torch.manual_seed seeds that one too): a key read on the host would be baked into the graph,
+        so every replay would reuse one set of masks, while a key drawn on the device by a
+        capture-aware generator is new at every replay, and the kernels read it from memory."""
         if not self._is_stochastic():
             return _UNUSED_SEED  # no mask is drawn (one shared tensor: nothing writes to it)
+        if device.type == "cuda" and (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+            return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
         return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
 
     def _zoneout_repr(self) -> str:
@@ -212,7 +220,7 @@ class _ZoneoutRNNBase(_ZoneoutOptions, nn.RNNBase):
         states = self._initial_states(hx, batched, batch, directions, x)
 
         backend = _backend_for(self.backend, x.device, dtype, projection=self.proj_size > 0, cell=self._cell)
-        seed = self.static_seed if self.mask_mode == "static" else self._draw_seed()
+        seed = self.static_seed if self.mask_mode == "static" else self._draw_seed(x.device)
         if lengths is not None and lengths.device != x.device:
             # pad_packed_sequence's lengths live on the CPU: an asynchronous copy from pinned memory
             # (a pageable one would wait for the GPU stream on every call).
@@ -535,7 +543,7 @@ class ZoneoutLSTMCell(_ZoneoutOptions, nn.RNNCellBase):
         w_ih, w_hh = _as_dtype(self.weight_ih, dtype), _as_dtype(self.weight_hh, dtype)
         bias = self._summed_bias(dtype)
         y, c1 = backend.layer(x.unsqueeze(0).contiguous(), h0, c0, w_ih, w_hh, bias, None,
-                              self._draw_seed(), 0, 0, z_c, z_h, p, mode, self.training)
+                              self._draw_seed(x.device), 0, 0, z_c, z_h, p, mode, self.training)
         h1 = y[0]
         if not batched:
             h1, c1 = h1.squeeze(0), c1.squeeze(0)
@@ -637,7 +645,7 @@ class _ZoneoutHiddenStateCell(_HiddenStateOptions, nn.RNNCellBase):
         backend = _backend_for(self.backend, x.device, dtype, cell=self._cell)
         get = lambda name: _as_dtype(getattr(self, name), dtype) if getattr(self, name) is not None else None  # noqa: E731
         y = backend.gru_rnn_layer(x.unsqueeze(0).contiguous(), h0, get("weight_ih"), get("weight_hh"), get("bias_ih"),
-                                  get("bias_hh"), None, self._draw_seed(), self.cell_code, 0, 0,
+                                  get("bias_hh"), None, self._draw_seed(x.device), self.cell_code, 0, 0,
                                   self.zoneout_hidden, self.recurrent_dropout, MASK_MODE_CODES[self.mask_mode],
                                   self.training)
         h1 = y[0]

@@ -3,8 +3,9 @@
 //
 // Argument checks, allocation, the time loop and the large matrix products live here; the
 // per-step kernels (csrc/cuda/*.cu) see raw pointers only. Everything runs on torch's
-// current stream, with no host synchronization: `seed` is a CPU tensor (read with item()),
-// `lengths` stays on the GPU and the kernels test step_active per element.
+// current stream, with no host synchronization: `seed` is read with item() when it is on the
+// CPU and by the kernels when it is on x's device; `lengths` stays on the GPU and the kernels
+// test step_active per element.
 //
 // Per step (B examples, H units): the forward reads x_t W_ih^T from one [T*B, I] x [I, 4H]
 // GEMM done before the loop and adds h_{t-1} W_hh^T either from a cuBLAS GEMM (two launches
@@ -16,23 +17,21 @@
 // for small problems, where launch and GEMM host overhead dominate (pMNIST: T=784, B=H=100).
 // The threshold is a guess that no GPU measurement has confirmed yet.
 //
-// Launch overhead, the plan beyond kFused (not implemented; nothing here is measured, the
-// session that wrote this had no GPU): at T=784 even one launch per step costs ~3-5 us x 784
-// per direction.
-// (1) CUDA graph of the time loop inside the op: capture on a pool stream on the first call
-//     for a given (shape, dtype, recurrence), replay after. Graph nodes bake in pointers and
-//     kernel arguments, so it needs op-owned persistent buffers (inputs copied in, outputs
-//     copied out), the seed and t passed through device memory instead of by value, an event
-//     handshake with the current stream, and cuBLAS kept out of the graph (kFused only). Left
-//     out because an op that torch.compile and opcheck call must stay simple and stateless.
-// (2) Persistent kernel: one cooperative launch per sequence, W_hh resident in shared memory
+// Launch overhead beyond kFused (nothing here is measured yet: no session has had a GPU): at
+// T=784 even one launch per step costs ~3-5 us x 784 per direction.
+// (1) CUDA graphs: zoneout_fused/graphs.py captures each call of this op whole (cuBLAS included)
+//     from Python, into static buffers, and replays it; the seed goes in as a device buffer
+//     (below). Off by default until a GPU run shows it correct and faster.
+// (2) Persistent kernel (not implemented): one cooperative launch per sequence, W_hh resident in shared memory
 //     across SMs (H=100: 160 KB float32), a grid-wide barrier per step instead of a launch
 //     (~1 us); needs cudaLaunchCooperativeKernel and an occupancy check, with this per-step
 //     path as the fallback.
 // What works today: the op never synchronizes with the host or creates streams, so a caller
 // can capture a whole training step in torch.cuda.graph (or torch.compile(mode="reduce-overhead")).
-// Caveat: the seed is read on the host at capture time, so every replay reuses the captured
-// masks unless the caller re-captures; use that only in evaluation or with zoneout off.
+// Seed: a CPU seed is read on the host at capture time, so every replay reuses the captured
+// masks. A seed on x's device is read by the kernels (ZoneoutParams::seed_in_memory), so a
+// capture taken with it draws fresh masks whenever the buffer's value changes (the modules
+// draw it on the device under capture).
 
 #include <cstdint>
 #include <cstdlib>
@@ -142,11 +141,34 @@ void check_bias(const OptionalTensor& bias, const char* name, const Tensor& x, i
   }
 }
 
+// The Philox key as make_params and the kernels take it: a CPU seed's value (read only in
+// training mode), or a pointer to a seed on x's device, which only the kernels read.
+struct SeedArg {
+  uint64_t value = 0;
+  const int64_t* in_memory = nullptr;
+};
+
+SeedArg check_seed(const Tensor& seed, const Tensor& x, bool training) {
+  TORCH_CHECK(seed.device().is_cpu() || seed.device() == x.device(), "zoneout_fused cuda: seed must be on the CPU "
+              "or on x's device ", x.device(), ", got device ", seed.device());
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "zoneout_fused cuda: seed must be int64, got ",
+                   seed.scalar_type());
+  TORCH_CHECK(seed.numel() == 1, "zoneout_fused cuda: seed must hold one value, got shape ", seed.sizes());
+  SeedArg arg;
+  if (seed.device().is_cpu()) {
+    arg.value = training ? static_cast<uint64_t>(seed.item<int64_t>()) : 0;  // CPU: no device sync
+  } else {
+    arg.in_memory = seed.data_ptr<int64_t>();  // never read here: a graph replay sees its current value
+  }
+  return arg;
+}
+
 // lengths, seed, the integer arguments and zoneout_hidden / recurrent_dropout; returns the
-// seed's value (read only in training mode: a CPU tensor, no device sync).
-uint64_t check_common_args(const Tensor& x, const LayerShape& s, const OptionalTensor& lengths, const Tensor& seed,
-                           int64_t layer, int64_t direction, double zoneout_hidden, double recurrent_dropout,
-                           int64_t mask_mode, bool training) {
+// mask parameters (the LSTM checks zoneout_cell itself, the GRU/RNN passes 0).
+zoneout::ZoneoutParams check_common_args(const Tensor& x, const LayerShape& s, const OptionalTensor& lengths,
+                                         const Tensor& seed, int64_t layer, int64_t direction, double zoneout_cell,
+                                         double zoneout_hidden, double recurrent_dropout, int64_t mask_mode,
+                                         bool training) {
   if (lengths.has_value()) {
     TORCH_CHECK_TYPE(lengths->scalar_type() == at::kLong, "zoneout_fused cuda: lengths must be int64, got ",
                      lengths->scalar_type());
@@ -154,11 +176,7 @@ uint64_t check_common_args(const Tensor& x, const LayerShape& s, const OptionalT
                 " like x, got ", lengths->device());
     check_shape(*lengths, "lengths", {s.batch});
   }
-  TORCH_CHECK(seed.device().is_cpu(), "zoneout_fused cuda: seed must be a CPU tensor (read without a device sync), "
-              "got device ", seed.device());
-  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "zoneout_fused cuda: seed must be int64, got ",
-                   seed.scalar_type());
-  TORCH_CHECK(seed.numel() == 1, "zoneout_fused cuda: seed must hold one value, got shape ", seed.sizes());
+  const SeedArg seed_arg = check_seed(seed, x, training);
   TORCH_CHECK_VALUE(layer >= 0, "zoneout_fused cuda: layer must be >= 0, got ", layer);
   TORCH_CHECK_VALUE(direction == 0 || direction == 1, "zoneout_fused cuda: direction must be 0 or 1, got ",
                     direction);
@@ -169,7 +187,10 @@ uint64_t check_common_args(const Tensor& x, const LayerShape& s, const OptionalT
                     "zoneout_fused cuda: zoneout_hidden must be in [0, 1], got ", zoneout_hidden);
   TORCH_CHECK_VALUE(recurrent_dropout >= 0.0 && recurrent_dropout < 1.0,
                     "zoneout_fused cuda: recurrent_dropout must be in [0, 1), got ", recurrent_dropout);
-  return training ? static_cast<uint64_t>(seed.item<int64_t>()) : 0;  // CPU: no device sync
+  zoneout::ZoneoutParams p = zoneout::make_params(seed_arg.value, layer, direction, mask_mode, zoneout_cell,
+                                                  zoneout_hidden, recurrent_dropout, training, s.batch, s.hidden);
+  p.seed_in_memory = seed_arg.in_memory;
+  return p;
 }
 
 // The tensors a backward op gets back from its forward (y and the saved state-dtype tensors).
@@ -198,7 +219,7 @@ void mm_state_out(Tensor& out, const Tensor& a, const Tensor& b) {
 }
 
 // Validates the LSTM layer-op arguments (shared by forward and backward) and returns the
-// mask parameters; seed is read only in training mode.
+// mask parameters; a CPU seed is read only in training mode.
 std::pair<LayerShape, zoneout::ZoneoutParams> check_layer_args(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const OptionalTensor& bias, const OptionalTensor& lengths, const Tensor& seed, int64_t layer, int64_t direction,
@@ -210,10 +231,8 @@ std::pair<LayerShape, zoneout::ZoneoutParams> check_layer_args(
   check_bias(bias, "bias", x, 4 * s.hidden);
   TORCH_CHECK_VALUE(zoneout_cell >= 0.0 && zoneout_cell <= 1.0,
                     "zoneout_fused cuda: zoneout_cell must be in [0, 1], got ", zoneout_cell);
-  const uint64_t seed_value = check_common_args(x, s, lengths, seed, layer, direction, zoneout_hidden,
-                                                recurrent_dropout, mask_mode, training);
-  const zoneout::ZoneoutParams p = zoneout::make_params(seed_value, layer, direction, mask_mode, zoneout_cell,
-                                                        zoneout_hidden, recurrent_dropout, training, s.batch, s.hidden);
+  const zoneout::ZoneoutParams p = check_common_args(x, s, lengths, seed, layer, direction, zoneout_cell,
+                                                     zoneout_hidden, recurrent_dropout, mask_mode, training);
   return {s, p};
 }
 
@@ -397,11 +416,9 @@ GruRnnArgs check_gru_rnn_args(const Tensor& x, const Tensor& h0, const Tensor& w
   TORCH_CHECK_VALUE(kind == zoneout::kGru || recurrent_dropout == 0.0,
                     "zoneout_fused cuda: recurrent_dropout must be 0 for an RNN cell (cell = ", cell,
                     "); recurrent dropout acts on the GRU's candidate only, got ", recurrent_dropout);
-  const uint64_t seed_value = check_common_args(x, s, lengths, seed, layer, direction, zoneout_hidden,
-                                                recurrent_dropout, mask_mode, training);
   // zoneout_cell = 0: the hidden mask is the LSTM's m_h for the same seed and position.
-  const zoneout::ZoneoutParams p = zoneout::make_params(seed_value, layer, direction, mask_mode, 0.0,
-                                                        zoneout_hidden, recurrent_dropout, training, s.batch, s.hidden);
+  const zoneout::ZoneoutParams p = check_common_args(x, s, lengths, seed, layer, direction, 0.0, zoneout_hidden,
+                                                     recurrent_dropout, mask_mode, training);
   return {s, p, kind, rows, zoneout::cell_saved(kind)};
 }
 

@@ -16,6 +16,9 @@
 //   [B, H] per-step states, [B, 4H] per-step gates / pre-activations (rows i, f, g, o).
 // Aliasing: outputs never alias inputs, except the backward carries dh_direct and dc,
 // which are read and written in place (each thread owns its own elements).
+// Seed: params.seed, or, when params.seed_in_memory is set, the int64 it points to on the
+// device, loaded by each kernel that draws (params.training); a CUDA graph replay then draws
+// with whatever value that buffer holds.
 //
 // Cell kinds (zoneout::CellKind): forward_step / backward_step run the LSTM (kLstm);
 // gru_rnn_forward_step / gru_rnn_backward_step run the hidden-state-only cells (kGru,

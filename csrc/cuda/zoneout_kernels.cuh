@@ -47,6 +47,15 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2
 // Dynamic shared memory of the fused kernels (one untyped array shared by all instantiations).
 extern __shared__ __align__(16) unsigned char fused_smem[];
 
+// Resolved once at every kernel's entry: params with the seed loaded from seed_in_memory when
+// the caller left it on the device (a CUDA graph replay draws with the buffer's current value);
+// only when the kernel draws, so evaluation never dereferences the pointer.
+__device__ __forceinline__ ZoneoutParams resolve_seed(const ZoneoutParams& params) {
+  ZoneoutParams p = params;
+  if (p.training && p.seed_in_memory != nullptr) p.seed = static_cast<uint64_t>(*p.seed_in_memory);
+  return p;
+}
+
 // Examples per block of the fused kernels: each weight loaded from L2 serves kFusedRows
 // examples. 4 keeps the accumulators of the forward kernel (4 x 4) in registers.
 constexpr int kFusedRows = 4;
@@ -102,8 +111,9 @@ __device__ __forceinline__ void forward_element(const ForwardStepArgs& a, const 
 // Pointwise forward: the recurrent product comes precomputed in args.hh (cuBLAS).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kPointwiseThreads)
-    forward_step_kernel(const ForwardStepArgs a, const ZoneoutParams p) {
+    forward_step_kernel(const ForwardStepArgs a, const ZoneoutParams params) {
   using acc_t = acc_type<scalar_t>;
+  const ZoneoutParams p = resolve_seed(params);
   const int64_t hidden = p.hidden;
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= p.batch * hidden) return;
@@ -121,8 +131,9 @@ __global__ void __launch_bounds__(kPointwiseThreads)
 // consecutive addresses) in a fixed order k = 0..H-1: deterministic, no atomics.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kFusedMaxThreads)
-    forward_step_fused_kernel(const ForwardStepArgs a, const ZoneoutParams p) {
+    forward_step_fused_kernel(const ForwardStepArgs a, const ZoneoutParams params) {
   using acc_t = acc_type<scalar_t>;
+  const ZoneoutParams p = resolve_seed(params);
   const int hidden = static_cast<int>(p.hidden);  // <= kFusedMaxHidden
   const int64_t batch = p.batch;
   const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kFusedRows;
@@ -198,8 +209,9 @@ __device__ __forceinline__ void backward_element(const BackwardStepArgs& a, cons
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kPointwiseThreads)
-    backward_step_kernel(const BackwardStepArgs a, const ZoneoutParams p) {
+    backward_step_kernel(const BackwardStepArgs a, const ZoneoutParams params) {
   using acc_t = acc_type<scalar_t>;
+  const ZoneoutParams p = resolve_seed(params);
   const int64_t hidden = p.hidden;
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= p.batch * hidden) return;
@@ -213,8 +225,9 @@ __global__ void __launch_bounds__(kPointwiseThreads)
 // consecutive j, consecutive addresses).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kFusedMaxThreads)
-    backward_step_fused_kernel(const BackwardStepArgs a, const ZoneoutParams p) {
+    backward_step_fused_kernel(const BackwardStepArgs a, const ZoneoutParams params) {
   using acc_t = acc_type<scalar_t>;
+  const ZoneoutParams p = resolve_seed(params);
   const int hidden = static_cast<int>(p.hidden);
   const int gates4 = 4 * hidden;
   const int64_t batch = p.batch;
@@ -255,8 +268,9 @@ __global__ void __launch_bounds__(kFusedMaxThreads)
 // ---------------------------------------------------------------------------------------
 template <typename scalar_t, int kCell>
 __global__ void __launch_bounds__(kPointwiseThreads)
-    gru_rnn_forward_step_kernel(const GruRnnForwardStepArgs a, const ZoneoutParams p) {
+    gru_rnn_forward_step_kernel(const GruRnnForwardStepArgs a, const ZoneoutParams params) {
   using acc_t = acc_type<scalar_t>;
+  const ZoneoutParams p = resolve_seed(params);
   constexpr int kRows = kCell == kGru ? 3 : 1;   // cell_rows(kCell)
   constexpr int kSaved = kCell == kGru ? 4 : 1;  // cell_saved(kCell)
   const int64_t hidden = p.hidden;
@@ -304,8 +318,9 @@ __global__ void __launch_bounds__(kPointwiseThreads)
 
 template <typename scalar_t, int kCell>
 __global__ void __launch_bounds__(kPointwiseThreads)
-    gru_rnn_backward_step_kernel(const GruRnnBackwardStepArgs a, const ZoneoutParams p) {
+    gru_rnn_backward_step_kernel(const GruRnnBackwardStepArgs a, const ZoneoutParams params) {
   using acc_t = acc_type<scalar_t>;
+  const ZoneoutParams p = resolve_seed(params);
   constexpr int kRows = kCell == kGru ? 3 : 1;
   constexpr int kSaved = kCell == kGru ? 4 : 1;
   const int64_t hidden = p.hidden;

@@ -35,11 +35,11 @@ GRU, RNN_TANH, RNN_RELU = CELL_CODES["gru"], CELL_CODES["rnn_tanh"], CELL_CODES[
 @triton.jit
 def _hidden_masks(seed, key2, t, b, j, in_b, B, H, params_ptr, lengths_ptr, HAS_LENGTHS: tl.constexpr,
                   MODE: tl.constexpr, TRAINING: tl.constexpr, DRAW_ZONEOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  ACC: tl.constexpr):
+                  ACC: tl.constexpr, SEED_IN_MEMORY: tl.constexpr):
     """(keep_hidden, update_scale, active): element_masks' hidden mask and dropout scale (params hold
     z_c = 0), and whether t lies inside each example's sequence (all true without HAS_LENGTHS)."""
     _, keep_hidden, update_scale = element_masks(seed, key2, t, b, j, B, H, params_ptr, MODE, TRAINING,
-                                                 DRAW_ZONEOUT, HAS_DROPOUT, ACC)
+                                                 DRAW_ZONEOUT, HAS_DROPOUT, ACC, SEED_IN_MEMORY)
     if HAS_LENGTHS:
         active = t.to(tl.int64) < tl.load(lengths_ptr + b, mask=in_b, other=0)
     else:
@@ -76,7 +76,8 @@ def gru_rnn_forward_step_kernel(
         seed, key2, t, t_prev, B, H,
         CELL: tl.constexpr, FIRST: tl.constexpr, HAS_B_HH: tl.constexpr, HAS_LENGTHS: tl.constexpr,
         MODE: tl.constexpr, TRAINING: tl.constexpr, DRAW_ZONEOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        ACC: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr, ACCURATE: tl.constexpr,
+        ACC: tl.constexpr, SEED_IN_MEMORY: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
+        ACCURATE: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     IS_GRU: tl.constexpr = CELL == 1  # GRU (the literal codes: jit code reads no module-level ints)
     b, j, in_b, in_j, inside = _tile(B, H, BLOCK_B, BLOCK_H)
@@ -96,7 +97,8 @@ def gru_rnn_forward_step_kernel(
 
     h_prev = tl.load(h_prev_ptr + b * H + j, mask=inside, other=0.0).to(ACC)
     keep_hidden, update_scale, active = _hidden_masks(seed, key2, t, b, j, in_b, B, H, params_ptr, lengths_ptr,
-                                                      HAS_LENGTHS, MODE, TRAINING, DRAW_ZONEOUT, HAS_DROPOUT, ACC)
+                                                      HAS_LENGTHS, MODE, TRAINING, DRAW_ZONEOUT, HAS_DROPOUT, ACC,
+                                                      SEED_IN_MEMORY)
     if IS_GRU:
         three_h = 3 * H
         x_r, x_u, x_n = _three_columns(xp_ptr + t64 * B * three_h + b * three_h + j, H, inside, ACC)
@@ -154,7 +156,8 @@ def gru_rnn_backward_step_kernel(
         FIRST: tl.constexpr,  # t is the first processed step: h_{t-1} is h0
         LAST: tl.constexpr,  # t is the last processed step: no later step feeds dh through W_hh
         HAS_LENGTHS: tl.constexpr, MODE: tl.constexpr, TRAINING: tl.constexpr, DRAW_ZONEOUT: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, SEED_IN_MEMORY: tl.constexpr, WIDE: tl.constexpr,
+        PRECISION: tl.constexpr,
         ACCURATE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     IS_GRU: tl.constexpr = CELL == 1  # GRU (the literal codes: jit code reads no module-level ints)
     ROWS: tl.constexpr = 3 if IS_GRU else 1
@@ -171,7 +174,8 @@ def gru_rnn_backward_step_kernel(
     dh += tl.load(grad_y_ptr + t64 * B * H + tile, mask=inside, other=0.0).to(ACC)
     # Past a sequence's end (not active) the step is the identity on h.
     keep_hidden, update_scale, active = _hidden_masks(seed, key2, t, b, j, in_b, B, H, params_ptr, lengths_ptr,
-                                                      HAS_LENGTHS, MODE, TRAINING, DRAW_ZONEOUT, HAS_DROPOUT, ACC)
+                                                      HAS_LENGTHS, MODE, TRAINING, DRAW_ZONEOUT, HAS_DROPOUT, ACC,
+                                                      SEED_IN_MEMORY)
 
     d_row = t64 * B * g_h + b * g_h + j
     if IS_GRU:

@@ -52,6 +52,14 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _reads_seed_from_memory(seed: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the kernels load the seed from its tensor (a seed on x's GPU: never read on the host,
+    so no sync, and a CUDA graph replays with the key the buffer holds) or take it by value (a CPU
+    seed, read on the host as contract sec. 2 draws it). Tests swap this to run the load under the
+    interpreter, where every tensor is on the CPU."""
+    return seed.device.type != "cpu"
+
+
 def float32_dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     """The recurrent product's input precision, by torch's float32 policy as cuBLAS and cuDNN follow
     it: "tf32" on a GPU where torch allows TF32 for float32 matmuls (torch.backends.cuda.matmul.
@@ -132,8 +140,10 @@ def _check_layer(x, states, w_ih, w_hh, biases, rows, lengths, seed, direction, 
                              f"{tuple(lengths.shape)}")
         if lengths.device != x.device:
             raise RuntimeError(f"lengths is on {lengths.device} but x is on {x.device}")
-    if seed.numel() != 1:
-        raise ValueError("seed must be a 0-dim int64 tensor")
+    if seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError(f"seed must be a 0-dim int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+    if seed.device.type != "cpu" and seed.device != x.device:
+        raise RuntimeError(f"seed must be on the CPU or on x's device {x.device}, got {seed.device}")
     if direction not in (0, 1):
         raise ValueError(f"direction must be 0 or 1, got {direction}")
     if mask_mode not in (0, 1, 2, 3):
@@ -150,9 +160,13 @@ class _Settings:
         self.hidden = w_hh.shape[1]
         self.acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         self.state_dtype = _ops.state_dtype(x.dtype)
-        self.seed = int(seed)
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        self.seed_in_memory = _reads_seed_from_memory(seed, x)
+        if self.seed_in_memory:
+            self.seed = seed  # read by the kernels: no host sync, and a graph replay sees its current value
+        else:
+            self.seed = int(seed)
+            if not 0 <= self.seed < 2**63:
+                raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         self.key2 = 2 * int(layer) + int(direction)
         self.direction = int(direction)
         training = bool(training)
@@ -166,6 +180,7 @@ class _Settings:
             HAS_LENGTHS=lengths is not None, MODE=int(mask_mode), TRAINING=training,
             DRAW_ZONEOUT=training and (zoneout_cell > 0.0 or zoneout_hidden > 0.0),
             HAS_DROPOUT=training and recurrent_dropout > 0.0, ACC=_tl_acc(x.dtype),
+            SEED_IN_MEMORY=self.seed_in_memory,
             WIDE=x.dtype not in _SIXTEEN_BIT, PRECISION=float32_dot_precision(x.dtype, x.device),
             ACCURATE=x.is_cuda,  # libdevice exp/tanh on a GPU; the interpreter has only tl.exp
             BLOCK_B=self.block_b, BLOCK_H=self.block_h,
@@ -299,15 +314,16 @@ def triton_layer_backward(grad_y: torch.Tensor, grad_c_n: torch.Tensor, x: torch
 
 
 _ops.register_layer_op_pair("zoneout_fused::triton_layer_forward", "zoneout_fused::triton_layer_backward")
+# As the compiled backends' ops are called: below autograd when nothing needs a gradient, by graph
+# replay when CUDA graphs are on (zoneout_fused/graphs.py).
+_lstm_layer = _ops._op_layer("zoneout_fused::triton_layer_forward")
 
 
 def layer_forward(x, h0, c0, w_ih, w_hh, bias, lengths, seed, layer, direction, zoneout_cell, zoneout_hidden,
                   recurrent_dropout, mask_mode, training):
     """The layer op (zoneout_fused.ops's signature) on Triton kernels: returns (y, c_n)."""
-    y, c_n, _, _ = torch.ops.zoneout_fused.triton_layer_forward(
-        x, h0, c0, w_ih, w_hh, bias, lengths, seed, int(layer), int(direction), float(zoneout_cell),
-        float(zoneout_hidden), float(recurrent_dropout), int(mask_mode), bool(training))
-    return y, c_n
+    return _lstm_layer(x, h0, c0, w_ih, w_hh, bias, lengths, seed, int(layer), int(direction), float(zoneout_cell),
+                       float(zoneout_hidden), float(recurrent_dropout), int(mask_mode), bool(training))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,12 +390,11 @@ def triton_gru_rnn_layer_backward(grad_y: torch.Tensor, x: torch.Tensor, h0: tor
 
 _ops.register_layer_op_pair("zoneout_fused::triton_gru_rnn_layer_forward",
                             "zoneout_fused::triton_gru_rnn_layer_backward", _ops.GRU_RNN_OPS)
+_gru_rnn_layer = _ops._op_layer("zoneout_fused::triton_gru_rnn_layer_forward", _ops.GRU_RNN_OPS)
 
 
 def gru_rnn_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, cell, layer, direction, zoneout_hidden,
                           recurrent_dropout, mask_mode, training):
     """The GRU / plain-RNN layer op (zoneout_fused.ops's signature) on Triton kernels: returns y."""
-    y, _ = torch.ops.zoneout_fused.triton_gru_rnn_layer_forward(
-        x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, int(cell), int(layer), int(direction), float(zoneout_hidden),
-        float(recurrent_dropout), int(mask_mode), bool(training))
-    return y
+    return _gru_rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, seed, int(cell), int(layer), int(direction),
+                          float(zoneout_hidden), float(recurrent_dropout), int(mask_mode), bool(training))

@@ -42,7 +42,8 @@ def lstm_forward_step_kernel(
         params_ptr,  # float64 [z_c, z_h, p, scale]
         seed, key2, t, t_prev, B, H,
         FIRST: tl.constexpr, HAS_LENGTHS: tl.constexpr, MODE: tl.constexpr, TRAINING: tl.constexpr,
-        DRAW_ZONEOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
+        DRAW_ZONEOUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, SEED_IN_MEMORY: tl.constexpr,
+        WIDE: tl.constexpr,
         PRECISION: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_K: tl.constexpr):
     b, j, in_b, in_j, inside = _tile(B, H, BLOCK_B, BLOCK_H)
@@ -76,7 +77,7 @@ def lstm_forward_step_kernel(
     h_prev = tl.load(h_prev_ptr + b * H + j, mask=inside, other=0.0).to(ACC)
     c_prev = tl.load(c_prev_ptr + b * H + j, mask=inside, other=0.0).to(ACC)
     keep_cell, keep_hidden, update_scale = element_masks(seed, key2, t, b, j, B, H, params_ptr, MODE, TRAINING,
-                                                         DRAW_ZONEOUT, HAS_DROPOUT, ACC)
+                                                         DRAW_ZONEOUT, HAS_DROPOUT, ACC, SEED_IN_MEMORY)
     c_candidate = gate_f * c_prev + update_scale * (gate_i * gate_g)
     h_candidate = gate_o * _tanh(c_candidate, ACCURATE)  # from the un-zoned candidate (paper sec. 3.2)
     c_next = keep_cell * c_prev + (1.0 - keep_cell) * c_candidate
@@ -117,7 +118,8 @@ def lstm_backward_step_kernel(
         FIRST: tl.constexpr,  # t is the first processed step: c_{t-1} is c0
         LAST: tl.constexpr,  # t is the last processed step: no later step feeds dh through W_hh
         HAS_LENGTHS: tl.constexpr, MODE: tl.constexpr, TRAINING: tl.constexpr, DRAW_ZONEOUT: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, SEED_IN_MEMORY: tl.constexpr, WIDE: tl.constexpr,
+        PRECISION: tl.constexpr,
         ACCURATE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     b, j, in_b, in_j, inside = _tile(B, H, BLOCK_B, BLOCK_H)
     t64 = t.to(tl.int64)
@@ -142,7 +144,7 @@ def lstm_backward_step_kernel(
     else:
         c_prev = tl.load(c_seq_ptr + t_prev.to(tl.int64) * B * H + tile, mask=inside, other=0.0).to(ACC)
     keep_cell, keep_hidden, update_scale = element_masks(seed, key2, t, b, j, B, H, params_ptr, MODE, TRAINING,
-                                                         DRAW_ZONEOUT, HAS_DROPOUT, ACC)
+                                                         DRAW_ZONEOUT, HAS_DROPOUT, ACC, SEED_IN_MEMORY)
 
     # cell_backward of zoneout_lstm.h: c~ recomputed from the saved gates and c_{t-1}.
     c_candidate = gate_f * c_prev + update_scale * (gate_i * gate_g)

@@ -25,14 +25,16 @@ def _philox_uniforms(seed, n, key2, STREAM: tl.constexpr):
 @triton.jit
 def element_masks(seed, key2, t, b, j, B, H, params_ptr,
                   MODE: tl.constexpr, TRAINING: tl.constexpr, DRAW_ZONEOUT: tl.constexpr,
-                  HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr):
+                  HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, SEED_IN_MEMORY: tl.constexpr):
     """(keep_cell, keep_hidden, update_scale), each [BLOCK_B, BLOCK_H] in ACC.
 
     b: [BLOCK_B, 1] int64 example indices, j: [1, BLOCK_H] int64 unit indices, t: the position
     in the input. params_ptr -> float64 [z_c, z_h, p, scale] with scale = 1/(1-p) in training and
     1 in evaluation; probabilities are compared as float32 roundings, mixed in ACC (exact z in
     float64). DRAW_ZONEOUT = training and (z_c > 0 or z_h > 0): with z = 0 no u < 0 ever holds,
-    so the draw is skipped without changing any mask.
+    so the draw is skipped without changing any mask. seed: the Philox key by value, or with
+    SEED_IN_MEMORY a pointer to it (an int64 on the device, read only when a mask is drawn: a CUDA
+    graph replay then draws from whatever key the buffer holds).
     """
     z_cell = tl.load(params_ptr + 0)
     z_hidden = tl.load(params_ptr + 1)
@@ -48,9 +50,14 @@ def element_masks(seed, key2, t, b, j, B, H, params_ptr,
         keep_hidden = zero
         t64 = t.to(tl.int64)
         n_elem = (t64 * B + b) * H + j  # contract: n = (t*B + b)*H + j, 64-bit
+        if DRAW_ZONEOUT or HAS_DROPOUT:
+            if SEED_IN_MEMORY:
+                key = tl.load(seed)
+            else:
+                key = seed
         if MODE == 0 or MODE == 1:
             if DRAW_ZONEOUT or HAS_DROPOUT:
-                u0, u1, u2 = _philox_uniforms(seed, n_elem, key2, 0)
+                u0, u1, u2 = _philox_uniforms(key, n_elem, key2, 0)
                 if MODE == 1:
                     u1 = u0
                 if DRAW_ZONEOUT:
@@ -62,13 +69,13 @@ def element_masks(seed, key2, t, b, j, B, H, params_ptr,
             if DRAW_ZONEOUT:
                 # One uniform per (step, example) or per (step, unit): draw on the small block, broadcast.
                 if MODE == 2:
-                    u0, _, _ = _philox_uniforms(seed, t64 * B + b, key2, 1)
+                    u0, _, _ = _philox_uniforms(key, t64 * B + b, key2, 1)
                 else:
-                    u0, _, _ = _philox_uniforms(seed, t64 * H + j, key2, 2)
+                    u0, _, _ = _philox_uniforms(key, t64 * H + j, key2, 2)
                 keep_cell = tl.where(u0 < z_cell.to(tl.float32), 1.0, 0.0).to(ACC) + zero
                 keep_hidden = tl.where(u0 < z_hidden.to(tl.float32), 1.0, 0.0).to(ACC) + zero
             if HAS_DROPOUT:  # recurrent dropout always uses the stream-0, per-element counter
-                _, _, u2 = _philox_uniforms(seed, n_elem, key2, 0)
+                _, _, u2 = _philox_uniforms(key, n_elem, key2, 0)
                 update_scale = tl.where(u2 >= p_drop.to(tl.float32), scale, 0.0).to(ACC) + zero
     return keep_cell, keep_hidden, update_scale
 
@@ -76,13 +83,13 @@ def element_masks(seed, key2, t, b, j, B, H, params_ptr,
 @triton.jit(do_not_specialize=["seed", "key2", "t"])
 def step_masks_kernel(keep_cell_ptr, keep_hidden_ptr, scale_ptr, params_ptr, seed, key2, t, B, H,
                       MODE: tl.constexpr, TRAINING: tl.constexpr, DRAW_ZONEOUT: tl.constexpr,
-                      HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr,
-                      BLOCK_H: tl.constexpr):
+                      HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, SEED_IN_MEMORY: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """Writes one step's [B, H] multipliers (for tests of the in-kernel mask contract)."""
     b = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)[:, None]
     j = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)[None, :]
     keep_cell, keep_hidden, update_scale = element_masks(seed, key2, t, b, j, B, H, params_ptr, MODE, TRAINING,
-                                                         DRAW_ZONEOUT, HAS_DROPOUT, ACC)
+                                                         DRAW_ZONEOUT, HAS_DROPOUT, ACC, SEED_IN_MEMORY)
     inside = (b < B) & (j < H)
     offs = b * H + j
     tl.store(keep_cell_ptr + offs, keep_cell, mask=inside)
