@@ -130,3 +130,168 @@ def test_constants_are_bit_identical_across_backends(backend):
     # The probe sees the constants themselves: e.g. the float32 rounding of 1/(1-p) computed in double.
     c = _probe_cell_state("reference", "scale", 0.3, 0.0, True)
     assert c.max().item() == torch.tensor(1 / 0.7, dtype=torch.float32).item()
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+def test_op_graphs_are_off_by_default_and_never_used_on_the_cpu():
+    from zoneout_fused import graphs
+
+    assert graphs.cuda_graphs_enabled() == (os.environ.get("ZONEOUT_FUSED_CUDA_GRAPHS", "0") == "1")
+    previous = graphs.cuda_graphs_enabled()
+    try:
+        graphs.set_cuda_graphs(True)
+        assert not graphs.wanted((torch.zeros(2, 1, 3),))
+        with pytest.raises(TypeError, match="enabled"):
+            graphs.set_cuda_graphs("yes")
+    finally:
+        graphs.set_cuda_graphs(previous)
+
+
+def _gpu_model(backend, cell, **extra):
+    if backend not in zf.available_backends("cuda"):
+        pytest.skip(f"{backend} not available")
+    torch.manual_seed(0)
+    common = dict(zoneout_hidden=0.3, backend=backend, device="cuda", **extra)
+    return {"lstm": lambda: zf.ZoneoutLSTM(8, 16, zoneout_cell=0.5, **common),
+            "gru": lambda: zf.ZoneoutGRU(8, 16, recurrent_dropout=0.1, **common),
+            "rnn": lambda: zf.ZoneoutRNN(8, 16, **common)}[cell]()
+
+
+def _training_calls(model, x, calls=3):
+    """Outputs and parameter gradients of `calls` training steps from torch.manual_seed(1)."""
+    torch.manual_seed(1)
+    results = []
+    for _ in range(calls):
+        model.zero_grad(set_to_none=True)
+        y = model(x)[0]
+        (y * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
+        results.append([y.detach().clone()] + [p.grad.clone() for p in model.parameters()])
+    return results
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_op_graph_replays_equal_the_uncaptured_ops(backend, cell):
+    """With ZONEOUT_FUSED_CUDA_GRAPHS on, each call replays captured forward and backward ops: the
+    same outputs and gradients bit for bit, new masks at every call (each call's own seed), no sync."""
+    from zoneout_fused import graphs
+
+    model = _gpu_model(backend, cell, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 3, 8, device="cuda")
+    eager = _training_calls(model, x)
+    previous = graphs.cuda_graphs_enabled()
+    graphs.clear_cuda_graphs()
+    try:
+        graphs.set_cuda_graphs(True)
+        replayed = _training_calls(model, x)
+        assert len(graphs._GRAPHS) == 8  # (forward, backward) x 2 layers x 2 directions
+        for step, (a, e) in enumerate(zip(replayed, eager)):
+            for k, (u, v) in enumerate(zip(a, e)):
+                assert torch.equal(u, v), (step, k)
+        assert not torch.equal(replayed[0][0], replayed[1][0])  # a new seed, new masks
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _training_calls(model, x, calls=1)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        graphs.set_cuda_graphs(previous)
+        graphs.clear_cuda_graphs()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_training_step_captured_by_the_user_draws_new_masks_at_every_replay(backend, cell):
+    """A forward + backward captured with torch.cuda.graph: the module draws its seed on the GPU while
+    capturing, so each replay takes a new key; each replay equals an uncaptured run with that key."""
+    model = _gpu_model(backend, cell)
+    x = torch.randn(5, 3, 8, device="cuda")
+    seeds = []
+    draw = model._draw_seed
+    model._draw_seed = lambda device: seeds.append(draw(device)) or seeds[-1]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph requires
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            model(x)[0].sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = model(x)[0]
+        y.sum().backward()
+    captured_seed = seeds[-1]
+    assert captured_seed.is_cuda
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        replays.append((y.clone(), captured_seed.clone(), model.weight_hh_l0.grad.clone()))
+    assert replays[0][1].item() != replays[1][1].item()
+    assert not torch.equal(replays[0][0], replays[1][0])
+    for y_replay, seed, grad in replays:
+        model._draw_seed = lambda device, seed=seed: seed.cpu()
+        model.zero_grad(set_to_none=True)
+        y_eager = model(x)[0]
+        y_eager.sum().backward()
+        torch.testing.assert_close(y_replay, y_eager)
+        torch.testing.assert_close(grad, model.weight_hh_l0.grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_training_step_runs_under_reduce_overhead(backend):
+    """torch.compile(mode="reduce-overhead") trains through the layer ops without skipping CUDA
+    graphs, and the masks change from step to step."""
+    from torch._dynamo.utils import counters
+
+    model = _gpu_model(backend, "lstm", num_layers=2)
+    x = torch.randn(5, 3, 8, device="cuda")
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(lambda inputs: model(inputs)[0], mode="reduce-overhead")
+    outputs = []
+    for _ in range(4):
+        y = step(x)
+        y.sum().backward()
+        outputs.append(y.detach().clone())
+    assert not torch.equal(outputs[-1], outputs[-2])
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in zf.available_backends("cpu")])
+def test_graph_replay_path_keeps_the_autograd_formula(backend, cell, monkeypatch):
+    """A replayed call runs the forward op inside an autograd Function and its backward op through
+    graphs.call too: outputs and gradients equal the registered op's bit for bit. Capture needs a
+    GPU, so here graphs.call runs the op directly (the GPU tests above replay real graphs)."""
+    from zoneout_fused import graphs
+
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=2, bidirectional=True, zoneout_hidden=0.3, backend=backend)
+    model = zf.ZoneoutLSTM(3, 5, zoneout_cell=0.5, **kwargs) if cell == "lstm" else zf.ZoneoutGRU(3, 5, **kwargs)
+    x = torch.randn(4, 2, 3, requires_grad=True)
+
+    def step():
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        y = model(x)[0]
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+    expected = step()
+    replayed_ops = []
+    monkeypatch.setattr(graphs, "wanted", lambda args: True)
+    monkeypatch.setattr(graphs, "call", lambda op, args: replayed_ops.append(op.name()) or tuple(op(*args)))
+    actual = step()
+    assert sorted(set(replayed_ops)) == sorted(f"zoneout_fused::{backend}_{ops_name}_{kind}"
+                                               for ops_name in [{"lstm": "layer", "gru": "gru_rnn_layer"}[cell]]
+                                               for kind in ("forward", "backward"))
+    assert len(replayed_ops) == 8  # forward and backward of 2 layers x 2 directions
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        assert torch.equal(a, e), k

@@ -12,7 +12,9 @@ Every backend computes one layer direction of a zoneout LSTM with the same signa
     bias     [4H] or None: b_ih + b_hh (the module adds them; their gradients are equal)
     lengths  [B] int64 on x's device, or None: steps t >= lengths[b] leave example b's state
              untouched (both directions, t being the position in the input)
-    seed     0-dim int64 CPU tensor: the Philox key (contract sec. 2); ignored in evaluation
+    seed     0-dim int64 tensor: the Philox key (contract sec. 2), on the CPU (read on the host) or
+             on x's GPU (read by the kernels, never by the host: what CUDA graphs need); ignored in
+             evaluation
     layer, direction (0 forward, 1 reverse), mask_mode (masks.MASK_MODE_CODES): ints
     zoneout_cell, zoneout_hidden, recurrent_dropout: floats; training: bool
     y        [T, B, H]  the zoned h_t (frozen state past a sequence's end); h_n is y[-1]
@@ -74,7 +76,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import reference
+from . import graphs, reference
 
 LAYER_FORWARD_FIELDS = ("x", "h0", "c0", "w_ih", "w_hh", "bias", "lengths", "seed", "layer", "direction",
                         "zoneout_cell", "zoneout_hidden", "recurrent_dropout", "mask_mode", "training")
@@ -147,7 +149,18 @@ def register_layer_op_pair(forward_op_name: str, backward_op_name: str, family: 
         return (tuple(t.new_empty(t.shape) for t in shaped)
                 + tuple(w_hh.new_empty(w_hh.shape[0]) for _ in range(family.bias_inputs)))
 
-    backward_op = _resolve_op(backward_op_name)
+    setup_context, backward = _layer_autograd(family, _resolve_op(backward_op_name))
+    torch.library.register_autograd(forward_op_name, backward, setup_context=setup_context)
+    _AUTOGRAD[forward_op_name] = (setup_context, backward)
+
+
+# forward op name -> (setup_context, backward): the autograd formula of each registered layer op,
+# also used by its CUDA graph replays (_graphed_forward).
+_AUTOGRAD: dict = {}
+
+
+def _layer_autograd(family: LayerOpFamily, backward_op):
+    """(setup_context, backward) of a layer op pair."""
 
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*(o for k, o in enumerate(output) if k not in family.differentiable_outputs))
@@ -172,11 +185,12 @@ def register_layer_op_pair(forward_op_name: str, backward_op_name: str, family: 
             grads = differentiable_layer_backward(family, grads_out, tensors[:6], lengths, seed, ctx.scalars,
                                                   ctx.needs_input_grad[:6])
         else:
-            grads = backward_op(*grads_out, *tensors, *ctx.scalars, *saved[8:])
+            args = (*grads_out, *tensors, *ctx.scalars, *saved[8:])
+            grads = graphs.call(backward_op, args) if getattr(ctx, "graphed", False) else backward_op(*args)
         grads = [g if present else None for g, present in zip(grads, ctx.present[:6])]
         return tuple(grads) + (None,) * (2 + len(ctx.scalars))
 
-    torch.library.register_autograd(forward_op_name, backward, setup_context=setup_context)
+    return setup_context, backward
 
 
 def differentiable_layer_backward(family: LayerOpFamily, grad_outputs, tensors, lengths, seed, scalars, needs_grad):
@@ -220,7 +234,9 @@ def _op_layer(forward_op_name: str, family: LayerOpFamily = LSTM_OPS) -> Callabl
     wanted = family.differentiable_outputs
 
     def layer(*args):
-        if _autograd_idle(args):
+        if graphs.wanted(args):
+            outputs = _graphed_forward(forward_op_name, forward_op).apply(*args)
+        elif _autograd_idle(args):
             # Nothing to differentiate (no_grad, inference): skip the autograd kernel, a Python
             # function that would cost a step of a decoder's cell more than the step itself
             # (measured at B=1, I=H=16: 36 us a call through it, 18 us below it).
@@ -231,6 +247,31 @@ def _op_layer(forward_op_name: str, family: LayerOpFamily = LSTM_OPS) -> Callabl
         return outputs[0] if len(wanted) == 1 else tuple(outputs[k] for k in wanted)
 
     return layer
+
+
+_GRAPHED: dict = {}
+
+
+def _graphed_forward(forward_op_name: str, forward_op) -> type:
+    """An autograd Function that runs a layer op by replaying its CUDA graph (graphs.py), with the
+    op's own autograd formula; its backward replays the backward op's graph."""
+    if forward_op_name not in _GRAPHED:
+        setup_context, backward = _AUTOGRAD[forward_op_name]
+
+        class GraphedLayerOp(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *inputs):
+                outputs = graphs.call(forward_op, inputs)
+                setup_context(ctx, inputs, outputs)
+                ctx.graphed = True  # its backward replays a graph too
+                return outputs
+
+            @staticmethod
+            def backward(ctx, *grad_outputs):
+                return backward(ctx, *grad_outputs)
+
+        _GRAPHED[forward_op_name] = GraphedLayerOp
+    return _GRAPHED[forward_op_name]
 
 
 # --------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 #   3. compute-sanitizer memcheck and racecheck on a small forward + backward of each GPU backend
 #      (LSTM, GRU with recurrent dropout, relu RNN);
 #   4. python -m zoneout_fused.bench --device cuda on the paper's shapes, float32 and bfloat16,
-#      cuDNN nn.LSTM in the same run, and the GRU at the char-PTB shape beside cuDNN nn.GRU.
+#      cuDNN nn.LSTM in the same run, and the GRU at the char-PTB shape beside cuDNN nn.GRU; the
+#      GPU backends with and without CUDA graphs of their layer ops (zoneout_fused/graphs.py).
 # Logs and JSON go to $OUT (else ./gpu-validation). Without a GPU it says so and exits 0 (CI runs
 # that path). Each step's exit code is recorded in $OUT/summary.txt; the script exits non-zero if
 # any step failed. The steps' time limits add up to under 10 minutes; KIT_STEPS="build tests" (any
@@ -72,13 +73,17 @@ else
   echo "compute-sanitizer not found: skipped" | tee -a "$out/summary.txt"
 fi
 # The compiled peers are left out here: inductor's compile of an unrolled loop alone can take minutes.
+# "+graphs": the same backend with its layer ops replayed as CUDA graphs (off by default until this
+# shows them correct and faster), on the launch-bound shapes (char-PTB: T=100, pMNIST: T=784).
 for config in char-ptb text8 pmnist decode; do
+  graphed=""
+  case $config in char-ptb|pmnist) graphed=",triton+graphs,cuda+graphs" ;; esac
   wanted bench && step "bench-$config" 30 python3 -m zoneout_fused.bench --device cuda --config "$config" \
-    --dtype float32,bfloat16 --repeats 10 --backends plain-loop,nn.LSTM,reference,triton,cuda \
+    --dtype float32,bfloat16 --repeats 10 --backends "plain-loop,nn.LSTM,reference,triton,cuda$graphed" \
     --json "$out/bench-$config.json" --quiet
 done
 wanted bench && step bench-char-ptb-gru 30 python3 -m zoneout_fused.bench --device cuda --config char-ptb \
-  --cell gru --dtype float32,bfloat16 --repeats 10 --backends plain-loop,nn.GRU,triton,cuda \
+  --cell gru --dtype float32,bfloat16 --repeats 10 --backends plain-loop,nn.GRU,triton,cuda,triton+graphs,cuda+graphs \
   --json "$out/bench-char-ptb-gru.json" --quiet
 cat "$out/summary.txt"
 exit $status

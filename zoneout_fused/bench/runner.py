@@ -52,6 +52,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..graphs import cuda_graphs
 from ..nn import ZoneoutGRU, ZoneoutLSTM, ZoneoutLSTMCell, ZoneoutRNN
 from ..ops import BACKENDS
 from ..reference import CELL_CODES, cell_rows
@@ -68,7 +69,9 @@ FUSED_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 # What users would otherwise run first (the plain loop with zoneout, eager and compiled, and
 # torch's own layer without zoneout: the ceiling), then the oracle and the fused backends.
 BASE_PEERS = ("plain-loop", "plain-loop-compiled", "nn.LSTM", "reference", "reference-compiled")
-ALL_PEERS = BASE_PEERS + ("nn.LSTMCell", "cpu", "triton", "cuda")
+# "<backend>+graphs": the GPU backend with its layer ops replayed as CUDA graphs (zoneout_fused/graphs.py).
+GRAPHED_PEERS = ("triton+graphs", "cuda+graphs")
+ALL_PEERS = BASE_PEERS + ("nn.LSTMCell", "cpu", "triton", "cuda") + GRAPHED_PEERS
 # Peers of the cell cases (`decode`): the cell API stepped once per frame.
 CELL_PEERS = ("plain-loop", "nn.LSTMCell", "reference")
 # The no-zoneout ceiling of each kind of case ("vs nn.LSTM" columns); any of these names asks for it.
@@ -206,14 +209,31 @@ def _lstm_copy(lstm: nn.LSTM, zoneout_kwargs: dict) -> nn.LSTM:
     return module
 
 
+class _WithCudaGraphs(nn.Module):
+    """A fused backend's module whose layer ops replay CUDA graphs; `_orig_mod` is where the check
+    finds the parameters, as in a torch.compile wrapper."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self._orig_mod = module
+
+    def forward(self, *args):
+        with cuda_graphs(True):
+            return self._orig_mod(*args)
+
+
 def fused_peer(name: str, device: torch.device, cell: bool = False) -> Peer:
-    if name == "triton" and device.type == "cpu":
+    backend = name.removesuffix("+graphs")
+    if backend == "triton" and device.type == "cpu":
         reason = "Triton runs on CPU only under its interpreter (TRITON_INTERPRET=1), which is never benchmarked"
     else:
-        reason = BACKENDS[name].unavailable_reason(device)
+        reason = BACKENDS[backend].unavailable_reason(device)
+    if reason is None and name in GRAPHED_PEERS and device.type != "cuda":
+        reason = "CUDA graphs need a GPU"
+    wrap = _WithCudaGraphs if name in GRAPHED_PEERS else (lambda module: module)
     if cell:
-        return Peer(name, lambda lstm, zkw: _zoneout_cells(lstm, zkw, name), unavailable=reason)
-    return Peer(name, lambda lstm, zkw: _zoneout_module(lstm, zkw, name), unavailable=reason)
+        return Peer(name, lambda lstm, zkw: wrap(_zoneout_cells(lstm, zkw, backend)), unavailable=reason)
+    return Peer(name, lambda lstm, zkw: wrap(_zoneout_module(lstm, zkw, backend)), unavailable=reason)
 
 
 def select_peers(device: torch.device, requested: Optional[list[str]],
@@ -246,7 +266,7 @@ def select_peers(device: torch.device, requested: Optional[list[str]],
             name = baseline_name(rnn_cell, cell)
         if name in builders:
             peers.append(builders[name])
-        elif name in ("cpu", "triton", "cuda"):
+        elif name in ("cpu", "triton", "cuda") + GRAPHED_PEERS:
             peers.append(fused_peer(name, device, cell))
         elif name not in ALL_PEERS + BASELINE_NAMES:
             raise ValueError(f"unknown backend {name!r}; choose from {ALL_PEERS}")
