@@ -259,3 +259,27 @@ def test_cells_script_save_and_load(mask_mode, tmp_path):
                 assert_close(a, e)
     unbatched = scripted(x[0], (hx[0][0], hx[1][0]))
     assert unbatched[0].shape == (5,) and unbatched[1].shape == (5,)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cells_see_parametrized_and_functionally_swapped_weights(kind):
+    """The cells read their parameters without nn.Module's __getattr__ (a fixed cost per step), but
+    a parametrization (weight_norm) and torch.func.functional_call still reach them, as in torch's
+    cells: the results equal nn.LSTMCell / nn.GRUCell given the same effective weights."""
+    torch.manual_seed(0)
+    zoneout_cls, torch_cls = {"lstm": (zf.ZoneoutLSTMCell, nn.LSTMCell), "gru": (zf.ZoneoutGRUCell, nn.GRUCell)}[kind]
+    cell, plain = zoneout_cls(3, 4, dtype=torch.float64), torch_cls(3, 4, dtype=torch.float64)
+    plain.load_state_dict(cell.state_dict())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    nn.utils.parametrizations.weight_norm(cell, "weight_hh")
+    nn.utils.parametrizations.weight_norm(plain, "weight_hh")
+    with torch.no_grad():  # a norm other than the initial one, so the parametrization changes the weight
+        cell.parametrizations.weight_hh.original0.mul_(2.0)
+        plain.parametrizations.weight_hh.original0.mul_(2.0)
+    assert_close(cell(x)[0] if kind == "lstm" else cell(x), plain(x)[0] if kind == "lstm" else plain(x),
+                 torch.float64)
+    swapped = {"weight_ih": torch.randn(cell.weight_ih.shape, dtype=torch.float64),
+               "bias_ih": torch.randn(cell.bias_ih.shape, dtype=torch.float64)}
+    ours = torch.func.functional_call(cell, swapped, (x,))
+    theirs = torch.func.functional_call(plain, swapped, (x,))
+    assert_close(ours[0] if kind == "lstm" else ours, theirs[0] if kind == "lstm" else theirs, torch.float64)
