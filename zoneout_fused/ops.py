@@ -155,7 +155,7 @@ def register_layer_op_pair(forward_op_name: str, backward_op_name: str, family: 
 
 
 # forward op name -> (setup_context, backward): the autograd formula of each registered layer op,
-# also used by its CUDA graph replays (_graphed_forward).
+# also used by _layer_function's eager and CUDA-graph paths.
 _AUTOGRAD: dict = {}
 
 
@@ -235,43 +235,54 @@ def _op_layer(forward_op_name: str, family: LayerOpFamily = LSTM_OPS) -> Callabl
 
     def layer(*args):
         if graphs.wanted(args):
-            outputs = _graphed_forward(forward_op_name, forward_op).apply(*args)
+            outputs = _layer_function(forward_op_name, forward_op, graphed=True).apply(*args)
         elif _autograd_idle(args):
             # Nothing to differentiate (no_grad, inference): skip the autograd kernel, a Python
             # function that would cost a step of a decoder's cell more than the step itself
             # (measured at B=1, I=H=16: 36 us a call through it, 18 us below it).
             with torch._C._AutoDispatchBelowAutograd():
                 outputs = forward_op(*args)
+        elif torch.compiler.is_compiling():
+            outputs = forward_op(*args)  # the compiler sees the op as registered
         else:
-            outputs = forward_op(*args)
+            # Eager with autograd: the registered formula in an autograd Function of our own. The
+            # op's autograd kernel would spend 44 us a call re-parsing its schema (torch's
+            # fill_defaults), four times a small cell step.
+            outputs = _layer_function(forward_op_name, forward_op, graphed=False).apply(*args)
         return outputs[0] if len(wanted) == 1 else tuple(outputs[k] for k in wanted)
 
     return layer
 
 
-_GRAPHED: dict = {}
+_FUNCTIONS: dict = {}
 
 
-def _graphed_forward(forward_op_name: str, forward_op) -> type:
-    """An autograd Function that runs a layer op by replaying its CUDA graph (graphs.py), with the
-    op's own autograd formula; its backward replays the backward op's graph."""
-    if forward_op_name not in _GRAPHED:
+def _layer_function(forward_op_name: str, forward_op, graphed: bool) -> type:
+    """An autograd Function running a layer op with the op's own autograd formula (_AUTOGRAD):
+    the op below autograd, or (graphed) by replaying its CUDA graph (graphs.py), in which case its
+    backward replays the backward op's graph too."""
+    key = (forward_op_name, graphed)
+    if key not in _FUNCTIONS:
         setup_context, backward = _AUTOGRAD[forward_op_name]
 
-        class GraphedLayerOp(torch.autograd.Function):
+        class LayerOp(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *inputs):
-                outputs = graphs.call(forward_op, inputs)
+                if graphed:
+                    outputs = graphs.call(forward_op, inputs)
+                else:
+                    with torch._C._AutoDispatchBelowAutograd():
+                        outputs = forward_op(*inputs)
                 setup_context(ctx, inputs, outputs)
-                ctx.graphed = True  # its backward replays a graph too
+                ctx.graphed = graphed
                 return outputs
 
             @staticmethod
             def backward(ctx, *grad_outputs):
                 return backward(ctx, *grad_outputs)
 
-        _GRAPHED[forward_op_name] = GraphedLayerOp
-    return _GRAPHED[forward_op_name]
+        _FUNCTIONS[key] = LayerOp
+    return _FUNCTIONS[key]
 
 
 # --------------------------------------------------------------------------------------
