@@ -159,6 +159,10 @@ def register_layer_op_pair(forward_op_name: str, backward_op_name: str, family: 
 _AUTOGRAD: dict = {}
 
 
+# Saved in place of an absent input (lengths, a bias): one shared tensor, never written to.
+_ABSENT = torch.empty(0)
+
+
 def _layer_autograd(family: LayerOpFamily, backward_op):
     """(setup_context, backward) of a layer op pair."""
 
@@ -168,7 +172,7 @@ def _layer_autograd(family: LayerOpFamily, backward_op):
         ctx.set_materialize_grads(False)
         tensors = inputs[:8]  # 6 differentiable inputs, lengths, seed
         ctx.present = tuple(t is not None for t in tensors)
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in tensors),
+        ctx.save_for_backward(*(t if t is not None else _ABSENT for t in tensors),
                               *(output[k] for k in family.saved_outputs))
         ctx.output_like = [(output[k].shape, output[k].dtype, output[k].device) for k in family.differentiable_outputs]
         ctx.scalars = inputs[8:]
