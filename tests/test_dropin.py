@@ -283,3 +283,22 @@ def test_cells_see_parametrized_and_functionally_swapped_weights(kind):
     ours = torch.func.functional_call(cell, swapped, (x,))
     theirs = torch.func.functional_call(plain, swapped, (x,))
     assert_close(ours[0] if kind == "lstm" else ours, theirs[0] if kind == "lstm" else theirs, torch.float64)
+
+
+def test_cell_bias_swapped_in_per_call_under_no_grad_is_never_stale():
+    """The cell keeps b_ih + b_hh between no-grad calls. A bias swapped in for one call, then freed,
+    can leave the next one at its address with version 0 again: each must still be used. (NumPy
+    memory rewritten in place makes that happen deterministically.)"""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    cell, plain = zf.ZoneoutLSTMCell(3, 4, dtype=torch.float64), nn.LSTMCell(3, 4, dtype=torch.float64)
+    plain.load_state_dict(cell.state_dict())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    memory = np.zeros(16)
+    with torch.no_grad():
+        for step in range(3):
+            memory[:] = step  # same address, a new tensor at version 0 each step
+            swapped = {"bias_ih": torch.from_numpy(memory)}
+            ours = torch.func.functional_call(cell, swapped, (x,))[0]
+            theirs = torch.func.functional_call(plain, swapped, (x,))[0]
+            assert_close(ours, theirs, torch.float64)

@@ -522,10 +522,12 @@ class ZoneoutLSTMCell(_ZoneoutOptions, nn.RNNCellBase):
             return _as_dtype(b_ih, dtype) + _as_dtype(b_hh, dtype)
         key = (b_ih.data_ptr(), b_hh.data_ptr(), b_ih._version, b_hh._version, dtype)
         cached = self.__dict__.get("_bias_sum")
-        if cached is None or cached[0] != key:
-            cached = (key, _as_dtype(b_ih, dtype) + _as_dtype(b_hh, dtype))
+        # The biases themselves are held and compared too: a tensor swapped in for one call
+        # (functional_call) and freed could leave a new one at its address with the same version.
+        if cached is None or cached[0] != key or cached[1] is not b_ih or cached[2] is not b_hh:
+            cached = (key, b_ih, b_hh, _as_dtype(b_ih, dtype) + _as_dtype(b_hh, dtype))
             self.__dict__["_bias_sum"] = cached
-        return cached[1]
+        return cached[3]
 
     @torch.jit.unused
     def _forward(self, input: torch.Tensor,
