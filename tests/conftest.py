@@ -3,6 +3,7 @@
 Without a GPU the Triton backend runs under the Triton interpreter; the variable must be set
 before anything imports triton, which is why it is set here, at collection time.
 """
+import contextlib
 import os
 
 import torch
@@ -25,6 +26,18 @@ def assert_close(actual, expected, dtype=None, msg=""):
     if dtype not in TOLERANCES:
         raise TypeError(f"assert_close compares float64 results; use zoneout_fused/testing.py's three-way rule for {dtype}")
     torch.testing.assert_close(actual, expected, **TOLERANCES[dtype], msg=msg or None)
+
+
+@contextlib.contextmanager
+def forbid_host_sync():
+    """Within the block, any CUDA call that waits for the GPU raises (torch's sync debug mode)."""
+    torch.cuda.synchronize()  # what came before may wait; only the block is checked
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def as_float64(tensors):

@@ -24,7 +24,7 @@ import zoneout_fused as zf  # noqa: E402
 from zoneout_fused import ops, reference  # noqa: E402
 from zoneout_fused.masks import MASK_MODE_CODES, MASK_MODES  # noqa: E402
 from zoneout_fused.testing import assert_all_three_way  # noqa: E402
-from conftest import assert_close, reference_mismatch  # noqa: E402
+from conftest import assert_close, forbid_host_sync, reference_mismatch  # noqa: E402
 
 # Where a GPU is present a missing build fails instead of skipping (conftest.cuda_extension).
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(),
@@ -400,14 +400,9 @@ def test_device_seed_no_host_sync():
     """Forward and backward ops with a device seed in training mode never synchronize with the host."""
     args = _forward_args(seed=torch.tensor(SEED, device=DEVICE), recurrent_dropout=0.2)
     torch.ops.zoneout_fused.cuda_layer_forward(*args)  # first call outside: cuBLAS handle, workspace
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with forbid_host_sync():
         y, c_n, c_seq, gates = torch.ops.zoneout_fused.cuda_layer_forward(*args)
         torch.ops.zoneout_fused.cuda_layer_backward(torch.ones_like(y), torch.ones_like(c_n), *args, y, c_seq, gates)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
 
 
 def test_device_seed_cuda_graph_replay(recurrence):

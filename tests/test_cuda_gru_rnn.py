@@ -19,7 +19,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from zoneout_fused import ops, reference  # noqa: E402
 from zoneout_fused.masks import MASK_MODE_CODES, MASK_MODES  # noqa: E402
-from conftest import assert_close, reference_mismatch  # noqa: E402
+from conftest import assert_close, forbid_host_sync, reference_mismatch  # noqa: E402
 
 # Where a GPU is present a missing build fails instead of skipping (conftest.cuda_extension).
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(),
@@ -399,14 +399,9 @@ def test_device_seed_no_host_sync(cell):
     args = _forward_args(cell, seed=torch.tensor(SEED, device=DEVICE), zoneout_hidden=0.3,
                          recurrent_dropout=0.2 if cell == "gru" else 0.0)
     torch.ops.zoneout_fused.cuda_gru_rnn_layer_forward(*args)  # first call outside: cuBLAS handle, workspace
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with forbid_host_sync():
         y, gates = torch.ops.zoneout_fused.cuda_gru_rnn_layer_forward(*args)
         torch.ops.zoneout_fused.cuda_gru_rnn_layer_backward(torch.ones_like(y), *args, y, gates)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
 
 
 @pytest.mark.parametrize("cell", CELLS)
