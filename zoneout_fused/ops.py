@@ -219,8 +219,6 @@ def differentiable_layer_backward(family: LayerOpFamily, grad_outputs, tensors, 
 
 def _autograd_idle(args) -> bool:
     """True when autograd has nothing to record for a layer op call with these arguments."""
-    if torch.compiler.is_compiling():
-        return False  # let the compiler see the op as registered
     if not torch.is_grad_enabled():
         return True
     return not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
@@ -240,14 +238,14 @@ def _op_layer(forward_op_name: str, family: LayerOpFamily = LSTM_OPS) -> Callabl
     def layer(*args):
         if graphs.wanted(args):
             outputs = _layer_function(forward_op_name, forward_op, graphed=True).apply(*args)
+        elif torch.compiler.is_compiling():
+            outputs = forward_op(*args)  # the compiler sees the op as registered
         elif _autograd_idle(args):
             # Nothing to differentiate (no_grad, inference): skip the autograd kernel, a Python
             # function that would cost a step of a decoder's cell more than the step itself
             # (measured at B=1, I=H=16: 36 us a call through it, 18 us below it).
             with torch._C._AutoDispatchBelowAutograd():
                 outputs = forward_op(*args)
-        elif torch.compiler.is_compiling():
-            outputs = forward_op(*args)  # the compiler sees the op as registered
         else:
             # Eager with autograd: the registered formula in an autograd Function of our own. The
             # op's autograd kernel would spend 44 us a call re-parsing its schema (torch's
