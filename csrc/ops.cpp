@@ -251,6 +251,9 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
   m.def("_cpu_gemm_supported(int engine) -> bool");
   m.def("_cpu_gemm() -> int");
   m.def("_set_cpu_gemm(int engine) -> int");
+  // The CPU kernels' time loop (zoneout_fused.cpu_isa wraps these).
+  m.def("_cpu_loop() -> int");
+  m.def("_set_cpu_loop(int loop) -> int");
 }
 
 TORCH_LIBRARY_IMPL(zoneout_fused, CPU, m) {
@@ -269,4 +272,6 @@ TORCH_LIBRARY_IMPL(zoneout_fused, CompositeExplicitAutograd, m) {
   m.impl("_cpu_gemm_supported", &zoneout_cpu::cpu_gemm_supported);
   m.impl("_cpu_gemm", &zoneout_cpu::cpu_gemm);
   m.impl("_set_cpu_gemm", &zoneout_cpu::set_cpu_gemm);
+  m.impl("_cpu_loop", &zoneout_cpu::cpu_loop);
+  m.impl("_set_cpu_loop", &zoneout_cpu::set_cpu_loop);
 }

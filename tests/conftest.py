@@ -111,6 +111,20 @@ def isa(request):
         yield name
 
 
+# The CPU kernels' time loops (zoneout_fused.cpu_isa.CPU_LOOPS): tests marked @loop_param run
+# with each; "fused" applies to float32 sequences on the avx2 / avx512 kernels, the others run
+# "steps" under either choice.
+loop_param = pytest.mark.parametrize("loop", ("steps", "fused"), indirect=True)
+
+
+@pytest.fixture
+def loop(request):
+    from zoneout_fused import cpu_isa
+
+    with cpu_isa.use_cpu_loop(request.param):
+        yield request.param
+
+
 def pytest_terminal_summary(terminalreporter):
     supported = _supported_isas()
     if supported is None:

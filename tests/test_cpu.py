@@ -5,7 +5,8 @@ Philox masks, so outputs and every gradient must agree element for element: tigh
 float64, and by the three-way rule (zoneout_fused/testing.py) in float32, whose bound follows this
 machine's rounding yet stays far too tight to hide one flipped mask bit. Every instruction-set
 copy of the kernels this CPU can run is tested (the `isa` parameter); the session header says
-which ones this machine cannot run.
+which ones this machine cannot run. The agreement tests also run each time loop (`loop`: the
+fused one of float32 sequences, and the per-step one).
 """
 import math
 import os
@@ -17,7 +18,7 @@ from torch import nn
 import zoneout_fused as zf
 from zoneout_fused import cpu_isa, masks, ops, reference
 from zoneout_fused.testing import assert_all_three_way, three_way_error
-from conftest import assert_close, isa_param, reference_mismatch
+from conftest import assert_close, isa_param, loop_param, reference_mismatch
 
 # CI always builds the extension: a missing build is a failure, not a skip.
 _UNAVAILABLE = ops.BACKENDS["cpu"].unavailable_reason(torch.device("cpu"))
@@ -83,7 +84,8 @@ def assert_same_as_reference(tensors, dtype, **kwargs):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("direction", [0, 1])
 @pytest.mark.parametrize("mask_mode", MODES)
-def test_matches_reference(mask_mode, direction, training, dtype, isa):
+@loop_param
+def test_matches_reference(mask_mode, direction, training, dtype, isa, loop):
     tensors = make_inputs(7, 3, 5, 37, dtype)  # odd T, H not a multiple of 32
     assert_same_as_reference(tensors, dtype, layer=1, direction=direction, zoneout_cell=0.35, zoneout_hidden=0.2,
                              mask_mode=mask_mode, training=training)
@@ -93,7 +95,8 @@ def test_matches_reference(mask_mode, direction, training, dtype, isa):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("mask_mode", MODES)
-def test_recurrent_dropout_matches_reference(mask_mode, training, dtype, isa):
+@loop_param
+def test_recurrent_dropout_matches_reference(mask_mode, training, dtype, isa, loop):
     tensors = make_inputs(6, 4, 3, 10, dtype)
     assert_same_as_reference(tensors, dtype, direction=1, zoneout_cell=0.25, zoneout_hidden=0.4,
                              recurrent_dropout=0.3, mask_mode=mask_mode, training=training)
@@ -102,7 +105,8 @@ def test_recurrent_dropout_matches_reference(mask_mode, training, dtype, isa):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("direction", [0, 1])
 @pytest.mark.parametrize("mask_mode", [0, 2, 3])
-def test_lengths_match_reference(mask_mode, direction, dtype):
+@loop_param
+def test_lengths_match_reference(mask_mode, direction, dtype, loop):
     tensors = make_inputs(7, 5, 4, 9, dtype)
     lengths = torch.tensor([7, 3, 5, 1, 6])
     assert_same_as_reference(tensors, dtype, lengths=lengths, direction=direction, zoneout_cell=0.3,
@@ -118,7 +122,8 @@ def test_lengths_match_reference(mask_mode, direction, dtype):
     (4, 1, 1, 1),     # H = 1, I = 1
 ], ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
 @isa_param
-def test_shapes_match_reference(shape, dtype, isa):
+@loop_param
+def test_shapes_match_reference(shape, dtype, isa, loop):
     tensors = make_inputs(*shape, dtype=dtype)
     assert_same_as_reference(tensors, dtype, direction=0, zoneout_cell=0.5, zoneout_hidden=0.05, mask_mode=0)
     assert_same_as_reference(tensors, dtype, direction=1, zoneout_cell=0.2, zoneout_hidden=0.3, mask_mode=1,
@@ -386,7 +391,8 @@ def test_philox_words_match_header(path):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("direction", [0, 1])
 @pytest.mark.parametrize("mask_mode", MODES)
-def test_masks_bit_for_bit_on_each_isa(mask_mode, direction, dtype, isa):
+@loop_param
+def test_masks_bit_for_bit_on_each_isa(mask_mode, direction, dtype, isa, loop):
     """A zoned-out unit copies its previous state exactly (1 * prev + 0 * candidate), an updated
     one takes a candidate that differs from it, so the forward's outputs reveal the masks it drew:
     they must be the oracle's, every bit, on every instruction set. H = 150 spans full vector
@@ -598,3 +604,70 @@ def test_one_step_calls_copy_no_weight(engine):
               if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
               and any(tuple(shape) in weight_shapes for shape in e.input_shapes)]
     assert not copies, copies
+
+
+# --------------------------------------------------------------------------------------
+# The fused time loop of float32 sequences (csrc/cpu/lstm_cpu.cpp): its own tile products, one
+# parallel region; the agreement tests above run it through `loop`.
+# --------------------------------------------------------------------------------------
+def _fused_loop_runs():
+    return cpu_isa.cpu_isa() != "scalar"  # its tile kernels exist for avx2 and avx512
+
+
+@pytest.mark.parametrize("loop", cpu_isa.CPU_LOOPS)
+def test_fused_loop_forms_no_per_step_product(loop):
+    """With oneDNN's products active, the per-step loop forms each step's recurrent product through
+    oneDNN; the fused one forms it itself: only the input projection remains."""
+    if "onednn" not in cpu_isa.supported_cpu_gemms() or not _fused_loop_runs():
+        pytest.skip("needs oneDNN products and the avx2 or avx512 kernels")
+    steps = 4
+    x, h0, c0, w_ih, w_hh, bias = make_inputs(steps, 64, 192, 128, torch.float32)  # products >= 4M multiply-adds
+    with cpu_isa.use_cpu_gemm("onednn"), cpu_isa.use_cpu_loop(loop), torch.profiler.profile() as profile:
+        FORWARD(x, h0, c0, w_ih, w_hh, bias, None, torch.tensor(SEED), 0, 0, 0.5, 0.05, 0.0, 0, True)
+    products = sum(event.name == "mkldnn::_linear_pointwise" for event in profile.events())
+    assert products == (1 if loop == "fused" else 1 + steps)  # the projection, then one per step (h0 W_hh^T too)
+
+
+@pytest.mark.parametrize("direction", [0, 1])
+def test_fused_loop_is_independent_of_the_thread_count(direction):
+    """Each output of a tile product is one FMA chain over the depth, whichever thread forms it:
+    one and two threads give the same bits (H = 100: a partial tile and a partial backward panel)."""
+    if not _fused_loop_runs():
+        pytest.skip("the fused loop needs the avx2 or avx512 kernels")
+    tensors = make_inputs(9, 14, 6, 100, torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with cpu_isa.use_cpu_loop("fused"):
+                results.append(_flat(run(cpu_layer, tensors, direction=direction, zoneout_cell=0.5,
+                                         zoneout_hidden=0.05, recurrent_dropout=0.1)))
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two in zip(RESULT_NAMES, *results):
+        assert torch.equal(one, two), name
+
+
+def test_loop_choice_is_checked_and_restored():
+    before = cpu_isa.cpu_loop()
+    assert before == "fused"  # the default
+    with pytest.raises(ValueError, match="loop"):
+        cpu_isa.set_cpu_loop("unrolled")
+    with cpu_isa.use_cpu_loop("steps"):
+        assert cpu_isa.cpu_loop() == "steps"
+    assert cpu_isa.cpu_loop() == before
+
+
+def test_loop_from_the_environment():
+    import subprocess
+    import sys
+
+    code = "from zoneout_fused import cpu_isa; print(cpu_isa.cpu_loop())"
+    for value, expected in (("steps", "steps"), ("auto", "fused"), ("fused", "fused")):
+        result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZONEOUT_FUSED_CPU_LOOP": value},
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and result.stdout.split() == [expected], result.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZONEOUT_FUSED_CPU_LOOP": "unrolled"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "ZONEOUT_FUSED_CPU_LOOP" in result.stderr

@@ -95,3 +95,33 @@ def use_cpu_gemm(engine: str) -> Iterator[None]:
         yield
     finally:
         set_cpu_gemm(previous)
+
+
+# The time loop of float32 sequences (csrc/cpu/lstm_cpu.h): "fused" (the default: one parallel
+# region for the whole sequence, each thread forming its units' columns of the recurrent product
+# with the extension's own AVX2/AVX-512 tile kernels, straight into its element pass) or "steps"
+# (per step, one oneDNN / ATen product, then a parallel element pass: what float64, the scalar
+# instruction set and single-step calls always run). The environment variable
+# ZONEOUT_FUSED_CPU_LOOP (auto, fused, steps) is read when the extension loads.
+CPU_LOOPS = ("steps", "fused")
+
+
+def cpu_loop() -> str:
+    return CPU_LOOPS[_ops()._cpu_loop()]
+
+
+def set_cpu_loop(loop: str) -> str:
+    """Makes float32 sequences run the `loop` time loop; returns the previous choice."""
+    if loop not in CPU_LOOPS:
+        raise ValueError(f"loop must be one of {CPU_LOOPS}, got {loop!r}")
+    return CPU_LOOPS[_ops()._set_cpu_loop(CPU_LOOPS.index(loop))]
+
+
+@contextlib.contextmanager
+def use_cpu_loop(loop: str) -> Iterator[None]:
+    """Runs the block's CPU sequences with the `loop` time loop, then restores the previous choice."""
+    previous = set_cpu_loop(loop)
+    try:
+        yield
+    finally:
+        set_cpu_loop(previous)

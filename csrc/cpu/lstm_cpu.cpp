@@ -37,6 +37,7 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 #define ZF_X86_PHILOX 1
 #define ZF_TARGET_AVX512 __attribute__((target("avx512f")))
 #define ZF_TARGET_AVX2 __attribute__((target("avx2")))
+#define ZF_TARGET_AVX2_FMA __attribute__((target("avx2,fma")))
 #endif
 
 #include <atomic>
@@ -47,11 +48,17 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Parallel.h>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #if defined(__GNUC__)
 #define ZF_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
 #define ZF_ALWAYS_INLINE inline
 #endif
+
+#include "cpu/recurrent_tiles.h"
 
 namespace zoneout_cpu {
 namespace {
@@ -675,6 +682,237 @@ void backward_pointwise(const scalar_t* grad_y_t, const scalar_t* gates_t, const
       });
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The fused time loop (float32, avx2 / avx512): one parallel region for the whole sequence.
+// Each thread owns a range of units, in tiles of one vector of units; per step it forms the
+// recurrent product's columns of its units (recurrent_tiles.h, from a weight packed once per
+// call) straight into the buffer its element pass then reads, so a step costs one barrier
+// instead of an ATen/oneDNN call, an accumulation pass and two fork/joins. Forward, step t:
+// products (read all of h_{t-1}) -> element pass (writes the thread's units of h_t) -> barrier.
+// Backward, step t: element pass (writes the thread's units of d_pre_t) -> barrier -> products
+// (read all of d_pre_t, write the thread's units of dh); the next element pass reads only those.
+// ---------------------------------------------------------------------------------------
+const TileKernels& tile_kernels(int64_t isa) {
+#if defined(ZF_X86_PHILOX)
+  static const TileKernels avx512 = tile_kernels_avx512(), avx2 = tile_kernels_avx2();
+  if (isa == kIsaAvx512) return avx512;
+  if (isa == kIsaAvx2 && __builtin_cpu_supports("fma")) return avx2;
+#endif
+  static const TileKernels none;
+  return none;
+}
+
+int64_t loop_from_environment() {
+  const char* value = std::getenv("ZONEOUT_FUSED_CPU_LOOP");
+  const std::string name = value == nullptr ? "auto" : value;
+  if (name == "steps") return kLoopSteps;
+  TORCH_CHECK(name == "auto" || name == "fused" || name.empty(),
+              "ZONEOUT_FUSED_CPU_LOOP must be auto, fused or steps, got ", name);
+  return kLoopFused;
+}
+
+std::atomic<int64_t> active_loop{-1};  // -1: not read from the environment yet
+
+int64_t loop_choice() {
+  int64_t current = active_loop.load(std::memory_order_relaxed);
+  if (current < 0) {
+    current = loop_from_environment();
+    active_loop.store(current);
+  }
+  return current;
+}
+
+// The tile kernels the fused loop runs for a float32 sequence of `steps` steps, or nullptr
+// where it does not apply (steps loop chosen, another dtype, no tile kernels for the active
+// instruction set, a single step: packing the weight would cost more than it saves).
+const TileKernels* fused_loop_kernels(const Tensor& x, int64_t steps) {
+  if (loop_choice() != kLoopFused || x.scalar_type() != at::kFloat || steps < 2) return nullptr;
+  const TileKernels& tiles = tile_kernels(active_isa.load(std::memory_order_relaxed));
+  return tiles.lanes > 0 ? &tiles : nullptr;
+}
+
+// w [G*H, K] as the forward products' panels: per tile of `lanes` units, [K][G][lanes] (rows
+// q*H + j of w for the tile's units j; zero past H).
+Tensor forward_panels(const Tensor& w, int64_t gate_rows, int64_t lanes) {
+  const int64_t hidden = w.size(0) / gate_rows, depth = w.size(1), tiles = (hidden + lanes - 1) / lanes;
+  const Tensor padded = at::constant_pad_nd(w.view({gate_rows, hidden, depth}), {0, 0, 0, tiles * lanes - hidden});
+  return padded.view({gate_rows, tiles, lanes, depth}).permute({1, 3, 0, 2}).contiguous();
+}
+
+// w [G*H, H] as the backward products' panels (dh += d_pre w): per group of `units` units,
+// [G*H][units] (columns j of w for the group's units; zero past H).
+Tensor backward_panels(const Tensor& w, int64_t units) {
+  const int64_t rows = w.size(0), hidden = w.size(1), panels = (hidden + units - 1) / units;
+  const Tensor padded = at::constant_pad_nd(w, {0, panels * units - hidden});
+  return padded.view({rows, panels, units}).permute({1, 0, 2}).contiguous();
+}
+
+// Runs body(first_tile, last_tile) on each thread of one parallel region, the `tiles` unit
+// tiles split evenly; body may call step_barrier() (every thread the same number of times).
+template <typename Body>
+void fused_region(int64_t tiles, const Body& body) {
+#if defined(_OPENMP)
+  const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+#pragma omp parallel num_threads(static_cast<int>(wanted))
+  {
+    // The team may be smaller than asked (e.g. called from inside another parallel region).
+    const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();
+    body(tiles * id / team, tiles * (id + 1) / team);
+  }
+#else
+  body(int64_t(0), tiles);
+#endif
+}
+
+inline void step_barrier() {
+#if defined(_OPENMP)
+#pragma omp barrier
+#endif
+}
+
+// How the V vectors of a panel's columns map to a row of the products' destination: the forward
+// panels hold one tile of units in each of its G gate rows (vectors at q * H, the same units), the
+// backward ones V adjacent tiles of units (vectors at q * lanes, the next units).
+struct PanelLayout {
+  int64_t vectors;
+  bool gate_rows;
+  int64_t units(int64_t lanes) const { return gate_rows ? lanes : vectors * lanes; }
+  int64_t vector_offset(int64_t q, int64_t lanes, int64_t hidden) const { return q * (gate_rows ? hidden : lanes); }
+  int64_t vector_first_unit(int64_t q, int64_t lanes) const { return gate_rows ? 0 : q * lanes; }
+};
+
+// dst[b * row_stride + ...] += a[b] times the panels [first, last), for every row b < batch: the
+// recurrent product's columns of those panels' units. Panels whose units all lie below H are
+// accumulated in place; the last one, past H, through a zero-padded copy.
+inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda, int64_t depth, const float* panels,
+                          int64_t first, int64_t last, PanelLayout layout, int64_t hidden, int64_t batch, float* dst,
+                          int64_t row_stride) {
+  const int64_t lanes = tiles.lanes, vectors = layout.vectors, max_rows = tiles.max_rows[vectors - 1];
+  const int64_t units = layout.units(lanes), ldc_vector = layout.vector_offset(1, lanes, hidden);
+  alignas(64) float padded[kMaxTileRows * kMaxTileVectors * kMaxTileLanes];
+  for (int64_t u = first; u < last; ++u) {
+    const float* panel = panels + u * depth * vectors * lanes;
+    const int64_t j0 = u * units;
+    for (int64_t b0 = 0; b0 < batch; b0 += max_rows) {  // the panel stays in L1 across row blocks
+      const int64_t rows = std::min(max_rows, batch - b0);
+      const TileProductFn product = tiles.get(vectors, rows);
+      float* out = dst + b0 * row_stride + j0;
+      if (j0 + units <= hidden) {
+        product(a + b0 * lda, lda, depth, panel, out, row_stride, ldc_vector);
+        continue;
+      }
+      std::fill_n(padded, rows * vectors * lanes, 0.0f);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t q = 0; q < vectors; ++q) {
+          const int64_t n = std::clamp<int64_t>(hidden - j0 - layout.vector_first_unit(q, lanes), 0, lanes);
+          std::copy_n(out + r * row_stride + layout.vector_offset(q, lanes, hidden), n,
+                      padded + (r * vectors + q) * lanes);
+        }
+      product(a + b0 * lda, lda, depth, panel, padded, vectors * lanes, lanes);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t q = 0; q < vectors; ++q) {
+          const int64_t n = std::clamp<int64_t>(hidden - j0 - layout.vector_first_unit(q, lanes), 0, lanes);
+          std::copy_n(padded + (r * vectors + q) * lanes, n,
+                      out + r * row_stride + layout.vector_offset(q, lanes, hidden));
+        }
+    }
+  }
+}
+
+// Asks the caches for units [j0, j1) of `blocks` blocks of H floats in each row of `base` (rows
+// `row_stride` apart): what the next step reads that was written long before (the forward's input
+// projection, the activations saved for backward), fetched while this step's products run. A
+// thread's runs are short (its units of each row), so the hardware prefetchers miss them: before,
+// backward's element pass stalled on its first loads of each row.
+inline void prefetch_units(const float* base, int64_t rows, int64_t row_stride, int64_t blocks, int64_t hidden,
+                           int64_t j0, int64_t j1) {
+  constexpr int64_t kLine = 64 / sizeof(float);
+  for (int64_t b = 0; b < rows; ++b)
+    for (int64_t q = 0; q < blocks; ++q)
+      for (int64_t j = j0; j < j1; j += kLine) __builtin_prefetch(base + b * row_stride + q * hidden + j);
+}
+
+void fused_forward(const TileKernels& tiles, float* gates, float* y, float* c_seq, const float* h0, const float* c0,
+                   const Tensor& w_hh, const int64_t* lengths, int64_t steps, const ZoneoutParams& p,
+                   const CpuKernels& kernels) {
+  const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden, lanes = tiles.lanes;
+  const Tensor panels = forward_panels(w_hh, 4, lanes);
+  const float* panels_p = panels.data_ptr<float>();
+  const auto row = kernels.f32.lstm_forward;
+  fused_region((hidden + lanes - 1) / lanes, [&](int64_t first, int64_t last) {
+    const int64_t j0 = std::min(hidden, first * lanes), j1 = std::min(hidden, last * lanes);
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = step_position(s, steps, p.direction);
+      const int64_t t_prev = s == 0 ? -1 : step_position(s - 1, steps, p.direction);
+      const float* hp = t_prev < 0 ? h0 : y + t_prev * state;
+      const float* cp = t_prev < 0 ? c0 : c_seq + t_prev * state;
+      float* g_t = gates + t * 4 * state;
+      float* y_t = y + t * state;
+      float* c_t = c_seq + t * state;
+      if (s + 1 < steps) {  // the next step's input projection, for the thread's units
+        const float* g_next = gates + step_position(s + 1, steps, p.direction) * 4 * state;
+        prefetch_units(g_next, batch, 4 * hidden, 4, hidden, first * lanes, std::min(hidden, last * lanes));
+      }
+      tile_products(tiles, hp, hidden, hidden, panels_p, first, last, {4, true}, hidden, batch, g_t, 4 * hidden);
+      for (int64_t b = 0; b < batch && j0 < j1; ++b) {
+        if (zoneout::step_active(t, lengths, b)) {
+          row(g_t + b * 4 * hidden, hp + b * hidden, cp + b * hidden, y_t + b * hidden, c_t + b * hidden, t, b, j0,
+              j1, p);
+        } else {
+          copy_row(y_t + b * hidden, hp + b * hidden, j0, j1);
+          copy_row(c_t + b * hidden, cp + b * hidden, j0, j1);
+          zero_columns(g_t + b * 4 * hidden, 4, hidden, j0, j1);
+        }
+      }
+      step_barrier();  // h_t complete before any thread's next products read it
+    }
+  });
+}
+
+// Backward panels span this many vectors of adjacent units: with one, each row's broadcast fed one
+// FMA, so the products were bound by loads.
+constexpr int64_t kBackwardPanelVectors = 2;
+
+void fused_backward(const TileKernels& tiles, const float* grad_y, const float* gates, const float* c_seq,
+                    const float* c0, float* dh, float* dc, float* d_pre, const Tensor& w_hh, const int64_t* lengths,
+                    int64_t steps, const ZoneoutParams& p, const CpuKernels& kernels) {
+  const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden, lanes = tiles.lanes;
+  const PanelLayout backward_layout{kBackwardPanelVectors, false};
+  const int64_t units = backward_layout.units(lanes);
+  const Tensor panels = backward_panels(w_hh, units);
+  const float* panels_p = panels.data_ptr<float>();
+  const auto row = kernels.f32.lstm_backward;
+  fused_region((hidden + units - 1) / units, [&](int64_t first, int64_t last) {
+    const int64_t j0 = std::min(hidden, first * units), j1 = std::min(hidden, last * units);
+    for (int64_t s = steps - 1; s >= 0; --s) {  // processed steps, last first
+      const int64_t t = step_position(s, steps, p.direction);
+      const float* cp = s == 0 ? c0 : c_seq + step_position(s - 1, steps, p.direction) * state;
+      const float* gy_t = grad_y + t * state;
+      const float* g_t = gates + t * 4 * state;
+      float* dp_t = d_pre + t * 4 * state;
+      for (int64_t b = 0; b < batch && j0 < j1; ++b) {
+        if (zoneout::step_active(t, lengths, b)) {
+          row(g_t + b * 4 * hidden, gy_t + b * hidden, cp + b * hidden, dh + b * hidden, dc + b * hidden,
+              dp_t + b * 4 * hidden, t, b, j0, j1, p);
+        } else {
+          add_row(dh + b * hidden, gy_t + b * hidden, j0, j1);
+          zero_columns(dp_t + b * 4 * hidden, 4, hidden, j0, j1);
+        }
+      }
+      step_barrier();  // d_pre_t complete before any thread's products read it
+      if (s > 0 && j0 < j1) {  // what the next element pass reads
+        const int64_t t_next = step_position(s - 1, steps, p.direction);
+        prefetch_units(gates + t_next * 4 * state, batch, 4 * hidden, 4, hidden, j0, j1);
+        prefetch_units(grad_y + t_next * state, batch, hidden, 1, hidden, j0, j1);
+        if (s > 1) prefetch_units(c_seq + step_position(s - 2, steps, p.direction) * state, batch, hidden, 1, hidden, j0, j1);
+      }
+      tile_products(tiles, dp_t, 4 * hidden, 4 * hidden, panels_p, first, last, backward_layout, hidden, batch, dh,
+                    hidden);
+    }
+  });
+}
+
 }  // namespace
 
 const char* isa_name(int64_t isa) {
@@ -694,6 +932,15 @@ int64_t set_cpu_isa(int64_t isa) {
   TORCH_CHECK(isa >= kIsaScalar && isa <= kIsaAvx512, "isa must be 0 (scalar), 1 (avx2) or 2 (avx512), got ", isa);
   TORCH_CHECK(isa_supported(isa), "this CPU (or build) cannot run the ", isa_name(isa), " kernels");
   return active_isa.exchange(isa);
+}
+
+int64_t cpu_loop() { return loop_choice(); }
+
+int64_t set_cpu_loop(int64_t loop) {
+  TORCH_CHECK(loop == kLoopSteps || loop == kLoopFused, "loop must be 0 (steps) or 1 (fused), got ", loop);
+  const int64_t previous = loop_choice();
+  active_loop.store(loop);
+  return previous;
 }
 
 bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
@@ -721,6 +968,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const int direction = params.direction;
   const CpuKernels& kernels = active_kernels();
+  if (const TileKernels* tiles = fused_loop_kernels(x, steps)) {
+    fused_forward(*tiles, gates.data_ptr<float>(), y.data_ptr<float>(), c_seq.data_ptr<float>(), h0.data_ptr<float>(),
+                  c0.data_ptr<float>(), w_hh, len, steps, params, kernels);
+    return {y, c_seq[step_position(steps - 1, steps, direction)].clone(), c_seq, gates};
+  }
   const Tensor w_rec = steps > 1 ? prepare_weight(w_hh, batch) : w_hh;  // packed once, used every step
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_layer_forward", [&] {
@@ -758,24 +1010,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   Tensor dc = grad_c_n.clone();
   const CpuKernels& kernels = active_kernels();
-  // [H, 4H]: dh += d_pre_t W_hh is a product with W_hh's transpose (packed once and used every
-  // step of a sequence; a one-step call reads it as a view).
-  const Tensor w_hh_t = steps > 1 ? prepare_weight(w_hh.t().contiguous(), batch) : w_hh.t();
-
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_layer_backward", [&] {
-    const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
-    const scalar_t* g_p = gates.data_ptr<scalar_t>();
-    const scalar_t* c_p = c_seq.data_ptr<scalar_t>();
-    const int64_t state = batch * hidden;
-    for (int64_t s = steps - 1; s >= 0; --s) {  // processed steps, last first
-      const int64_t t = step_position(s, steps, direction);
-      const scalar_t* c_prev = s == 0 ? c0.data_ptr<scalar_t>() : c_p + step_position(s - 1, steps, direction) * state;
-      Tensor d_pre_t = d_pre[t];
-      backward_pointwise<scalar_t>(gy_p + t * state, g_p + t * 4 * state, c_prev, dh.data_ptr<scalar_t>(),
-                                   dc.data_ptr<scalar_t>(), d_pre_t.data_ptr<scalar_t>(), len, t, params, kernels);
-      add_linear_product_(dh, d_pre_t, w_hh_t);  // the step's one GEMM: the W_hh path to h_{t-1}
-    }
-  });
+  const TileKernels* tiles = fused_loop_kernels(x, steps);
+  if (tiles != nullptr) {
+    fused_backward(*tiles, grad_y.data_ptr<float>(), gates.data_ptr<float>(), c_seq.data_ptr<float>(),
+                   c0.data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>(), d_pre.data_ptr<float>(), w_hh,
+                   len, steps, params, kernels);
+  } else {
+    // [H, 4H]: dh += d_pre_t W_hh is a product with W_hh's transpose (packed once and used every
+    // step of a sequence; a one-step call reads it as a view).
+    const Tensor w_hh_t = steps > 1 ? prepare_weight(w_hh.t().contiguous(), batch) : w_hh.t();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_layer_backward", [&] {
+      const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
+      const scalar_t* g_p = gates.data_ptr<scalar_t>();
+      const scalar_t* c_p = c_seq.data_ptr<scalar_t>();
+      const int64_t state = batch * hidden;
+      for (int64_t s = steps - 1; s >= 0; --s) {  // processed steps, last first
+        const int64_t t = step_position(s, steps, direction);
+        const scalar_t* c_prev = s == 0 ? c0.data_ptr<scalar_t>() : c_p + step_position(s - 1, steps, direction) * state;
+        Tensor d_pre_t = d_pre[t];
+        backward_pointwise<scalar_t>(gy_p + t * state, g_p + t * 4 * state, c_prev, dh.data_ptr<scalar_t>(),
+                                     dc.data_ptr<scalar_t>(), d_pre_t.data_ptr<scalar_t>(), len, t, params, kernels);
+        add_linear_product_(dh, d_pre_t, w_hh_t);  // the step's one GEMM: the W_hh path to h_{t-1}
+      }
+    });
+  }
 
   // Weight and input gradients: large products over all steps.
   const Tensor d_pre_2d = d_pre.view({steps * batch, 4 * hidden});

@@ -48,6 +48,16 @@ int64_t cpu_isa();
 // Makes `isa` the active one (raises if this CPU cannot run it); returns the previous one.
 int64_t set_cpu_isa(int64_t isa);
 
+// The time loop of float32 sequences: "fused" (one parallel region for the whole sequence, the
+// recurrent products formed by the extension's own tile kernels, per thread for its units, where
+// the active instruction set has them: avx2 with FMA, avx512) or "steps" (per step, a oneDNN /
+// ATen product then a parallel element pass; always for other dtypes, the scalar instruction set
+// and single steps). ZONEOUT_FUSED_CPU_LOOP = auto (fused) | fused | steps, or set_cpu_loop.
+constexpr int64_t kLoopSteps = 0, kLoopFused = 1;
+int64_t cpu_loop();
+// Makes `loop` the active one; returns the previous one.
+int64_t set_cpu_loop(int64_t loop);
+
 // Test hook: words r0..r2 of Philox counters (first + k, c2, c3), k < n, drawn the way the
 // CPU mask loop of instruction set `isa` (-1: the active one) draws them, in chunks, so tests
 // can check them bit for bit against zoneout::philox4x32_10; returns false where that

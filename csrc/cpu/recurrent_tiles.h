@@ -1,0 +1,92 @@
+// recurrent_tiles.h: register-blocked float32 products for the fused CPU time loop
+// (lstm_cpu.cpp, "fused" loop): a few rows of a state times a panel of a recurrent weight packed
+// for one thread's units, kept in vector registers for the whole depth. Included by lstm_cpu.cpp
+// only (it defines ZF_TARGET_AVX2 / ZF_TARGET_AVX512 and ZF_ALWAYS_INLINE first).
+//
+// Why our own products: at a sequence layer's per-step shapes (e.g. [32,128]x[128,512]) the
+// product is tens of microseconds, and an ATen or oneDNN call around it (dispatch, a fresh output,
+// the accumulation pass, a fork/join of threads) costs as much again; here each thread forms only
+// the columns of its own units, straight into the buffer its element pass reads next, inside one
+// parallel region for the whole sequence. Every output is one FMA chain over the depth in order,
+// so results do not depend on the thread count or the tiling.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+namespace zoneout_cpu {
+
+// The most rows one product covers for a panel of `vectors` vectors: rows x vectors accumulators
+// plus the panel's vectors and a broadcast stay within the register file (16 vector registers
+// for AVX2, 32 for AVX-512: more rows per panel load there).
+constexpr int tile_rows(int registers, int vectors) {
+  return registers == 32 ? (vectors >= 4 ? 6 : vectors == 3 ? 8 : vectors == 2 ? 12 : 16)
+                         : (vectors >= 4 ? 3 : vectors == 3 ? 4 : vectors == 2 ? 6 : 8);
+}
+constexpr int kMaxTileVectors = 4;
+constexpr int kMaxTileRows = 16;
+constexpr int kMaxTileLanes = 16;
+
+// c[r * ldc_row + v * ldc_vector + l] += the sum over k < depth, in order (one FMA chain started
+// from c), of a[r * lda + k] * panel[(k * V + v) * lanes + l], for r < rows, v < V, l < lanes.
+using TileProductFn = void (*)(const float* a, int64_t lda, int64_t depth, const float* panel, float* c,
+                               int64_t ldc_row, int64_t ldc_vector);
+
+struct TileKernels {
+  int64_t lanes = 0;  // floats per vector; 0 where this instruction set has no tile kernels
+  int64_t max_rows[kMaxTileVectors] = {};  // [V - 1]: tile_rows for this register file
+  // product[V - 1][rows - 1]: V = 1..kMaxTileVectors, rows = 1..max_rows[V - 1].
+  TileProductFn product[kMaxTileVectors][kMaxTileRows] = {};
+  TileProductFn get(int64_t vectors, int64_t rows) const { return product[vectors - 1][rows - 1]; }
+};
+
+#if defined(ZF_X86_PHILOX)
+// One body for both instruction sets; the vector type and intrinsics and the target differ.
+#define ZF_TILE_PRODUCT(NAME, TARGET, V, LANES, SET1, LOAD, FMA, STORE)                                    \
+  template <int kRows, int kVectors>                                                                      \
+  TARGET void NAME(const float* a, int64_t lda, int64_t depth, const float* panel, float* c, int64_t ldc_row, \
+                   int64_t ldc_vector) {                                                                  \
+    V acc[kRows][kVectors];                                                                               \
+    for (int r = 0; r < kRows; ++r)                                                                       \
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = LOAD(c + r * ldc_row + v * ldc_vector);              \
+    for (int64_t k = 0; k < depth; ++k) {                                                                 \
+      const float* w_k = panel + k * kVectors * LANES;                                                    \
+      V w[kVectors];                                                                                      \
+      for (int v = 0; v < kVectors; ++v) w[v] = LOAD(w_k + v * LANES);                                     \
+      for (int r = 0; r < kRows; ++r) {                                                                   \
+        const V a_rk = SET1(a[r * lda + k]);                                                              \
+        for (int v = 0; v < kVectors; ++v) acc[r][v] = FMA(a_rk, w[v], acc[r][v]);                        \
+      }                                                                                                   \
+    }                                                                                                     \
+    for (int r = 0; r < kRows; ++r)                                                                       \
+      for (int v = 0; v < kVectors; ++v) STORE(c + r * ldc_row + v * ldc_vector, acc[r][v]);              \
+  }
+
+ZF_TILE_PRODUCT(tile_product_avx512, ZF_TARGET_AVX512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps,
+                _mm512_fmadd_ps, _mm512_storeu_ps)
+ZF_TILE_PRODUCT(tile_product_avx2, ZF_TARGET_AVX2_FMA, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps,
+                _mm256_fmadd_ps, _mm256_storeu_ps)
+#undef ZF_TILE_PRODUCT
+
+// The table of one instruction set's instantiations.
+#define ZF_TILE_TABLE(NAME, FN, LANES, REGISTERS)                                                   \
+  template <int kVectors, int... kRowsMinus1>                                                       \
+  void NAME##_fill(TileKernels& t, std::integer_sequence<int, kRowsMinus1...>) {                    \
+    t.max_rows[kVectors - 1] = sizeof...(kRowsMinus1);                                              \
+    ((t.product[kVectors - 1][kRowsMinus1] = &FN<kRowsMinus1 + 1, kVectors>), ...);                 \
+  }                                                                                                 \
+  inline TileKernels NAME() {                                                                       \
+    TileKernels t;                                                                                  \
+    t.lanes = LANES;                                                                                \
+    NAME##_fill<1>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 1)>());                  \
+    NAME##_fill<2>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 2)>());                  \
+    NAME##_fill<3>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 3)>());                  \
+    NAME##_fill<4>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 4)>());                  \
+    return t;                                                                                       \
+  }
+ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, 16, 32)
+ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, 8, 16)
+#undef ZF_TILE_TABLE
+#endif
+
+}  // namespace zoneout_cpu
