@@ -671,3 +671,35 @@ def test_loop_from_the_environment():
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZONEOUT_FUSED_CPU_LOOP": "unrolled"},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "ZONEOUT_FUSED_CPU_LOOP" in result.stderr
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_backward_results_do_not_share_the_reused_buffer(cell):
+    """Backward keeps its pre-activation gradients in a per-thread buffer reused across calls:
+    no result it returns may be a view of it, or the next call would overwrite it."""
+    steps, batch, inputs, hidden = 5, 3, 4, 20
+    g = torch.Generator().manual_seed(11)
+    x, h0, c0 = (torch.randn(steps, batch, inputs, generator=g), torch.randn(batch, hidden, generator=g),
+                 torch.randn(batch, hidden, generator=g))
+    rows = (4 if cell == "lstm" else 3) * hidden
+    w_ih, w_hh, b = (torch.randn(rows, inputs, generator=g) * 0.3, torch.randn(rows, hidden, generator=g) * 0.3,
+                     torch.randn(rows, generator=g) * 0.1)
+    seed = torch.tensor(SEED)
+    if cell == "lstm":
+        y, c_n, c_seq, gates = FORWARD(x, h0, c0, w_ih, w_hh, b, None, seed, 0, 0, 0.3, 0.1, 0.0, 0, True)
+
+        def backward(grad_y):
+            return BACKWARD(grad_y, torch.zeros_like(c_n), x, h0, c0, w_ih, w_hh, b, None, seed, 0, 0, 0.3, 0.1, 0.0,
+                            0, True, y, c_seq, gates)
+    else:
+        gru_forward = torch.ops.zoneout_fused.cpu_gru_rnn_layer_forward.default
+        gru_backward = torch.ops.zoneout_fused.cpu_gru_rnn_layer_backward.default
+        y, gates = gru_forward(x, h0, w_ih, w_hh, b, b, None, seed, 1, 0, 0, 0.1, 0.0, 0, True)
+
+        def backward(grad_y):
+            return gru_backward(grad_y, x, h0, w_ih, w_hh, b, b, None, seed, 1, 0, 0, 0.1, 0.0, 0, True, y, gates)
+    first = backward(torch.randn(y.shape, generator=g))
+    kept = [t.clone() for t in first]
+    second = backward(torch.randn(y.shape, generator=g))
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))  # unchanged by the second call
+    assert not any(torch.equal(a, b) for a, b in zip(first, second))
