@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import zoneout_fused as zf
 from zoneout_fused import masks, ops, reference
-from conftest import assert_close, isa_param, reference_mismatch
+from conftest import assert_close, isa_param, loop_param, reference_mismatch
 
 REQUIRED = {name for name in os.environ.get("ZONEOUT_FUSED_REQUIRE_BACKENDS", "").split(",") if name}
 CELLS = {"gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
@@ -74,7 +74,8 @@ def assert_backend_matches_reference(backend, cell, tensors, **kwargs):
 @pytest.mark.parametrize("direction", [0, 1])
 @pytest.mark.parametrize("mask_mode", MODES)
 @pytest.mark.parametrize("cell", CELLS)
-def test_cpu_matches_reference(cell, mask_mode, direction, training, dtype, isa):
+@loop_param
+def test_cpu_matches_reference(cell, mask_mode, direction, training, dtype, isa, loop):
     _backend_or_skip("cpu")
     tensors = make_inputs(cell, 5, 3, 4, 70, dtype)  # H = 70: a 64-unit mask chunk and a ragged tail
     assert_backend_matches_reference("cpu", cell, tensors, zoneout_hidden=0.3, mask_mode=mask_mode,
@@ -84,7 +85,8 @@ def test_cpu_matches_reference(cell, mask_mode, direction, training, dtype, isa)
 @isa_param
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
 @pytest.mark.parametrize("mask_mode", MODES)
-def test_cpu_gru_recurrent_dropout_matches_reference(mask_mode, dtype, isa):
+@loop_param
+def test_cpu_gru_recurrent_dropout_matches_reference(mask_mode, dtype, isa, loop):
     _backend_or_skip("cpu")
     tensors = make_inputs("gru", 4, 3, 5, 20, dtype)
     assert_backend_matches_reference("cpu", "gru", tensors, zoneout_hidden=0.2, recurrent_dropout=0.4,

@@ -27,10 +27,21 @@ constexpr int kMaxTileVectors = 4;
 constexpr int kMaxTileRows = 16;
 constexpr int kMaxTileLanes = 16;
 
-// c[r * ldc_row + v * ldc_vector + l] += the sum over k < depth, in order (one FMA chain started
-// from c), of a[r * lda + k] * panel[(k * V + v) * lanes + l], for r < rows, v < V, l < lanes.
-using TileProductFn = void (*)(const float* a, int64_t lda, int64_t depth, const float* panel, float* c,
-                               int64_t ldc_row, int64_t ldc_vector);
+// The operands of one tile product: rows r < kRows of a (element k at a[r * lda + k * ldk]), a
+// panel of V vectors per depth step k (at panel[k * ldp + v * lanes]), and the destination tile
+// (c[r * ldc_row + v * ldc_vector + l]).
+struct TileOperands {
+  const float* a;
+  int64_t lda, ldk;
+  const float* panel;
+  int64_t ldp;
+  float* c;
+  int64_t ldc_row, ldc_vector;
+};
+
+// c[r][v][l] += the sum over k < depth, in order (one FMA chain started from c), of a[r][k] *
+// panel[k][v][l], for r < rows, v < V, l < lanes.
+using TileProductFn = void (*)(const TileOperands& o, int64_t depth);
 
 struct TileKernels {
   int64_t lanes = 0;  // floats per vector; 0 where this instruction set has no tile kernels
@@ -44,22 +55,22 @@ struct TileKernels {
 // One body for both instruction sets; the vector type and intrinsics and the target differ.
 #define ZF_TILE_PRODUCT(NAME, TARGET, V, LANES, SET1, LOAD, FMA, STORE)                                    \
   template <int kRows, int kVectors>                                                                      \
-  TARGET void NAME(const float* a, int64_t lda, int64_t depth, const float* panel, float* c, int64_t ldc_row, \
-                   int64_t ldc_vector) {                                                                  \
+  TARGET void NAME(const TileOperands& o, int64_t depth) {                                                \
     V acc[kRows][kVectors];                                                                               \
     for (int r = 0; r < kRows; ++r)                                                                       \
-      for (int v = 0; v < kVectors; ++v) acc[r][v] = LOAD(c + r * ldc_row + v * ldc_vector);              \
-    for (int64_t k = 0; k < depth; ++k) {                                                                 \
-      const float* w_k = panel + k * kVectors * LANES;                                                    \
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = LOAD(o.c + r * o.ldc_row + v * o.ldc_vector);       \
+    const float* a_k = o.a;                                                                               \
+    const float* w_k = o.panel;                                                                           \
+    for (int64_t k = 0; k < depth; ++k, a_k += o.ldk, w_k += o.ldp) {                                    \
       V w[kVectors];                                                                                      \
       for (int v = 0; v < kVectors; ++v) w[v] = LOAD(w_k + v * LANES);                                     \
       for (int r = 0; r < kRows; ++r) {                                                                   \
-        const V a_rk = SET1(a[r * lda + k]);                                                              \
+        const V a_rk = SET1(a_k[r * o.lda]);                                                              \
         for (int v = 0; v < kVectors; ++v) acc[r][v] = FMA(a_rk, w[v], acc[r][v]);                        \
       }                                                                                                   \
     }                                                                                                     \
     for (int r = 0; r < kRows; ++r)                                                                       \
-      for (int v = 0; v < kVectors; ++v) STORE(c + r * ldc_row + v * ldc_vector, acc[r][v]);              \
+      for (int v = 0; v < kVectors; ++v) STORE(o.c + r * o.ldc_row + v * o.ldc_vector, acc[r][v]);        \
   }
 
 ZF_TILE_PRODUCT(tile_product_avx512, ZF_TARGET_AVX512, __m512, 16, _mm512_set1_ps, _mm512_loadu_ps,
