@@ -614,18 +614,27 @@ def _fused_loop_runs():
     return cpu_isa.cpu_isa() != "scalar"  # its tile kernels exist for avx2 and avx512
 
 
-@pytest.mark.parametrize("loop", cpu_isa.CPU_LOOPS)
-def test_fused_loop_forms_no_per_step_product(loop):
+@pytest.mark.parametrize("loop, hidden, fused", [("steps", 128, False), ("fused", 128, True), ("auto", 128, True),
+                                                  ("fused", 520, True), ("auto", 520, False)])
+def test_which_forward_loop_runs(loop, hidden, fused):
     """With oneDNN's products active, the per-step loop forms each step's recurrent product through
-    oneDNN; the fused one forms it itself: only the input projection remains."""
+    oneDNN; the fused one forms it itself (only the input projection remains). "auto" runs the fused
+    forward up to H = 512 only."""
     if "onednn" not in cpu_isa.supported_cpu_gemms() or not _fused_loop_runs():
         pytest.skip("needs oneDNN products and the avx2 or avx512 kernels")
     steps = 4
-    x, h0, c0, w_ih, w_hh, bias = make_inputs(steps, 64, 192, 128, torch.float32)  # products >= 4M multiply-adds
+    x, h0, c0, w_ih, w_hh, bias = make_inputs(steps, 64, 192, hidden, torch.float32)  # products >= 4M multiply-adds
     with cpu_isa.use_cpu_gemm("onednn"), cpu_isa.use_cpu_loop(loop), torch.profiler.profile() as profile:
         FORWARD(x, h0, c0, w_ih, w_hh, bias, None, torch.tensor(SEED), 0, 0, 0.5, 0.05, 0.0, 0, True)
     products = sum(event.name == "mkldnn::_linear_pointwise" for event in profile.events())
-    assert products == (1 if loop == "fused" else 1 + steps)  # the projection, then one per step (h0 W_hh^T too)
+    assert products == (1 if fused else 1 + steps)  # the projection, then one per step (h0 W_hh^T too)
+
+
+def test_auto_loop_above_the_forward_limit_matches_reference():
+    """Above H = 512 "auto" pairs the per-step forward with the fused backward."""
+    tensors = make_inputs(3, 2, 3, 520, torch.float32)
+    with cpu_isa.use_cpu_loop("auto"):
+        assert_same_as_reference(tensors, torch.float32, direction=1, zoneout_cell=0.5, zoneout_hidden=0.05)
 
 
 @pytest.mark.parametrize("direction", [0, 1])
@@ -651,7 +660,7 @@ def test_fused_loop_is_independent_of_the_thread_count(direction):
 
 def test_loop_choice_is_checked_and_restored():
     before = cpu_isa.cpu_loop()
-    assert before == "fused"  # the default
+    assert before == "auto"  # the default
     with pytest.raises(ValueError, match="loop"):
         cpu_isa.set_cpu_loop("unrolled")
     with cpu_isa.use_cpu_loop("steps"):
@@ -664,7 +673,7 @@ def test_loop_from_the_environment():
     import sys
 
     code = "from zoneout_fused import cpu_isa; print(cpu_isa.cpu_loop())"
-    for value, expected in (("steps", "steps"), ("auto", "fused"), ("fused", "fused")):
+    for value, expected in (("steps", "steps"), ("auto", "auto"), ("fused", "fused"), ("", "auto")):
         result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZONEOUT_FUSED_CPU_LOOP": value},
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and result.stdout.split() == [expected], result.stderr[-2000:]

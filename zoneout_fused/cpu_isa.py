@@ -97,13 +97,15 @@ def use_cpu_gemm(engine: str) -> Iterator[None]:
         set_cpu_gemm(previous)
 
 
-# The time loop of float32 sequences (csrc/cpu/lstm_cpu.h): "fused" (the default: one parallel
-# region for the whole sequence, each thread forming its units' columns of the recurrent product
-# with the extension's own AVX2/AVX-512 tile kernels, straight into its element pass) or "steps"
-# (per step, one oneDNN / ATen product, then a parallel element pass: what float64, the scalar
-# instruction set and single-step calls always run). The environment variable
-# ZONEOUT_FUSED_CPU_LOOP (auto, fused, steps) is read when the extension loads.
-CPU_LOOPS = ("steps", "fused")
+# The time loop of float32 sequences (csrc/cpu/lstm_cpu.h): "fused" (one parallel region for the
+# whole sequence, each thread forming its units' columns of the recurrent product with the
+# extension's own AVX2/AVX-512 tile kernels straight into its element pass; in backward the weight
+# gradients by the same kernels), "steps" (per step, one oneDNN / ATen product, then a parallel
+# element pass: what float64, the scalar instruction set and single-step calls always run) or
+# "auto" (the default: fused, except the forward above hidden size 512, where oneDNN's products
+# are faster). The environment variable ZONEOUT_FUSED_CPU_LOOP (auto, fused, steps) is read when
+# the extension loads.
+CPU_LOOPS = ("steps", "fused", "auto")
 
 
 def cpu_loop() -> str:

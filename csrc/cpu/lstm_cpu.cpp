@@ -727,9 +727,9 @@ int64_t loop_from_environment() {
   const char* value = std::getenv("ZONEOUT_FUSED_CPU_LOOP");
   const std::string name = value == nullptr ? "auto" : value;
   if (name == "steps") return kLoopSteps;
-  TORCH_CHECK(name == "auto" || name == "fused" || name.empty(),
-              "ZONEOUT_FUSED_CPU_LOOP must be auto, fused or steps, got ", name);
-  return kLoopFused;
+  if (name == "fused") return kLoopFused;
+  TORCH_CHECK(name == "auto" || name.empty(), "ZONEOUT_FUSED_CPU_LOOP must be auto, fused or steps, got ", name);
+  return kLoopAuto;
 }
 
 std::atomic<int64_t> active_loop{-1};  // -1: not read from the environment yet
@@ -743,11 +743,20 @@ int64_t loop_choice() {
   return current;
 }
 
-// The tile kernels the fused loop runs for a float32 sequence of `steps` steps, or nullptr
-// where it does not apply (steps loop chosen, another dtype, no tile kernels for the active
-// instruction set, a single step: packing the weight would cost more than it saves).
-const TileKernels* fused_loop_kernels(const Tensor& x, int64_t steps) {
-  if (loop_choice() != kLoopFused || x.scalar_type() != at::kFloat || steps < 2) return nullptr;
+// Above this hidden size "auto" runs the per-step forward: there oneDNN's products beat the tile
+// kernels' (measured, 2 threads, AVX-512, T=30 I=256, forward ms fused / steps: B=32 H=512 8.9 /
+// 8.9, H=768 18.3 / 16.5, H=1024 31.2 / 28.1; B=128 H=768 49.8 / 42.3), while the fused backward
+// stays ahead (B=32 H=1024 63.8 / 70.0; B=128 H=768 104.9 / 105.8).
+constexpr int64_t kAutoFusedForwardMaxHidden = 512;
+
+// The tile kernels the fused loop runs for a float32 sequence of `steps` steps (its forward pass
+// if `forward`), or nullptr where it does not apply (steps loop chosen, or "auto" and a forward
+// above kAutoFusedForwardMaxHidden; another dtype; no tile kernels for the active instruction set;
+// a single step: packing the weight would cost more than it saves).
+const TileKernels* fused_loop_kernels(const Tensor& x, int64_t steps, int64_t hidden, bool forward) {
+  const int64_t loop = loop_choice();
+  if (loop == kLoopSteps || (loop == kLoopAuto && forward && hidden > kAutoFusedForwardMaxHidden)) return nullptr;
+  if (x.scalar_type() != at::kFloat || steps < 2) return nullptr;
   const TileKernels& tiles = tile_kernels(active_isa.load(std::memory_order_relaxed));
   return tiles.lanes > 0 ? &tiles : nullptr;
 }
@@ -1049,7 +1058,8 @@ int64_t set_cpu_isa(int64_t isa) {
 int64_t cpu_loop() { return loop_choice(); }
 
 int64_t set_cpu_loop(int64_t loop) {
-  TORCH_CHECK(loop == kLoopSteps || loop == kLoopFused, "loop must be 0 (steps) or 1 (fused), got ", loop);
+  TORCH_CHECK(loop == kLoopSteps || loop == kLoopFused || loop == kLoopAuto,
+              "loop must be 0 (steps), 1 (fused) or 2 (auto), got ", loop);
   const int64_t previous = loop_choice();
   active_loop.store(loop);
   return previous;
@@ -1080,7 +1090,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const int direction = params.direction;
   const CpuKernels& kernels = active_kernels();
-  if (const TileKernels* tiles = fused_loop_kernels(x, steps)) {
+  if (const TileKernels* tiles = fused_loop_kernels(x, steps, hidden, /*forward=*/true)) {
     fused_forward(*tiles, gates.data_ptr<float>(), y.data_ptr<float>(), c_seq.data_ptr<float>(), h0.data_ptr<float>(),
                   c0.data_ptr<float>(), w_hh, len, steps, params, kernels);
     return {y, c_seq[step_position(steps - 1, steps, direction)].clone(), c_seq, gates};
@@ -1122,7 +1132,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   Tensor dc = grad_c_n.clone();
   const CpuKernels& kernels = active_kernels();
-  const TileKernels* tiles = fused_loop_kernels(x, steps);
+  const TileKernels* tiles = fused_loop_kernels(x, steps, hidden, /*forward=*/false);
   if (tiles != nullptr) {
     fused_backward(*tiles, grad_y.data_ptr<float>(), gates.data_ptr<float>(), c_seq.data_ptr<float>(),
                    c0.data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>(), d_pre.data_ptr<float>(), w_hh,
@@ -1295,7 +1305,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_rnn_layer_backwar
 
   const Tensor d_x_2d = d_x.view({steps * batch, rows});
   const Tensor grad_x = product(d_x_2d, w_ih).view({steps, batch, input});
-  const auto [grad_w_ih, grad_w_hh] = weight_gradients(fused_loop_kernels(x, steps), d_x, d_h, x, y, h0, direction);
+  const auto [grad_w_ih, grad_w_hh] = weight_gradients(fused_loop_kernels(x, steps, hidden, false), d_x, d_h, x, y, h0, direction);
   const Tensor grad_b_ih = d_x_2d.sum(0);
   const Tensor grad_b_hh = gru ? d_h.view({steps * batch, rows}).sum(0) : grad_b_ih.clone();
   return {grad_x, dh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};

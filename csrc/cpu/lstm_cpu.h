@@ -49,11 +49,13 @@ int64_t cpu_isa();
 int64_t set_cpu_isa(int64_t isa);
 
 // The time loop of float32 sequences: "fused" (one parallel region for the whole sequence, the
-// recurrent products formed by the extension's own tile kernels, per thread for its units, where
-// the active instruction set has them: avx2 with FMA, avx512) or "steps" (per step, a oneDNN /
-// ATen product then a parallel element pass; always for other dtypes, the scalar instruction set
-// and single steps). ZONEOUT_FUSED_CPU_LOOP = auto (fused) | fused | steps, or set_cpu_loop.
-constexpr int64_t kLoopSteps = 0, kLoopFused = 1;
+// recurrent products, and in backward the weight gradients, formed by the extension's own tile
+// kernels, per thread for its units, where the active instruction set has them: avx2 with FMA,
+// avx512), "steps" (per step, a oneDNN / ATen product then a parallel element pass; always for
+// other dtypes, the scalar instruction set and single steps) or "auto" (the default: fused, but
+// the per-step forward above H = 512, where oneDNN's products win). ZONEOUT_FUSED_CPU_LOOP = auto
+// | fused | steps, or set_cpu_loop.
+constexpr int64_t kLoopSteps = 0, kLoopFused = 1, kLoopAuto = 2;
 int64_t cpu_loop();
 // Makes `loop` the active one; returns the previous one.
 int64_t set_cpu_loop(int64_t loop);
