@@ -1,11 +1,14 @@
-// lstm_cpu.cpp: one zoneout-LSTM layer direction on the CPU.
+// lstm_cpu.cpp: one zoneout-LSTM layer direction on the CPU (and the GRU / RNN, further down).
 //
 // Forward: the input projection of all steps is one matrix product written straight into
-// the gates buffer; each step then adds h_{t-1} W_hh^T into its slice (one GEMM) and one
-// fused element-wise pass turns those pre-activations into gates in place and writes
-// y[t], c_seq[t]. Backward mirrors it: one fused pass and one GEMM per step, then the
-// weight and input gradients as a few large products over all steps. Masks are
-// regenerated from Philox in both passes (zoneout_lstm.h), never stored.
+// the gates buffer; each step then adds h_{t-1} W_hh^T into its slice and one fused
+// element-wise pass turns those pre-activations into gates in place and writes y[t], c_seq[t].
+// Backward mirrors it: one fused pass and one product per step, then the weight and input
+// gradients as a few large products over all steps. Masks are regenerated from Philox in both
+// passes (zoneout_lstm.h), never stored. Two time loops (lstm_cpu.h, cpu_loop): "steps" forms each
+// step's product through oneDNN / ATen and runs the element pass with at::parallel_for; "fused"
+// (float32) runs the whole sequence in one parallel region, each thread forming its own units'
+// columns with the tile kernels (recurrent_tiles.h) and passing one barrier per step.
 
 // With glibc's vector math library (setup.py defines ZF_USE_LIBMVEC and links -lmvec on
 // Linux x86-64), declaring expf/tanhf/exp/tanh as SIMD functions lets the compiler vectorize
