@@ -629,17 +629,18 @@ inline void add_row(scalar_t* out, const scalar_t* in, int64_t j0, int64_t j1) {
   for (int64_t j = j0; j < j1; ++j) out[j] += in[j];
 }
 
-// The backward passes' pre-activation gradients: as large as the saved gates, alive only during
-// the call. Fresh per call, their release let glibc trim the heap, so the next call faulted every
-// page in again (measured, B=32 T=50 I=H=64 fwd+bwd through the module: ~900 page faults and
-// 2.7 ms per call, against 0.3 and 1.6 ms with the buffer kept; nn.LSTM: 0 and 1.4 ms). So each
-// thread keeps `kScratchSlots` buffers of up to kScratchBytes for them (larger ones are allocated
-// per call: there the faults are a small part of the time). A slot is one buffer in use at a time:
-// a call's gradients must not outlive it.
-constexpr int kScratchSlots = 2;
+// Buffers alive only during a call: the backward passes' pre-activation gradients (as large as the
+// saved gates) and the fused loop's packed weights. Fresh per call, their release let glibc trim the
+// heap, so the next call faulted every page in again (measured, B=32 T=50 I=H=64 fwd+bwd through
+// the module: ~900 page faults and 2.7 ms per call, against 0.3 and 1.6 ms with the buffer kept;
+// nn.LSTM: 0 and 1.4 ms; packing a 2048 x 512 weight: 0.6 ms, nearly all page faults). So each
+// thread keeps one buffer per slot, of up to kScratchBytes (larger ones are allocated per call:
+// there the faults are a small part of the time). A slot holds one buffer in use at a time, which
+// must not outlive the call.
+enum ScratchSlot { kScratchGradients = 0, kScratchRecurrentGradients = 1, kScratchPanels = 2, kScratchSlots = 3 };
 constexpr int64_t kScratchBytes = int64_t(64) << 20;
 
-Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
   thread_local Tensor buffers[kScratchSlots];
   const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
   if (bytes > kScratchBytes) return at::empty(sizes, options);
@@ -764,20 +765,60 @@ const TileKernels* fused_loop_kernels(const Tensor& x, int64_t steps, int64_t hi
   return tiles.lanes > 0 ? &tiles : nullptr;
 }
 
+// Packing loops for the panels below (float32, contiguous w): a thread per group of tiles. They
+// replaced a pad + permute + copy through ATen (31 us for a 128 x 512 weight, 3% of the forward).
+
 // w [G*H, K] as the forward products' panels: per tile of `lanes` units, [K][G][lanes] (rows
 // q*H + j of w for the tile's units j; zero past H).
 Tensor forward_panels(const Tensor& w, int64_t gate_rows, int64_t lanes) {
   const int64_t hidden = w.size(0) / gate_rows, depth = w.size(1), tiles = (hidden + lanes - 1) / lanes;
-  const Tensor padded = at::constant_pad_nd(w.view({gate_rows, hidden, depth}), {0, 0, 0, tiles * lanes - hidden});
-  return padded.view({gate_rows, tiles, lanes, depth}).permute({1, 3, 0, 2}).contiguous();
+  Tensor panels = scratch(kScratchPanels, {tiles, depth, gate_rows, lanes}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* out = panels.data_ptr<float>();
+  const int64_t k_stride = gate_rows * lanes;
+  constexpr int64_t kBlock = 16;  // depth steps per pass
+  at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
+    // A block of `lanes` rows x kBlock columns of w, copied row by row (whole cache lines), then
+    // written out column by column (each column: `lanes` consecutive floats of the panel).
+    float block[kMaxTileLanes][kBlock];
+    for (int64_t u = first; u < last; ++u)
+      for (int64_t q = 0; q < gate_rows; ++q)
+        for (int64_t k0 = 0; k0 < depth; k0 += kBlock) {
+          const int64_t width = std::min(kBlock, depth - k0);
+          for (int64_t v = 0; v < lanes; ++v) {
+            const int64_t j = u * lanes + v;
+            if (j < hidden) {
+              std::copy_n(src + (q * hidden + j) * depth + k0, width, block[v]);
+            } else {
+              std::fill_n(block[v], width, 0.0f);
+            }
+          }
+          float* dst = out + (u * depth + k0) * k_stride + q * lanes;
+          for (int64_t k = 0; k < width; ++k)
+            for (int64_t v = 0; v < lanes; ++v) dst[k * k_stride + v] = block[v][k];
+        }
+  });
+  return panels;
 }
 
-// w [G*H, H] as the backward products' panels (dh += d_pre w): per group of `units` units,
-// [G*H][units] (columns j of w for the group's units; zero past H).
+// w [R, H] as the backward products' panels (dh += d_pre w): per group of `units` units,
+// [R][units] (columns j of w for the group's units; zero past H).
 Tensor backward_panels(const Tensor& w, int64_t units) {
-  const int64_t rows = w.size(0), hidden = w.size(1), panels = (hidden + units - 1) / units;
-  const Tensor padded = at::constant_pad_nd(w, {0, panels * units - hidden});
-  return padded.view({rows, panels, units}).permute({1, 0, 2}).contiguous();
+  const int64_t rows = w.size(0), hidden = w.size(1), groups = (hidden + units - 1) / units;
+  Tensor panels = scratch(kScratchPanels, {groups, rows, units}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* out = panels.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
+    for (int64_t g = first; g < last; ++g) {
+      const int64_t j0 = g * units, n = std::min(units, hidden - j0);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = out + (g * rows + r) * units;
+        std::copy_n(src + r * hidden + j0, n, dst);
+        std::fill(dst + n, dst + units, 0.0f);
+      }
+    }
+  });
+  return panels;
 }
 
 // Runs body(first_tile, last_tile) on each thread of one parallel region, the `tiles` unit
@@ -1131,7 +1172,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
   const int direction = params.direction;
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
 
-  Tensor d_pre = scratch(0, {steps, batch, 4 * hidden}, x.options());
+  Tensor d_pre = scratch(kScratchGradients, {steps, batch, 4 * hidden}, x.options());
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   Tensor dc = grad_c_n.clone();
   const CpuKernels& kernels = active_kernels();
@@ -1263,8 +1304,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_rnn_layer_backwar
   const int64_t saved = zoneout::cell_saved(static_cast<int>(cell)) * hidden;
   const int direction = params.direction;
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-  Tensor d_x = scratch(0, {steps, batch, rows}, x.options());  // gradient of the input part
-  Tensor d_h = gru ? scratch(1, {steps, batch, rows}, x.options()) : d_x;  // ... of the recurrent part
+  Tensor d_x = scratch(kScratchGradients, {steps, batch, rows}, x.options());  // gradient of the input part
+  Tensor d_h = gru ? scratch(kScratchRecurrentGradients, {steps, batch, rows}, x.options()) : d_x;  // ... of the recurrent part
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   const CpuKernels& kernels = active_kernels();
   const Tensor w_hh_t = steps > 1 ? prepare_weight(w_hh.t().contiguous(), batch) : w_hh.t();
