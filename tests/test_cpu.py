@@ -428,21 +428,34 @@ def test_isa_choice_is_checked_and_restored():
     assert cpu_isa.cpu_isa() == supported[-1]
 
 
-def test_isa_from_the_environment():
-    """ZONEOUT_FUSED_CPU_ISA picks the copy when the extension loads; a value this CPU cannot run
-    fails the first kernel call with a message naming the variable."""
+def _python_with_environment(code: str, variable: str, value: str):
+    """A fresh interpreter running `code` with the environment variable set: what it ran, printed
+    and raised."""
     import subprocess
     import sys
 
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, variable: value}, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _assert_setting_from_environment(code: str, variable: str, valid: dict, invalid: str, message: str):
+    """Each valid value of the variable makes `code` print what `valid` says; the invalid one fails
+    it with `message` in the error."""
+    for value, expected in valid.items():
+        result = _python_with_environment(code, variable, value)
+        assert result.returncode == 0 and result.stdout.split() == [expected], result.stderr[-2000:]
+    result = _python_with_environment(code, variable, invalid)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_isa_from_the_environment():
+    """ZONEOUT_FUSED_CPU_ISA picks the copy when the extension loads; a value this CPU cannot run
+    fails the first kernel call with a message naming the variable."""
     code = ("import torch, zoneout_fused as zf; from zoneout_fused import cpu_isa; print(cpu_isa.cpu_isa()); "
             "zf.ZoneoutLSTM(2, 3, backend='cpu')(torch.randn(2, 1, 2))")
-    for value, expected in (("scalar", "scalar"), ("auto", cpu_isa.supported_cpu_isas()[-1])):
-        result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZONEOUT_FUSED_CPU_ISA": value},
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0 and result.stdout.split() == [expected], result.stderr[-2000:]
-    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZONEOUT_FUSED_CPU_ISA": "sse9"},
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "ZONEOUT_FUSED_CPU_ISA=sse9" in result.stderr
+    _assert_setting_from_environment(code, "ZONEOUT_FUSED_CPU_ISA",
+                                     {"scalar": "scalar", "auto": cpu_isa.supported_cpu_isas()[-1]}, "sse9",
+                                     "ZONEOUT_FUSED_CPU_ISA=sse9")
 
 
 # --------------------------------------------------------------------------------------
@@ -669,17 +682,10 @@ def test_loop_choice_is_checked_and_restored():
 
 
 def test_loop_from_the_environment():
-    import subprocess
-    import sys
-
     code = "from zoneout_fused import cpu_isa; print(cpu_isa.cpu_loop())"
-    for value, expected in (("steps", "steps"), ("auto", "auto"), ("fused", "fused"), ("", "auto")):
-        result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZONEOUT_FUSED_CPU_LOOP": value},
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0 and result.stdout.split() == [expected], result.stderr[-2000:]
-    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ZONEOUT_FUSED_CPU_LOOP": "unrolled"},
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "ZONEOUT_FUSED_CPU_LOOP" in result.stderr
+    _assert_setting_from_environment(code, "ZONEOUT_FUSED_CPU_LOOP",
+                                     {"steps": "steps", "auto": "auto", "fused": "fused", "": "auto"}, "unrolled",
+                                     "ZONEOUT_FUSED_CPU_LOOP must be auto, fused or steps")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

@@ -53,13 +53,18 @@ def set_cpu_isa(isa: str) -> str:
 
 
 @contextlib.contextmanager
-def use_cpu_isa(isa: str) -> Iterator[None]:
-    """Runs the block's CPU kernels with `isa`, then restores the previous choice."""
-    previous = set_cpu_isa(isa)
+def _using(set_choice, value: str) -> Iterator[None]:
+    """Makes `value` the choice `set_choice` sets for the block, then restores the previous one."""
+    previous = set_choice(value)
     try:
         yield
     finally:
-        set_cpu_isa(previous)
+        set_choice(previous)
+
+
+def use_cpu_isa(isa: str) -> contextlib.AbstractContextManager:
+    """Runs the block's CPU kernels with `isa`, then restores the previous choice."""
+    return _using(set_cpu_isa, isa)
 
 
 # The engine of the CPU kernels' matrix products (csrc/cpu/gemm.h): "onednn" (the default where
@@ -87,14 +92,9 @@ def set_cpu_gemm(engine: str) -> str:
     return CPU_GEMMS[_ops()._set_cpu_gemm(CPU_GEMMS.index(engine))]
 
 
-@contextlib.contextmanager
-def use_cpu_gemm(engine: str) -> Iterator[None]:
+def use_cpu_gemm(engine: str) -> contextlib.AbstractContextManager:
     """Runs the block's CPU products on `engine`, then restores the previous choice."""
-    previous = set_cpu_gemm(engine)
-    try:
-        yield
-    finally:
-        set_cpu_gemm(previous)
+    return _using(set_cpu_gemm, engine)
 
 
 # The time loop of float32 sequences (csrc/cpu/lstm_cpu.h): "fused" (one parallel region for the
@@ -119,11 +119,6 @@ def set_cpu_loop(loop: str) -> str:
     return CPU_LOOPS[_ops()._set_cpu_loop(CPU_LOOPS.index(loop))]
 
 
-@contextlib.contextmanager
-def use_cpu_loop(loop: str) -> Iterator[None]:
+def use_cpu_loop(loop: str) -> contextlib.AbstractContextManager:
     """Runs the block's CPU sequences with the `loop` time loop, then restores the previous choice."""
-    previous = set_cpu_loop(loop)
-    try:
-        yield
-    finally:
-        set_cpu_loop(previous)
+    return _using(set_cpu_loop, loop)

@@ -1,5 +1,6 @@
 // gemm.cpp: see gemm.h.
 #include "cpu/gemm.h"
+#include "cpu/setting.h"
 
 #include <atomic>
 #include <cstdlib>
@@ -40,14 +41,7 @@ int64_t engine_from_environment() {
 
 std::atomic<int64_t> active_engine{-1};  // -1: not read from the environment yet
 
-int64_t engine() {
-  int64_t current = active_engine.load(std::memory_order_relaxed);
-  if (current < 0) {
-    current = engine_from_environment();
-    active_engine.store(current);
-  }
-  return current;
-}
+int64_t engine() { return lazy_setting(active_engine, engine_from_environment); }
 
 // Products below this many multiply-adds stay on ATen even with oneDNN active: there oneDNN's
 // fixed cost per call (a boxed dispatch, a fresh output, for accumulation an extra add: about

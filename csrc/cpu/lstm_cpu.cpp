@@ -26,6 +26,7 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 
 #include "cpu/lstm_cpu.h"
 #include "cpu/gemm.h"
+#include "cpu/setting.h"
 
 #include <algorithm>
 #include <cstring>
@@ -738,14 +739,7 @@ int64_t loop_from_environment() {
 
 std::atomic<int64_t> active_loop{-1};  // -1: not read from the environment yet
 
-int64_t loop_choice() {
-  int64_t current = active_loop.load(std::memory_order_relaxed);
-  if (current < 0) {
-    current = loop_from_environment();
-    active_loop.store(current);
-  }
-  return current;
-}
+int64_t loop_choice() { return lazy_setting(active_loop, loop_from_environment); }
 
 // Above this hidden size "auto" runs the per-step forward: there oneDNN's products beat the tile
 // kernels' (measured, 2 threads, AVX-512, T=30 I=256, forward ms fused / steps: B=32 H=512 8.9 /
