@@ -861,7 +861,7 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
   for (int64_t u = first; u < last; ++u) {
     const float* panel = panels + u * depth * vectors * lanes;
     const int64_t j0 = u * units;
-    for (int64_t b0 = 0; b0 < batch; b0 += max_rows) {  // the panel stays in L1 across row blocks
+    for (int64_t b0 = 0; b0 < batch; b0 += max_rows) {  // the panel is reused across row blocks (L1 or L2)
       const int64_t rows = std::min(max_rows, batch - b0);
       const TileProductFn product = tiles.get(vectors, rows);
       float* out = dst + b0 * row_stride + j0;
@@ -912,7 +912,9 @@ Tensor tiled_weight_gradient(const TileKernels& tiles, const std::vector<Gradien
   const int64_t lanes = tiles.lanes, width = kVectors * lanes, max_rows = tiles.max_rows[kVectors - 1];
   const int64_t chunk = kPanelChunkBytes / (width * int64_t(sizeof(float)));
   fused_region((n + max_rows - 1) / max_rows, [&](int64_t first, int64_t last) {
-    std::vector<float> panel_copy;  // the last column tile's panel rows, zero-padded to `width`
+    // The last column tile's panel rows, zero-padded to `width` (on the stack: nothing inside the
+    // parallel region allocates, or may throw).
+    alignas(64) float panel_copy[kPanelChunkBytes / sizeof(float)];
     alignas(64) float tile_copy[kMaxTileRows * kMaxTileVectors * kMaxTileLanes];
     for (int64_t c0 = 0; c0 < cols; c0 += width) {
       const int64_t valid = std::min(width, cols - c0);
@@ -922,9 +924,9 @@ Tensor tiled_weight_gradient(const TileKernels& tiles, const std::vector<Gradien
           const float* panel = run.b + k0 * ldb + c0;
           int64_t ldp = ldb;
           if (valid < width) {
-            panel_copy.assign(depth * width, 0.0f);
-            for (int64_t k = 0; k < depth; ++k) std::copy_n(panel + k * ldb, valid, panel_copy.data() + k * width);
-            panel = panel_copy.data();
+            std::fill_n(panel_copy, depth * width, 0.0f);
+            for (int64_t k = 0; k < depth; ++k) std::copy_n(panel + k * ldb, valid, panel_copy + k * width);
+            panel = panel_copy;
             ldp = width;
           }
           for (int64_t block = first; block < last; ++block) {
