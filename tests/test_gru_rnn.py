@@ -103,6 +103,43 @@ def test_cpu_lengths_match_reference(cell, direction):
                                      direction=direction)
 
 
+@loop_param
+@pytest.mark.parametrize("direction", [0, 1])
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpu_float32_lengths_and_no_bias_match_reference(cell, direction, loop):
+    """The time loops of float32 sequences (the fused one forms the GRU's recurrent part from b_hh,
+    or zero without biases) with ended sequences copied through; B = 14, H = 40: several row
+    blocks and a partial tile."""
+    _backend_or_skip("cpu")
+    for bias in (True, False):
+        tensors = make_inputs(cell, 6, 14, 3, 40, torch.float32, bias=bias)
+        lengths = torch.tensor([6, 2, 1, 5, 6, 3, 4, 6, 1, 2, 5, 6, 3, 4])
+        assert_backend_matches_reference("cpu", cell, tensors, lengths=lengths, zoneout_hidden=0.3,
+                                         recurrent_dropout=0.2 if cell == "gru" else 0.0, direction=direction)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cpu_fused_loop_is_independent_of_the_thread_count(cell):
+    """Every output of the fused loop's products is one FMA chain, whichever thread forms it."""
+    _backend_or_skip("cpu")
+    from zoneout_fused import cpu_isa
+
+    if cpu_isa.cpu_isa() == "scalar":
+        pytest.skip("the fused loop needs the avx2 or avx512 kernels")
+    tensors = make_inputs(cell, 7, 9, 5, 100, torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with cpu_isa.use_cpu_loop("fused"):
+                results.append(run(ops.BACKENDS["cpu"].gru_rnn_layer, cell, tensors, zoneout_hidden=0.2))
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two in zip(RESULT_NAMES, *results):
+        assert (one is None and two is None) or torch.equal(one, two), name
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 1, 2, 65), (2, 7, 1, 3)], ids=str)
 @pytest.mark.parametrize("cell", CELLS)
 def test_cpu_awkward_shapes_and_no_bias(cell, shape):

@@ -8,7 +8,8 @@
 // passes (zoneout_lstm.h), never stored. Two time loops (lstm_cpu.h, cpu_loop): "steps" forms each
 // step's product through oneDNN / ATen and runs the element pass with at::parallel_for; "fused"
 // (float32) runs the whole sequence in one parallel region, each thread forming its own units'
-// columns with the tile kernels (recurrent_tiles.h) and passing one barrier per step.
+// columns with the tile kernels (recurrent_tiles.h) and passing one barrier per step; its loops
+// (fused_forward_loop / fused_backward_loop) serve the LSTM, the GRU and the RNN.
 
 // With glibc's vector math library (setup.py defines ZF_USE_LIBMVEC and links -lmvec on
 // Linux x86-64), declaring expf/tanhf/exp/tanh as SIMD functions lets the compiler vectorize
@@ -994,39 +995,27 @@ inline void prefetch_units(const float* base, int64_t rows, int64_t row_stride, 
       for (int64_t j = j0; j < j1; j += kLine) __builtin_prefetch(base + b * row_stride + q * hidden + j);
 }
 
-void fused_forward(const TileKernels& tiles, float* gates, float* y, float* c_seq, const float* h0, const float* c0,
-                   const Tensor& w_hh, const int64_t* lengths, int64_t steps, const ZoneoutParams& p,
-                   const CpuKernels& kernels) {
+// The fused forward of a recurrent cell with G gate rows: per step, the thread's units' columns of
+// h_{t-1} W_hh^T added to destination(s, t) (rows `row_stride` apart, prepared by it: the input
+// projection, or b_hh), then element(t, h_prev, j0, j1) on the thread's units [j0, j1), then one
+// barrier (h_t complete before any thread's next products read it).
+template <typename Destination, typename Element>
+void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t gate_rows, int64_t steps,
+                        const ZoneoutParams& p, const float* h0, const float* y, int64_t row_stride,
+                        const Destination& destination, const Element& element) {
   const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden, lanes = tiles.lanes;
-  const Tensor panels = forward_panels(w_hh, 4, lanes);
+  const Tensor panels = forward_panels(w_hh, gate_rows, lanes);
   const float* panels_p = panels.data_ptr<float>();
-  const auto row = kernels.f32.lstm_forward;
+  const PanelLayout layout{gate_rows, true};
   fused_region((hidden + lanes - 1) / lanes, [&](int64_t first, int64_t last) {
     const int64_t j0 = std::min(hidden, first * lanes), j1 = std::min(hidden, last * lanes);
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = step_position(s, steps, p.direction);
-      const int64_t t_prev = s == 0 ? -1 : step_position(s - 1, steps, p.direction);
-      const float* hp = t_prev < 0 ? h0 : y + t_prev * state;
-      const float* cp = t_prev < 0 ? c0 : c_seq + t_prev * state;
-      float* g_t = gates + t * 4 * state;
-      float* y_t = y + t * state;
-      float* c_t = c_seq + t * state;
-      if (s + 1 < steps) {  // the next step's input projection, for the thread's units
-        const float* g_next = gates + step_position(s + 1, steps, p.direction) * 4 * state;
-        prefetch_units(g_next, batch, 4 * hidden, 4, hidden, first * lanes, std::min(hidden, last * lanes));
-      }
-      tile_products(tiles, hp, hidden, hidden, panels_p, first, last, {4, true}, hidden, batch, g_t, 4 * hidden);
-      for (int64_t b = 0; b < batch && j0 < j1; ++b) {
-        if (zoneout::step_active(t, lengths, b)) {
-          row(g_t + b * 4 * hidden, hp + b * hidden, cp + b * hidden, y_t + b * hidden, c_t + b * hidden, t, b, j0,
-              j1, p);
-        } else {
-          copy_row(y_t + b * hidden, hp + b * hidden, j0, j1);
-          copy_row(c_t + b * hidden, cp + b * hidden, j0, j1);
-          zero_columns(g_t + b * 4 * hidden, 4, hidden, j0, j1);
-        }
-      }
-      step_barrier();  // h_t complete before any thread's next products read it
+      const float* hp = s == 0 ? h0 : y + step_position(s - 1, steps, p.direction) * state;
+      float* dst = destination(s, t, j0, j1);
+      tile_products(tiles, hp, hidden, hidden, panels_p, first, last, layout, hidden, batch, dst, row_stride);
+      if (j0 < j1) element(s, t, hp, j0, j1);
+      step_barrier();
     }
   });
 }
@@ -1035,43 +1024,173 @@ void fused_forward(const TileKernels& tiles, float* gates, float* y, float* c_se
 // FMA, so the products were bound by loads.
 constexpr int64_t kBackwardPanelVectors = 2;
 
-void fused_backward(const TileKernels& tiles, const float* grad_y, const float* gates, const float* c_seq,
-                    const float* c0, float* dh, float* dc, float* d_pre, const Tensor& w_hh, const int64_t* lengths,
-                    int64_t steps, const ZoneoutParams& p, const CpuKernels& kernels) {
-  const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden, lanes = tiles.lanes;
-  const PanelLayout backward_layout{kBackwardPanelVectors, false};
-  const int64_t units = backward_layout.units(lanes);
+// The fused backward of a recurrent cell: per processed step, last first, element(s, t, j0, j1) on
+// the thread's units (it writes their gradients of h_{t-1} W_hh^T's pre-activations into
+// d_rec(t), rows `row_stride` apart, and leaves in dh the direct part of the gradient reaching
+// h_{t-1}), one barrier (d_rec(t) complete), then dh[:, thread's units] += d_rec(t) W_hh.
+template <typename Gradients, typename Element>
+void fused_backward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t steps, const ZoneoutParams& p,
+                         float* dh, int64_t row_stride, const Gradients& d_rec, const Element& element) {
+  const int64_t batch = p.batch, hidden = p.hidden, lanes = tiles.lanes;
+  const PanelLayout layout{kBackwardPanelVectors, false};
+  const int64_t units = layout.units(lanes);
   const Tensor panels = backward_panels(w_hh, units);
   const float* panels_p = panels.data_ptr<float>();
-  const auto row = kernels.f32.lstm_backward;
   fused_region((hidden + units - 1) / units, [&](int64_t first, int64_t last) {
     const int64_t j0 = std::min(hidden, first * units), j1 = std::min(hidden, last * units);
-    for (int64_t s = steps - 1; s >= 0; --s) {  // processed steps, last first
+    for (int64_t s = steps - 1; s >= 0; --s) {
       const int64_t t = step_position(s, steps, p.direction);
-      const float* cp = s == 0 ? c0 : c_seq + step_position(s - 1, steps, p.direction) * state;
-      const float* gy_t = grad_y + t * state;
-      const float* g_t = gates + t * 4 * state;
-      float* dp_t = d_pre + t * 4 * state;
-      for (int64_t b = 0; b < batch && j0 < j1; ++b) {
-        if (zoneout::step_active(t, lengths, b)) {
-          row(g_t + b * 4 * hidden, gy_t + b * hidden, cp + b * hidden, dh + b * hidden, dc + b * hidden,
-              dp_t + b * 4 * hidden, t, b, j0, j1, p);
-        } else {
-          add_row(dh + b * hidden, gy_t + b * hidden, j0, j1);
-          zero_columns(dp_t + b * 4 * hidden, 4, hidden, j0, j1);
-        }
-      }
-      step_barrier();  // d_pre_t complete before any thread's products read it
-      if (s > 0 && j0 < j1) {  // what the next element pass reads
-        const int64_t t_next = step_position(s - 1, steps, p.direction);
-        prefetch_units(gates + t_next * 4 * state, batch, 4 * hidden, 4, hidden, j0, j1);
-        prefetch_units(grad_y + t_next * state, batch, hidden, 1, hidden, j0, j1);
-        if (s > 1) prefetch_units(c_seq + step_position(s - 2, steps, p.direction) * state, batch, hidden, 1, hidden, j0, j1);
-      }
-      tile_products(tiles, dp_t, 4 * hidden, 4 * hidden, panels_p, first, last, backward_layout, hidden, batch, dh,
+      if (j0 < j1) element(s, t, j0, j1);
+      step_barrier();
+      tile_products(tiles, d_rec(t), row_stride, row_stride, panels_p, first, last, layout, hidden, batch, dh,
                     hidden);
     }
   });
+}
+
+void fused_forward(const TileKernels& tiles, float* gates, float* y, float* c_seq, const float* h0, const float* c0,
+                   const Tensor& w_hh, const int64_t* lengths, int64_t steps, const ZoneoutParams& p,
+                   const CpuKernels& kernels) {
+  const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden;
+  const auto row = kernels.f32.lstm_forward;
+  fused_forward_loop(
+      tiles, w_hh, 4, steps, p, h0, y, 4 * hidden,
+      [&](int64_t s, int64_t t, int64_t j0, int64_t j1) {
+        if (s + 1 < steps)  // the next step's input projection, for the thread's units
+          prefetch_units(gates + step_position(s + 1, steps, p.direction) * 4 * state, batch, 4 * hidden, 4, hidden,
+                         j0, j1);
+        return gates + t * 4 * state;  // x_t W_ih^T + b: the product adds to it
+      },
+      [&](int64_t s, int64_t t, const float* hp, int64_t j0, int64_t j1) {
+        const float* cp = s == 0 ? c0 : c_seq + step_position(s - 1, steps, p.direction) * state;
+        float* g_t = gates + t * 4 * state;
+        float* y_t = y + t * state;
+        float* c_t = c_seq + t * state;
+        for (int64_t b = 0; b < batch; ++b) {
+          const int64_t bh = b * hidden;
+          if (zoneout::step_active(t, lengths, b)) {
+            row(g_t + 4 * bh, hp + bh, cp + bh, y_t + bh, c_t + bh, t, b, j0, j1, p);
+          } else {
+            copy_row(y_t + bh, hp + bh, j0, j1);
+            copy_row(c_t + bh, cp + bh, j0, j1);
+            zero_columns(g_t + 4 * bh, 4, hidden, j0, j1);
+          }
+        }
+      });
+}
+
+void fused_backward(const TileKernels& tiles, const float* grad_y, const float* gates, const float* c_seq,
+                    const float* c0, float* dh, float* dc, float* d_pre, const Tensor& w_hh, const int64_t* lengths,
+                    int64_t steps, const ZoneoutParams& p, const CpuKernels& kernels) {
+  const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden;
+  const auto row = kernels.f32.lstm_backward;
+  fused_backward_loop(
+      tiles, w_hh, steps, p, dh, 4 * hidden, [&](int64_t t) { return d_pre + t * 4 * state; },
+      [&](int64_t s, int64_t t, int64_t j0, int64_t j1) {
+        const float* cp = s == 0 ? c0 : c_seq + step_position(s - 1, steps, p.direction) * state;
+        const float* gy_t = grad_y + t * state;
+        const float* g_t = gates + t * 4 * state;
+        float* dp_t = d_pre + t * 4 * state;
+        for (int64_t b = 0; b < batch; ++b) {
+          const int64_t bh = b * hidden;
+          if (zoneout::step_active(t, lengths, b)) {
+            row(g_t + 4 * bh, gy_t + bh, cp + bh, dh + bh, dc + bh, dp_t + 4 * bh, t, b, j0, j1, p);
+          } else {
+            add_row(dh + bh, gy_t + bh, j0, j1);
+            zero_columns(dp_t + 4 * bh, 4, hidden, j0, j1);
+          }
+        }
+        if (s > 0) {  // what the next element pass reads, fetched during the barrier and the products
+          const int64_t t_next = step_position(s - 1, steps, p.direction);
+          prefetch_units(gates + t_next * 4 * state, batch, 4 * hidden, 4, hidden, j0, j1);
+          prefetch_units(grad_y + t_next * state, batch, hidden, 1, hidden, j0, j1);
+          if (s > 1)
+            prefetch_units(c_seq + step_position(s - 2, steps, p.direction) * state, batch, hidden, 1, hidden, j0, j1);
+        }
+      });
+}
+
+// The GRU's and the RNN's fused loops (their per-step paths: gru_rnn_layer_forward/_backward).
+// GRU forward: the products go into one [B, 3H] buffer, started from b_hh (b_hn stays inside the
+// reset product), which only the thread's own units' columns are ever read from; RNN: onto the gates
+// (x_t W_ih^T + both biases).
+void fused_gru_rnn_forward(const TileKernels& tiles, int64_t cell, const float* x_proj, float* gates, float* y,
+                           const float* h0, const Tensor& w_hh, const Tensor& b_hh, const int64_t* lengths,
+                           int64_t steps, const ZoneoutParams& p, const CpuKernels& kernels) {
+  const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden;
+  const bool gru = cell == zoneout::kGru;
+  const int64_t gate_rows = zoneout::cell_rows(static_cast<int>(cell)), rows = gate_rows * hidden;
+  const int64_t saved = zoneout::cell_saved(static_cast<int>(cell)) * hidden;
+  const Tensor recurrent = gru ? at::empty({batch, rows}, w_hh.options()) : Tensor();
+  float* hh = gru ? recurrent.data_ptr<float>() : nullptr;
+  const float* bias = b_hh.defined() ? b_hh.data_ptr<float>() : nullptr;
+  const auto& row = kernels.f32;
+  const auto rnn_row = row.rnn_forward[cell == zoneout::kRnnRelu ? 1 : 0];
+  fused_forward_loop(
+      tiles, w_hh, gate_rows, steps, p, h0, y, rows,
+      [&](int64_t, int64_t t, int64_t j0, int64_t j1) {
+        if (!gru) return gates + t * state;  // the RNN's products add to its pre-activations
+        for (int64_t b = 0; b < batch; ++b)
+          for (int64_t q = 0; q < gate_rows; ++q) {
+            float* dst = hh + b * rows + q * hidden;
+            if (bias != nullptr) {
+              std::copy(bias + q * hidden + j0, bias + q * hidden + j1, dst + j0);
+            } else {
+              std::fill(dst + j0, dst + j1, 0.0f);
+            }
+          }
+        return hh;
+      },
+      [&](int64_t, int64_t t, const float* hp, int64_t j0, int64_t j1) {
+        float* y_t = y + t * state;
+        float* g_t = gates + t * batch * saved;
+        const float* xp_t = x_proj + t * batch * rows;
+        for (int64_t b = 0; b < batch; ++b) {
+          const int64_t bh = b * hidden;
+          if (!zoneout::step_active(t, lengths, b)) {
+            copy_row(y_t + bh, hp + bh, j0, j1);
+            zero_columns(g_t + b * saved, saved / hidden, hidden, j0, j1);
+          } else if (gru) {
+            row.gru_forward(xp_t + b * rows, hh + b * rows, hp + bh, g_t + b * saved, y_t + bh, t, b, j0, j1, p);
+          } else {
+            rnn_row(g_t + bh, hp + bh, y_t + bh, t, b, j0, j1, p);
+          }
+        }
+      });
+}
+
+// GRU / RNN backward: d_x, d_h as in gru_rnn_layer_backward (the same buffer for the RNN).
+void fused_gru_rnn_backward(const TileKernels& tiles, int64_t cell, const float* grad_y, const float* gates,
+                            const float* y, const float* h0, float* dh, float* d_x, float* d_h, const Tensor& w_hh,
+                            const int64_t* lengths, int64_t steps, const ZoneoutParams& p, const CpuKernels& kernels) {
+  const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden;
+  const bool gru = cell == zoneout::kGru;
+  const int64_t rows = zoneout::cell_rows(static_cast<int>(cell)) * hidden;
+  const int64_t saved = zoneout::cell_saved(static_cast<int>(cell)) * hidden;
+  const auto& row = kernels.f32;
+  const auto rnn_row = row.rnn_backward[cell == zoneout::kRnnRelu ? 1 : 0];
+  fused_backward_loop(
+      tiles, w_hh, steps, p, dh, rows, [&](int64_t t) { return d_h + t * batch * rows; },
+      [&](int64_t s, int64_t t, int64_t j0, int64_t j1) {
+        const float* hp = s == 0 ? h0 : y + step_position(s - 1, steps, p.direction) * state;
+        const float* gy_t = grad_y + t * state;
+        const float* g_t = gates + t * batch * saved;
+        float* dx_t = d_x + t * batch * rows;
+        float* dhh_t = d_h + t * batch * rows;
+        for (int64_t b = 0; b < batch; ++b) {
+          const int64_t bh = b * hidden;
+          if (!zoneout::step_active(t, lengths, b)) {
+            add_row(dh + bh, gy_t + bh, j0, j1);
+            zero_columns(dx_t + b * rows, rows / hidden, hidden, j0, j1);
+            if (gru) zero_columns(dhh_t + b * rows, rows / hidden, hidden, j0, j1);
+          } else if (gru) {
+            row.gru_backward(g_t + b * saved, gy_t + bh, hp + bh, dh + bh, dx_t + b * rows, dhh_t + b * rows, t, b,
+                             j0, j1, p);
+          } else {
+            rnn_row(g_t + bh, gy_t + bh, dh + bh, dx_t + bh, t, b, j0, j1, p);
+          }
+        }
+      });
 }
 
 }  // namespace
@@ -1212,7 +1331,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
 // inside the reset product; for the RNN onto the gates) and one fused element-wise pass makes
 // the gates and y[t]. Backward: one fused pass and one GEMM per step, then the products over
 // all steps. The GRU keeps two pre-activation gradients, of the input part and of the
-// recurrent part (they differ in the n row: d_hp_n = d_n * r); the RNN's are one.
+// recurrent part (they differ in the n row: d_hp_n = d_n * r); the RNN's are one. The fused time
+// loop of float32 sequences runs the same steps (fused_gru_rnn_forward / _backward).
 // ---------------------------------------------------------------------------------------
 namespace {
 
@@ -1242,6 +1362,11 @@ std::tuple<Tensor, Tensor> gru_rnn_layer_forward(const Tensor& x, const Tensor& 
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const int direction = params.direction;
   const CpuKernels& kernels = active_kernels();
+  if (const TileKernels* tiles = fused_loop_kernels(x, steps, hidden, /*forward=*/true)) {
+    fused_gru_rnn_forward(*tiles, cell, x_proj.data_ptr<float>(), gates.data_ptr<float>(), y.data_ptr<float>(),
+                          h0.data_ptr<float>(), w_hh, b_hh, len, steps, params, kernels);
+    return {y, gates};
+  }
   const Tensor w_rec = steps > 1 ? prepare_weight(w_hh, batch) : w_hh;  // packed once, used every step
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_gru_rnn_layer_forward", [&] {
@@ -1304,48 +1429,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_rnn_layer_backwar
   Tensor d_h = gru ? scratch(kScratchRecurrentGradients, {steps, batch, rows}, x.options()) : d_x;  // ... of the recurrent part
   Tensor dh = at::zeros({batch, hidden}, x.options());  // h_n's gradient is already in grad_y
   const CpuKernels& kernels = active_kernels();
-  const Tensor w_hh_t = steps > 1 ? prepare_weight(w_hh.t().contiguous(), batch) : w_hh.t();
+  const TileKernels* tiles = fused_loop_kernels(x, steps, hidden, /*forward=*/false);
+  if (tiles != nullptr) {
+    fused_gru_rnn_backward(*tiles, cell, grad_y.data_ptr<float>(), gates.data_ptr<float>(), y.data_ptr<float>(),
+                           h0.data_ptr<float>(), dh.data_ptr<float>(), d_x.data_ptr<float>(), d_h.data_ptr<float>(),
+                           w_hh, len, steps, params, kernels);
+  } else {
+    const Tensor w_hh_t = steps > 1 ? prepare_weight(w_hh.t().contiguous(), batch) : w_hh.t();
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_gru_rnn_layer_backward", [&] {
-    const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
-    const scalar_t* g_p = gates.data_ptr<scalar_t>();
-    const scalar_t* y_p = y.data_ptr<scalar_t>();
-    scalar_t* dx_p = d_x.data_ptr<scalar_t>();
-    scalar_t* dhh_p = d_h.data_ptr<scalar_t>();
-    scalar_t* dh_p = dh.data_ptr<scalar_t>();
-    const auto& row = kernels.rows(dh_p);
-    const auto rnn_row = row.rnn_backward[cell == zoneout::kRnnRelu ? 1 : 0];
-    const int64_t state = batch * hidden;
-    for (int64_t s = steps - 1; s >= 0; --s) {  // processed steps, last first
-      const int64_t t = step_position(s, steps, direction);
-      const scalar_t* hp = s == 0 ? h0.data_ptr<scalar_t>() : y_p + step_position(s - 1, steps, direction) * state;
-      const scalar_t* gy_t = gy_p + t * state;
-      const scalar_t* g_t = g_p + t * batch * saved;
-      scalar_t* dx_t = dx_p + t * batch * rows;
-      scalar_t* dhh_t = dhh_p + t * batch * rows;
-      for_step_rows(
-          params, len, t,
-          [&](int64_t b, int64_t j0, int64_t j1) {
-            if (gru) {
-              row.gru_backward(g_t + b * saved, gy_t + b * hidden, hp + b * hidden, dh_p + b * hidden,
-                               dx_t + b * rows, dhh_t + b * rows, t, b, j0, j1, params);
-            } else {
-              rnn_row(g_t + b * hidden, gy_t + b * hidden, dh_p + b * hidden, dx_t + b * hidden, t, b, j0, j1,
-                      params);
-            }
-          },
-          [&](int64_t b, int64_t j0, int64_t j1) {
-            add_row(dh_p + b * hidden, gy_t + b * hidden, j0, j1);
-            zero_columns(dx_t + b * rows, rows / hidden, hidden, j0, j1);
-            if (gru) zero_columns(dhh_t + b * rows, rows / hidden, hidden, j0, j1);
-          });
-      add_linear_product_(dh, d_h[t], w_hh_t);  // the step's one GEMM: the W_hh path to h_{t-1}
-    }
-  });
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_gru_rnn_layer_backward", [&] {
+      const scalar_t* gy_p = grad_y.data_ptr<scalar_t>();
+      const scalar_t* g_p = gates.data_ptr<scalar_t>();
+      const scalar_t* y_p = y.data_ptr<scalar_t>();
+      scalar_t* dx_p = d_x.data_ptr<scalar_t>();
+      scalar_t* dhh_p = d_h.data_ptr<scalar_t>();
+      scalar_t* dh_p = dh.data_ptr<scalar_t>();
+      const auto& row = kernels.rows(dh_p);
+      const auto rnn_row = row.rnn_backward[cell == zoneout::kRnnRelu ? 1 : 0];
+      const int64_t state = batch * hidden;
+      for (int64_t s = steps - 1; s >= 0; --s) {  // processed steps, last first
+        const int64_t t = step_position(s, steps, direction);
+        const scalar_t* hp = s == 0 ? h0.data_ptr<scalar_t>() : y_p + step_position(s - 1, steps, direction) * state;
+        const scalar_t* gy_t = gy_p + t * state;
+        const scalar_t* g_t = g_p + t * batch * saved;
+        scalar_t* dx_t = dx_p + t * batch * rows;
+        scalar_t* dhh_t = dhh_p + t * batch * rows;
+        for_step_rows(
+            params, len, t,
+            [&](int64_t b, int64_t j0, int64_t j1) {
+              if (gru) {
+                row.gru_backward(g_t + b * saved, gy_t + b * hidden, hp + b * hidden, dh_p + b * hidden,
+                                 dx_t + b * rows, dhh_t + b * rows, t, b, j0, j1, params);
+              } else {
+                rnn_row(g_t + b * hidden, gy_t + b * hidden, dh_p + b * hidden, dx_t + b * hidden, t, b, j0, j1,
+                        params);
+              }
+            },
+            [&](int64_t b, int64_t j0, int64_t j1) {
+              add_row(dh_p + b * hidden, gy_t + b * hidden, j0, j1);
+              zero_columns(dx_t + b * rows, rows / hidden, hidden, j0, j1);
+              if (gru) zero_columns(dhh_t + b * rows, rows / hidden, hidden, j0, j1);
+            });
+        add_linear_product_(dh, d_h[t], w_hh_t);  // the step's one GEMM: the W_hh path to h_{t-1}
+      }
+    });
+  }
 
   const Tensor d_x_2d = d_x.view({steps * batch, rows});
   const Tensor grad_x = product(d_x_2d, w_ih).view({steps, batch, input});
-  const auto [grad_w_ih, grad_w_hh] = weight_gradients(fused_loop_kernels(x, steps, hidden, false), d_x, d_h, x, y, h0, direction);
+  const auto [grad_w_ih, grad_w_hh] = weight_gradients(tiles, d_x, d_h, x, y, h0, direction);
   const Tensor grad_b_ih = d_x_2d.sum(0);
   const Tensor grad_b_hh = gru ? d_h.view({steps * batch, rows}).sum(0) : grad_b_ih.clone();
   return {grad_x, dh, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
