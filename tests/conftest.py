@@ -125,6 +125,23 @@ def loop(request):
         yield request.param
 
 
+def run_with_thread_counts(run, counts=(1, 2)) -> list:
+    """run() under each of torch's thread counts, the fused CPU time loop chosen; the thread count
+    is restored after."""
+    from zoneout_fused import cpu_isa
+
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            with cpu_isa.use_cpu_loop("fused"):
+                results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 def pytest_terminal_summary(terminalreporter):
     supported = _supported_isas()
     if supported is None:

@@ -18,7 +18,7 @@ from torch import nn
 import zoneout_fused as zf
 from zoneout_fused import cpu_isa, masks, ops, reference
 from zoneout_fused.testing import assert_all_three_way, three_way_error
-from conftest import assert_close, isa_param, loop_param, reference_mismatch
+from conftest import assert_close, isa_param, loop_param, reference_mismatch, run_with_thread_counts
 
 # CI always builds the extension: a missing build is a failure, not a skip.
 _UNAVAILABLE = ops.BACKENDS["cpu"].unavailable_reason(torch.device("cpu"))
@@ -657,16 +657,8 @@ def test_fused_loop_is_independent_of_the_thread_count(direction):
     if not _fused_loop_runs():
         pytest.skip("the fused loop needs the avx2 or avx512 kernels")
     tensors = make_inputs(9, 14, 6, 100, torch.float32)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            with cpu_isa.use_cpu_loop("fused"):
-                results.append(_flat(run(cpu_layer, tensors, direction=direction, zoneout_cell=0.5,
-                                         zoneout_hidden=0.05, recurrent_dropout=0.1)))
-    finally:
-        torch.set_num_threads(threads)
+    results = run_with_thread_counts(lambda: _flat(run(cpu_layer, tensors, direction=direction, zoneout_cell=0.5,
+                                                       zoneout_hidden=0.05, recurrent_dropout=0.1)))
     for name, one, two in zip(RESULT_NAMES, *results):
         assert torch.equal(one, two), name
 

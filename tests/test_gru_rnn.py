@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import zoneout_fused as zf
 from zoneout_fused import masks, ops, reference
-from conftest import assert_close, isa_param, loop_param, reference_mismatch
+from conftest import assert_close, isa_param, loop_param, reference_mismatch, run_with_thread_counts
 
 REQUIRED = {name for name in os.environ.get("ZONEOUT_FUSED_REQUIRE_BACKENDS", "").split(",") if name}
 CELLS = {"gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
@@ -127,15 +127,8 @@ def test_cpu_fused_loop_is_independent_of_the_thread_count(cell):
     if cpu_isa.cpu_isa() == "scalar":
         pytest.skip("the fused loop needs the avx2 or avx512 kernels")
     tensors = make_inputs(cell, 7, 9, 5, 100, torch.float32)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            with cpu_isa.use_cpu_loop("fused"):
-                results.append(run(ops.BACKENDS["cpu"].gru_rnn_layer, cell, tensors, zoneout_hidden=0.2))
-    finally:
-        torch.set_num_threads(threads)
+    results = run_with_thread_counts(lambda: run(ops.BACKENDS["cpu"].gru_rnn_layer, cell, tensors,
+                                                 zoneout_hidden=0.2))
     for name, one, two in zip(RESULT_NAMES, *results):
         assert (one is None and two is None) or torch.equal(one, two), name
 
