@@ -40,6 +40,23 @@ def forbid_host_sync():
         torch.cuda.set_sync_debug_mode(previous)
 
 
+# A Philox key with both 32-bit halves nonzero, for the tests of a seed read from GPU memory.
+DEVICE_SEED = 2 ** 40 + 12345
+
+
+def assert_device_seed_matches_cpu_seed(run_with_seed, device):
+    """run_with_seed(seed, grads=...) -> dict of results. The seed DEVICE_SEED in `device` memory
+    gives every result bit for bit as the same value on the CPU, and is really read there: the next
+    value draws other masks."""
+    on_cpu = run_with_seed(DEVICE_SEED, grads=True)
+    on_device = run_with_seed(torch.tensor(DEVICE_SEED, device=device), grads=True)
+    assert on_device.keys() == on_cpu.keys()
+    for name in on_cpu:
+        assert torch.equal(on_device[name], on_cpu[name]), f"{name}: device seed differs from the CPU seed"
+    other = run_with_seed(torch.tensor(DEVICE_SEED + 1, device=device), grads=False)
+    assert not torch.equal(other["y"], on_cpu["y"])
+
+
 def as_float64(tensors):
     """The floating tensors of a tensor, list, tuple or dict cast to float64 (others unchanged)."""
     if isinstance(tensors, dict):

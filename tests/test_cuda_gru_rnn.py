@@ -19,7 +19,8 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from zoneout_fused import ops, reference  # noqa: E402
 from zoneout_fused.masks import MASK_MODE_CODES, MASK_MODES  # noqa: E402
-from conftest import assert_close, forbid_host_sync, reference_mismatch  # noqa: E402
+from conftest import (DEVICE_SEED, assert_close, assert_device_seed_matches_cpu_seed,  # noqa: E402
+                      forbid_host_sync, reference_mismatch)
 
 # Where a GPU is present a missing build fails instead of skipping (conftest.cuda_extension).
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(),
@@ -370,7 +371,7 @@ def test_backward_rejects_bad_saved_gates():
 # seed on the GPU: the kernels load it (never read on the host), so a CUDA graph replay
 # draws with whatever value the buffer holds
 # --------------------------------------------------------------------------------------
-SEED = 2 ** 40 + 12345  # both 32-bit halves of the Philox key nonzero
+SEED = DEVICE_SEED
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -383,14 +384,8 @@ def test_device_seed_matches_cpu_seed(cell, direction, mode, dtype, nan_fill):
     tensors = make_inputs(cell, 9, 4, 3, 10, dtype, lengths=[9, 5, 1, 8])
     kwargs = dict(cell=cell, layer=1, direction=direction, zoneout_hidden=0.3,
                   recurrent_dropout=0.25 if cell == "gru" else 0.0, mask_mode=mode)
-    on_cpu = run(cuda_gru_rnn_layer, tensors, seed=SEED, **kwargs)
-    on_gpu = run(cuda_gru_rnn_layer, tensors, seed=torch.tensor(SEED, device=DEVICE), **kwargs)
-    assert on_gpu.keys() == on_cpu.keys()
-    for name in on_cpu:
-        assert torch.equal(on_gpu[name], on_cpu[name]), f"{name}: device seed differs from the CPU seed"
-    # The value is really read: another one draws other masks.
-    other = run(cuda_gru_rnn_layer, tensors, seed=torch.tensor(SEED + 1, device=DEVICE), grads=False, **kwargs)
-    assert not torch.equal(other["y"], on_cpu["y"])
+    assert_device_seed_matches_cpu_seed(
+        lambda seed, grads: run(cuda_gru_rnn_layer, tensors, seed=seed, grads=grads, **kwargs), DEVICE)
 
 
 @pytest.mark.parametrize("cell", CELLS)
