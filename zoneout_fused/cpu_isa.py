@@ -25,10 +25,11 @@ def _ops():
     return torch.ops.zoneout_fused
 
 
-def _code(isa: str) -> int:
-    if isa not in CPU_ISAS:
-        raise ValueError(f"isa must be one of {CPU_ISAS}, got {isa!r}")
-    return CPU_ISAS.index(isa)
+def _code(argument: str, choices: tuple, value: str) -> int:
+    """The extension's code of `value`, one of a setting's `choices`; ValueError naming `argument`."""
+    if value not in choices:
+        raise ValueError(f"{argument} must be one of {choices}, got {value!r}")
+    return choices.index(value)
 
 
 def supported_cpu_isas() -> list[str]:
@@ -45,7 +46,7 @@ def cpu_isa() -> str:
 def set_cpu_isa(isa: str) -> str:
     """Makes the CPU kernels run `isa`; returns the previous one. Raises ValueError if this CPU
     cannot run it."""
-    code = _code(isa)
+    code = _code("isa", CPU_ISAS, isa)
     ops = _ops()
     if not ops._cpu_isa_supported(code):
         raise ValueError(f"isa={isa!r} cannot run on this CPU; supported: {supported_cpu_isas()}")
@@ -85,11 +86,10 @@ def cpu_gemm() -> str:
 
 def set_cpu_gemm(engine: str) -> str:
     """Makes the CPU kernels' products run on `engine`; returns the previous one."""
-    if engine not in CPU_GEMMS:
-        raise ValueError(f"engine must be one of {CPU_GEMMS}, got {engine!r}")
+    code = _code("engine", CPU_GEMMS, engine)
     if engine not in supported_cpu_gemms():
         raise ValueError(f"engine={engine!r} is not available in this torch; supported: {supported_cpu_gemms()}")
-    return CPU_GEMMS[_ops()._set_cpu_gemm(CPU_GEMMS.index(engine))]
+    return CPU_GEMMS[_ops()._set_cpu_gemm(code)]
 
 
 def use_cpu_gemm(engine: str) -> contextlib.AbstractContextManager:
@@ -114,9 +114,7 @@ def cpu_loop() -> str:
 
 def set_cpu_loop(loop: str) -> str:
     """Makes float32 sequences run the `loop` time loop; returns the previous choice."""
-    if loop not in CPU_LOOPS:
-        raise ValueError(f"loop must be one of {CPU_LOOPS}, got {loop!r}")
-    return CPU_LOOPS[_ops()._set_cpu_loop(CPU_LOOPS.index(loop))]
+    return CPU_LOOPS[_ops()._set_cpu_loop(_code("loop", CPU_LOOPS, loop))]
 
 
 def use_cpu_loop(loop: str) -> contextlib.AbstractContextManager:
