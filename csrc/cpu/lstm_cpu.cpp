@@ -651,18 +651,27 @@ Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions&
   return buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(sizes);
 }
 
-// grad W_hh = sum over steps of d_rec[t]^T h_{t-1}, straight from views (no operand copy):
-// h_{t-1} of step t is y of the previously processed step, h0 for the first one, so direction 0
-// pairs d_rec[1:] with y[:-1], direction 1 d_rec[:-1] with y[1:], and the first processed step
-// adds d_rec[first]^T h0. d_rec: [T, B, G*H], the gradient of h_{t-1} W_hh^T (+ b_hh).
+// How grad W_hh = sum over steps of d_rec[t]^T h_{t-1} pairs rows (d_rec: [T, B, G*H], the gradient
+// of h_{t-1} W_hh^T (+ b_hh)): h_{t-1} of step t is y of the previously processed step, h0 for the
+// first one. So d_rec[first] pairs with h0, and the other T-1 steps of d_rec, from d_start, with T-1
+// steps of y from y_start (direction 0: d_rec[1:] with y[:-1]; direction 1: d_rec[:-1] with y[1:]).
+struct RecurrentPairing {
+  int64_t first, d_start, y_start;
+};
+
+inline RecurrentPairing recurrent_pairing(int64_t steps, int direction) {
+  return {step_position(0, steps, direction), direction == 0 ? 1 : 0, direction == 0 ? 0 : 1};
+}
+
+// grad W_hh straight from views (no operand copy), by oneDNN / ATen.
 Tensor recurrent_weight_grad(const Tensor& d_rec, const Tensor& y, const Tensor& h0, int direction) {
   const int64_t steps = d_rec.size(0), batch = d_rec.size(1), rows = d_rec.size(2), hidden = h0.size(1);
-  const int64_t first = step_position(0, steps, direction);
-  Tensor grad_w_hh = transposed_product(d_rec[first], h0);
+  const RecurrentPairing pairing = recurrent_pairing(steps, direction);
+  Tensor grad_w_hh = transposed_product(d_rec[pairing.first], h0);
   if (steps > 1) {
     const int64_t count = (steps - 1) * batch;
-    const Tensor d_rest = d_rec.narrow(0, direction == 0 ? 1 : 0, steps - 1).reshape({count, rows});
-    const Tensor h_rest = y.narrow(0, direction == 0 ? 0 : 1, steps - 1).view({count, hidden});
+    const Tensor d_rest = d_rec.narrow(0, pairing.d_start, steps - 1).reshape({count, rows});
+    const Tensor h_rest = y.narrow(0, pairing.y_start, steps - 1).view({count, hidden});
     grad_w_hh.add_(transposed_product(d_rest, h_rest));
   }
   return grad_w_hh;
@@ -951,14 +960,14 @@ Tensor tiled_weight_gradient(const TileKernels& tiles, const std::vector<Gradien
   return out;
 }
 
-// The runs of grad W_hh = sum over steps of d_rec[t]^T h_{t-1} (see recurrent_weight_grad).
+// The runs of grad W_hh for the tile kernels (the pairing of recurrent_pairing).
 std::vector<GradientRun> recurrent_gradient_runs(const float* d_rec, int64_t rows, const float* y, const float* h0,
                                                  int64_t steps, int64_t batch, int64_t hidden, int direction) {
-  const int64_t first = step_position(0, steps, direction);
-  std::vector<GradientRun> runs{{d_rec + first * batch * rows, h0, batch}};
+  const RecurrentPairing pairing = recurrent_pairing(steps, direction);
+  std::vector<GradientRun> runs{{d_rec + pairing.first * batch * rows, h0, batch}};
   if (steps > 1) {
-    const int64_t d_start = direction == 0 ? 1 : 0, y_start = direction == 0 ? 0 : 1;
-    runs.push_back({d_rec + d_start * batch * rows, y + y_start * batch * hidden, (steps - 1) * batch});
+    runs.push_back({d_rec + pairing.d_start * batch * rows, y + pairing.y_start * batch * hidden,
+                    (steps - 1) * batch});
   }
   return runs;
 }
