@@ -653,7 +653,11 @@ class _ZoneoutHiddenStateCell(_HiddenStateOptions, nn.RNNCellBase):
                 raise ValueError(f"{type(self).__name__}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
         x, (h0,), batched, dtype = _cell_step_inputs(self, input, None if hx is None else [hx], ("hx",))
         backend = _backend_for(self.backend, x.device, dtype, cell=self._cell)
-        get = lambda name: _as_dtype(_parameter_of(self, name), dtype) if _parameter_of(self, name) is not None else None  # noqa: E731
+
+        def get(name):
+            parameter = _parameter_of(self, name)  # (looked up once: a step's fixed cost)
+            return None if parameter is None else _as_dtype(parameter, dtype)
+
         y = backend.gru_rnn_layer(x.unsqueeze(0).contiguous(), h0, get("weight_ih"), get("weight_hh"), get("bias_ih"),
                                   get("bias_hh"), None, self._draw_seed(x.device), self.cell_code, 0, 0,
                                   self.zoneout_hidden, self.recurrent_dropout, MASK_MODE_CODES[self.mask_mode],
