@@ -57,6 +57,33 @@ def assert_device_seed_matches_cpu_seed(run_with_seed, device):
     assert not torch.equal(other["y"], on_cpu["y"])
 
 
+def assert_graph_replays_read_the_seed(forward, seed, eager):
+    """A CUDA graph captured from forward() (-> dict of float64 outputs, y among them; it reads the
+    GPU seed buffer `seed`) draws fresh masks from the buffer's value at each replay: each replay
+    equals eager(value) (-> the same outputs uncaptured with that seed), a replay with the same value
+    repeats its bits, and another value draws other masks."""
+    side = torch.cuda.Stream()  # warm-up off the capture, as torch.cuda.graph's documentation asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = forward()
+    replayed = {}
+    for value in (5, DEVICE_SEED, 5):
+        seed.fill_(value)
+        graph.replay()
+        expected = eager(value)
+        for name, output in captured.items():
+            # float64, tightly: any mask drawn from another seed is an O(1) difference.
+            assert_close(output, expected[name], torch.float64, msg=f"{name}, seed {value}")
+        if value in replayed:
+            assert torch.equal(captured["y"], replayed[value]), "a replay with the same seed differs"
+        replayed[value] = captured["y"].clone()
+    assert not torch.equal(replayed[5], replayed[DEVICE_SEED])
+
+
 def as_float64(tensors):
     """The floating tensors of a tensor, list, tuple or dict cast to float64 (others unchanged)."""
     if isinstance(tensors, dict):

@@ -24,8 +24,8 @@ import zoneout_fused as zf  # noqa: E402
 from zoneout_fused import ops, reference  # noqa: E402
 from zoneout_fused.masks import MASK_MODE_CODES, MASK_MODES  # noqa: E402
 from zoneout_fused.testing import assert_all_three_way  # noqa: E402
-from conftest import (DEVICE_SEED, assert_close, assert_device_seed_matches_cpu_seed,  # noqa: E402
-                      forbid_host_sync, reference_mismatch)
+from conftest import (DEVICE_SEED, assert_device_seed_matches_cpu_seed,  # noqa: E402
+                      assert_graph_replays_read_the_seed, forbid_host_sync, reference_mismatch)
 
 # Where a GPU is present a missing build fails instead of skipping (conftest.cuda_extension).
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(),
@@ -375,7 +375,6 @@ def test_rejects_bad_arguments(name, make_value, error):
 # seed on the GPU: the kernels load it (never read on the host), so a CUDA graph replay
 # draws with whatever value the buffer holds
 # --------------------------------------------------------------------------------------
-SEED = DEVICE_SEED
 
 
 @pytest.mark.parametrize("dtype,mode", [(torch.float32, mode) for mode in MASK_MODES]
@@ -393,7 +392,7 @@ def test_device_seed_matches_cpu_seed(dtype, mode, direction, recurrence, nan_fi
 
 def test_device_seed_no_host_sync():
     """Forward and backward ops with a device seed in training mode never synchronize with the host."""
-    args = _forward_args(seed=torch.tensor(SEED, device=DEVICE), recurrent_dropout=0.2)
+    args = _forward_args(seed=torch.tensor(DEVICE_SEED, device=DEVICE), recurrent_dropout=0.2)
     torch.ops.zoneout_fused.cuda_layer_forward(*args)  # first call outside: cuBLAS handle, workspace
     with forbid_host_sync():
         y, c_n, c_seq, gates = torch.ops.zoneout_fused.cuda_layer_forward(*args)
@@ -407,30 +406,14 @@ def test_device_seed_cuda_graph_replay(recurrence):
     seed = torch.tensor(1, device=DEVICE)
 
     def forward():
-        return cuda_layer(tensors["x"], tensors["h0"], tensors["c0"], tensors["w_ih"], tensors["w_hh"],
-                          tensors["bias"], tensors["lengths"], seed, 0, 0, kwargs["zoneout_cell"],
-                          kwargs["zoneout_hidden"], kwargs["recurrent_dropout"], MASK_MODE_CODES["independent"], True)
+        y, c_n = cuda_layer(tensors["x"], tensors["h0"], tensors["c0"], tensors["w_ih"], tensors["w_hh"],
+                            tensors["bias"], tensors["lengths"], seed, 0, 0, kwargs["zoneout_cell"],
+                            kwargs["zoneout_hidden"], kwargs["recurrent_dropout"], MASK_MODE_CODES["independent"],
+                            True)
+        return {"y": y, "c_n": c_n}
 
-    side = torch.cuda.Stream()  # warm-up off the capture, as torch.cuda.graph's documentation asks
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        forward()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y, c_n = forward()
-    replayed = {}
-    for value in (5, SEED, 5):
-        seed.fill_(value)
-        graph.replay()
-        eager = run(cuda_layer, tensors, seed=value, grads=False, **kwargs)
-        # float64, tightly: any mask drawn from another seed is an O(1) difference.
-        assert_close(y, eager["y"], torch.float64, msg=f"y, seed {value}")
-        assert_close(c_n, eager["c_n"], torch.float64, msg=f"c_n, seed {value}")
-        if value in replayed:
-            assert torch.equal(y, replayed[value]), "a replay with the same seed differs"
-        replayed[value] = y.clone()
-    assert not torch.equal(replayed[5], replayed[SEED])
+    assert_graph_replays_read_the_seed(
+        forward, seed, lambda value: run(cuda_layer, tensors, seed=value, grads=False, **kwargs))
 
 
 def test_eval_ignores_device_seed(recurrence, nan_fill):

@@ -20,7 +20,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 from zoneout_fused import ops, reference  # noqa: E402
 from zoneout_fused.masks import MASK_MODE_CODES, MASK_MODES  # noqa: E402
 from conftest import (DEVICE_SEED, assert_close, assert_device_seed_matches_cpu_seed,  # noqa: E402
-                      forbid_host_sync, reference_mismatch)
+                      assert_graph_replays_read_the_seed, forbid_host_sync, reference_mismatch)
 
 # Where a GPU is present a missing build fails instead of skipping (conftest.cuda_extension).
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(),
@@ -371,7 +371,6 @@ def test_backward_rejects_bad_saved_gates():
 # seed on the GPU: the kernels load it (never read on the host), so a CUDA graph replay
 # draws with whatever value the buffer holds
 # --------------------------------------------------------------------------------------
-SEED = DEVICE_SEED
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -391,7 +390,7 @@ def test_device_seed_matches_cpu_seed(cell, direction, mode, dtype, nan_fill):
 @pytest.mark.parametrize("cell", CELLS)
 def test_device_seed_no_host_sync(cell):
     """Forward and backward ops with a device seed in training mode never synchronize with the host."""
-    args = _forward_args(cell, seed=torch.tensor(SEED, device=DEVICE), zoneout_hidden=0.3,
+    args = _forward_args(cell, seed=torch.tensor(DEVICE_SEED, device=DEVICE), zoneout_hidden=0.3,
                          recurrent_dropout=0.2 if cell == "gru" else 0.0)
     torch.ops.zoneout_fused.cuda_gru_rnn_layer_forward(*args)  # first call outside: cuBLAS handle, workspace
     with forbid_host_sync():
@@ -407,30 +406,13 @@ def test_device_seed_cuda_graph_replay(cell):
     seed = torch.tensor(1, device=DEVICE)
 
     def forward():
-        return cuda_gru_rnn_layer(tensors["x"], tensors["h0"], tensors["w_ih"], tensors["w_hh"], tensors["b_ih"],
-                                  tensors["b_hh"], tensors["lengths"], seed, reference.CELL_CODES[cell], 0, 0,
-                                  kwargs["zoneout_hidden"], kwargs["recurrent_dropout"],
-                                  MASK_MODE_CODES["independent"], True)
+        return {"y": cuda_gru_rnn_layer(tensors["x"], tensors["h0"], tensors["w_ih"], tensors["w_hh"],
+                                        tensors["b_ih"], tensors["b_hh"], tensors["lengths"], seed,
+                                        reference.CELL_CODES[cell], 0, 0, kwargs["zoneout_hidden"],
+                                        kwargs["recurrent_dropout"], MASK_MODE_CODES["independent"], True)}
 
-    side = torch.cuda.Stream()  # warm-up off the capture, as torch.cuda.graph's documentation asks
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        forward()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = forward()
-    replayed = {}
-    for value in (5, SEED, 5):
-        seed.fill_(value)
-        graph.replay()
-        eager = run(cuda_gru_rnn_layer, tensors, seed=value, grads=False, **kwargs)
-        # float64, tightly: any mask drawn from another seed is an O(1) difference.
-        assert_close(y, eager["y"], torch.float64, msg=f"y, seed {value}")
-        if value in replayed:
-            assert torch.equal(y, replayed[value]), "a replay with the same seed differs"
-        replayed[value] = y.clone()
-    assert not torch.equal(replayed[5], replayed[SEED])
+    assert_graph_replays_read_the_seed(
+        forward, seed, lambda value: run(cuda_gru_rnn_layer, tensors, seed=value, grads=False, **kwargs))
 
 
 @pytest.mark.parametrize("cell", CELLS)
