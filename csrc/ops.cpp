@@ -1,9 +1,10 @@
 // ops.cpp: the torch binding of the CPU backend, zoneout_fused::cpu_layer_{forward,backward}
 // (LSTM) and zoneout_fused::cpu_gru_rnn_layer_{forward,backward} (GRU, RNN).
 //
-// Schemas are the ones in zoneout_fused/ops.py's docstring; the autograd formula and the
-// fake kernels are attached from Python (ops.register_layer_op_pair). The namespace is
-// shared with the CUDA extension, hence TORCH_LIBRARY_FRAGMENT.
+// Schemas are the ones in zoneout_fused/ops.py's docstring; the autograd formula is the C++
+// kernel of layer_autograd.h, the fake kernels are attached from Python
+// (ops.register_layer_op_pair). The namespace is shared with the CUDA extension, hence
+// TORCH_LIBRARY_FRAGMENT.
 #include <optional>
 #include <string>
 #include <vector>
@@ -13,6 +14,7 @@
 
 #include "cpu/gemm.h"
 #include "cpu/lstm_cpu.h"
+#include "layer_autograd.h"
 #include "zoneout_lstm.h"
 
 namespace {
@@ -219,8 +221,11 @@ Tensor philox_words_cpu(int64_t seed, int64_t first, int64_t c2, int64_t c3, int
 
 }  // namespace
 
-// Importing zoneout_fused._C runs the registrations below; the module itself is empty.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
+// Importing zoneout_fused._C runs the registrations below; the module itself only takes the
+// Python function behind create_graph=True (layer_autograd.h).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("_set_differentiable_backward", &zoneout_autograd::set_differentiable_backward);
+}
 
 TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
   m.def(
@@ -261,6 +266,12 @@ TORCH_LIBRARY_IMPL(zoneout_fused, CPU, m) {
   m.impl("cpu_layer_backward", &cpu_layer_backward);
   m.impl("cpu_gru_rnn_layer_forward", &cpu_gru_rnn_layer_forward);
   m.impl("cpu_gru_rnn_layer_backward", &cpu_gru_rnn_layer_backward);
+}
+
+TORCH_LIBRARY_IMPL(zoneout_fused, AutogradCPU, m) {
+  m.impl("cpu_layer_forward", torch::CppFunction::makeFromBoxedFunction<&zoneout_autograd::layer_forward_autograd>());
+  m.impl("cpu_gru_rnn_layer_forward",
+         torch::CppFunction::makeFromBoxedFunction<&zoneout_autograd::layer_forward_autograd>());
 }
 
 // No tensor arguments: registered for every dispatch key.

@@ -710,3 +710,86 @@ def test_backward_results_do_not_share_the_reused_buffer(cell):
     second = backward(torch.randn(y.shape, generator=g))
     assert all(torch.equal(a, b) for a, b in zip(first, kept))  # unchanged by the second call
     assert not any(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# --------------------------------------------------------------------------------------
+# The C++ autograd kernel of the cpu ops (csrc/layer_autograd.h).
+# --------------------------------------------------------------------------------------
+GRU_RNN_OPS = {"lstm": (cpu_layer, reference.lstm_layer),
+               "gru": (ops.BACKENDS["cpu"].gru_rnn_layer, reference.gru_rnn_layer)}
+
+
+def _layer_args(cell, bias=True, bias_hh_only=False):
+    """(tensors, scalars) of a small float64 training call of the LSTM or GRU layer op, lengths given."""
+    g = torch.Generator().manual_seed(5)
+    rows = (4 if cell == "lstm" else 3) * 3
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    x, h0, c0 = randn(4, 2, 2), randn(2, 3), randn(2, 3)
+    w_ih, w_hh = randn(rows, 2, scale=0.4), randn(rows, 3, scale=0.4)
+    b1, b2 = randn(rows, scale=0.2), randn(rows, scale=0.2)
+    lengths, seed = torch.tensor([4, 2]), torch.tensor(SEED)
+    if cell == "lstm":
+        return [x, h0, c0, w_ih, w_hh, b1 if bias else None], (lengths, seed, 0, 1, 0.4, 0.3, 0.2, 0, True)
+    biases = [None if bias_hh_only or not bias else b1, b2 if bias else None]
+    return [x, h0, w_ih, w_hh, *biases], (lengths, seed, 1, 0, 1, 0.3, 0.2, 0, True)
+
+
+def _outputs(cell, layer_fn, tensors, scalars):
+    result = layer_fn(*tensors, *scalars)
+    return list(result) if cell == "lstm" else [result]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_autograd_is_recorded_in_cpp(cell, monkeypatch):
+    """The node is the C++ one; a plain backward calls the fused backward op, create_graph=True the
+    reference's differentiable backward (through the Python callable the extension holds)."""
+    layer_fn, _ = GRU_RNN_OPS[cell]
+    tensors, scalars = _layer_args(cell)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    outputs = _outputs(cell, layer_fn, leaves, scalars)
+    assert all("zoneout_autograd::LayerOp" in output.grad_fn.name() for output in outputs)
+    calls = []
+    original = ops.differentiable_layer_backward
+    monkeypatch.setattr(ops, "differentiable_layer_backward", lambda *args: calls.append(1) or original(*args))
+    with torch.profiler.profile() as profile:
+        torch.autograd.grad(outputs[0].sum(), leaves[0], retain_graph=True)
+    backward_name = f"zoneout_fused::cpu_{'layer' if cell == 'lstm' else 'gru_rnn_layer'}_backward"
+    assert sum(event.name == backward_name for event in profile.events()) == 1 and not calls
+    (grad_x,) = torch.autograd.grad(outputs[0].sum(), leaves[0], create_graph=True)
+    assert calls == [1] and grad_x.requires_grad
+
+
+@pytest.mark.parametrize("output", [0, 1], ids=["y alone", "c_n alone"])
+def test_gradient_of_one_output(output):
+    """An output no loss reaches gets no gradient tensor (materialize_grads off): the kernel fills
+    in zeros; the gradients equal the reference's."""
+    tensors, scalars = _layer_args("lstm")
+    grads = {}
+    for name, layer_fn in (("cpu", cpu_layer), ("reference", reference.lstm_layer)):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        (layer_fn(*leaves, *scalars)[output] ** 2).sum().backward()
+        grads[name] = [leaf.grad for leaf in leaves]
+    for actual, expected in zip(grads["cpu"], grads["reference"]):
+        assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("cell, bias, bias_hh_only", [("lstm", False, False), ("gru", True, True),
+                                                       ("gru", False, False)])
+def test_double_backward_with_absent_inputs(cell, bias, bias_hh_only):
+    """create_graph=True with a bias absent: the kernel maps each given input to its gradient (an
+    absent one has no autograd edge), and only inputs that require grad get one."""
+    tensors, scalars = _layer_args(cell, bias, bias_hh_only)
+    results = {}
+    for name, layer_fn in zip(("cpu", "reference"), GRU_RNN_OPS[cell]):
+        leaves = [t.clone().requires_grad_(k != 1) if t is not None else None for k, t in enumerate(tensors)]
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        first = torch.autograd.grad(_outputs(cell, layer_fn, leaves, scalars)[0].pow(2).sum(), wanted,
+                                    create_graph=True)
+        second = torch.autograd.grad(sum(g.pow(2).sum() for g in first), wanted)
+        results[name] = [*first, *second]
+    assert len(results["cpu"]) == len(results["reference"])
+    for actual, expected in zip(results["cpu"], results["reference"]):
+        assert_close(actual.detach(), expected.detach())

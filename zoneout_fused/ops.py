@@ -136,7 +136,11 @@ GRU_RNN_OPS = LayerOpFamily("gru_rnn_layer", (0,), (0, 1), 2, _gru_rnn_forward_f
 
 
 def register_layer_op_pair(forward_op_name: str, backward_op_name: str, family: LayerOpFamily = LSTM_OPS) -> None:
-    """Attach fake kernels and the autograd formula to `zoneout_fused::*_forward/backward`."""
+    """Attach fake kernels and the autograd formula to `zoneout_fused::*_forward/backward`.
+
+    The cpu extension's forward ops carry their autograd kernel in C++ (csrc/layer_autograd.h: the
+    same formula without a Python autograd Function's 10 us a call); it calls back into
+    differentiable_layer_backward for create_graph=True. The others get it from here."""
     torch.library.register_fake(forward_op_name)(family.forward_fake)
 
     @torch.library.register_fake(backward_op_name)
@@ -150,12 +154,20 @@ def register_layer_op_pair(forward_op_name: str, backward_op_name: str, family: 
                 + tuple(w_hh.new_empty(w_hh.shape[0]) for _ in range(family.bias_inputs)))
 
     setup_context, backward = _layer_autograd(family, _resolve_op(backward_op_name))
-    torch.library.register_autograd(forward_op_name, backward, setup_context=setup_context)
+    if torch._C._dispatch_has_kernel_for_dispatch_key(forward_op_name, "AutogradCPU"):
+        _CPP_AUTOGRAD.add(forward_op_name)
+    else:
+        torch.library.register_autograd(forward_op_name, backward, setup_context=setup_context)
     _AUTOGRAD[forward_op_name] = (setup_context, backward)
 
 
-# forward op name -> (setup_context, backward): the autograd formula of each registered layer op,
-# also used by _layer_function's eager and CUDA-graph paths.
+# The layer ops whose autograd kernel is csrc/layer_autograd.h's (the cpu extension's).
+_CPP_AUTOGRAD: set = set()
+
+
+# forward op name -> (setup_context, backward): the autograd formula of each registered layer op
+# in Python, registered with the op unless it has the C++ one, and used by _layer_function's eager
+# and CUDA-graph paths.
 _AUTOGRAD: dict = {}
 
 
@@ -217,6 +229,12 @@ def differentiable_layer_backward(family: LayerOpFamily, grad_outputs, tensors, 
     return tuple(grads)
 
 
+def _differentiable_backward_for_cpp(forward_op_name, grad_outputs, tensors, lengths, seed, scalars, needs_grad):
+    """differentiable_layer_backward for the C++ autograd kernel (csrc/layer_autograd.h)."""
+    family = GRU_RNN_OPS if f"_{GRU_RNN_OPS.name}_" in forward_op_name else LSTM_OPS
+    return differentiable_layer_backward(family, grad_outputs, tensors, lengths, seed, scalars, needs_grad)
+
+
 def _autograd_idle(args) -> bool:
     """True when autograd has nothing to record for a layer op call with these arguments."""
     if not torch.is_grad_enabled():
@@ -234,12 +252,14 @@ def _op_layer(forward_op_name: str, family: LayerOpFamily = LSTM_OPS) -> Callabl
     (y, c_n) for the LSTM, y for the GRU/RNN."""
     forward_op = _resolve_op(forward_op_name)
     wanted = family.differentiable_outputs
+    cpp_autograd = forward_op_name in _CPP_AUTOGRAD
 
     def layer(*args):
         if graphs.wanted(args):
             outputs = _layer_function(forward_op_name, forward_op, graphed=True).apply(*args)
-        elif torch.compiler.is_compiling():
-            outputs = forward_op(*args)  # the compiler sees the op as registered
+        elif cpp_autograd or torch.compiler.is_compiling():
+            # The op as registered: the compiler sees it so; a C++ autograd kernel costs little.
+            outputs = forward_op(*args)
         elif _autograd_idle(args):
             # Nothing to differentiate (no_grad, inference): skip the autograd kernel, a Python
             # function that would cost a step of a decoder's cell more than the step itself
@@ -332,7 +352,9 @@ def _load_extension(backend: str) -> Optional[str]:
     if backend not in _EXTENSION_ERRORS:
         module = {"cpu": "_C", "cuda": "_C_cuda"}[backend]
         try:
-            importlib.import_module(f"{__package__}.{module}")  # registers zoneout_fused::{backend}_layer_*
+            extension = importlib.import_module(f"{__package__}.{module}")  # registers zoneout_fused::{backend}_layer_*
+            if hasattr(extension, "_set_differentiable_backward"):
+                extension._set_differentiable_backward(_differentiable_backward_for_cpp)
             register_layer_op_pair(f"zoneout_fused::{backend}_layer_forward",
                                    f"zoneout_fused::{backend}_layer_backward")
             if hasattr(torch.ops.zoneout_fused, f"{backend}_gru_rnn_layer_forward"):
