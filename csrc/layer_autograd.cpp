@@ -1,6 +1,7 @@
 // layer_autograd.cpp: see layer_autograd.h.
 #include "layer_autograd.h"
 
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -21,31 +22,53 @@ namespace py = pybind11;
 constexpr size_t kTensorArguments = 8;  // the 6 differentiable inputs, lengths, seed
 constexpr size_t kDifferentiableInputs = 6;
 
-// What ops.LayerOpFamily says in Python: the outputs that carry gradients and those the backward
-// op takes, by the forward op's name; with the backward op's handle.
+// Which outputs of a forward op carry gradients and which its backward op takes (what
+// ops.LayerOpFamily says in Python), read from the two schemas: the backward op takes grad_<name>
+// for each differentiable output <name>, then the forward's arguments, then the saved outputs by name.
 struct LayerOpFamily {
   std::string forward_name;
   c10::OperatorHandle backward;
   std::vector<size_t> differentiable_outputs, saved_outputs;
 };
 
-const LayerOpFamily& family_named(const std::string& forward_name) {
+size_t output_named(const c10::FunctionSchema& schema, const std::string& name) {
+  const auto& returns = schema.returns();
+  for (size_t k = 0; k < returns.size(); ++k) {
+    if (returns[k].name() == name) return k;
+  }
+  TORCH_CHECK(false, "layer_forward_autograd: ", schema.name(), " has no output named ", name);
+}
+
+LayerOpFamily read_family(const c10::OperatorHandle& forward, const std::string& forward_name) {
+  const std::string suffix = "_forward";
+  TORCH_CHECK(forward_name.size() > suffix.size() &&
+                  forward_name.compare(forward_name.size() - suffix.size(), suffix.size(), suffix) == 0,
+              "layer_forward_autograd: ", forward_name, " is not a layer forward op");
+  const std::string backward_name = forward_name.substr(0, forward_name.size() - suffix.size()) + "_backward";
+  LayerOpFamily family{forward_name, c10::Dispatcher::singleton().findSchemaOrThrow(backward_name.c_str(), ""), {},
+                       {}};
+  const c10::FunctionSchema& schema = forward.schema();
+  const auto& backward_arguments = family.backward.schema().arguments();
+  size_t k = 0;
+  for (; k < backward_arguments.size() && backward_arguments[k].name().rfind("grad_", 0) == 0; ++k) {
+    family.differentiable_outputs.push_back(output_named(schema, backward_arguments[k].name().substr(5)));
+  }
+  for (k += schema.arguments().size(); k < backward_arguments.size(); ++k) {
+    family.saved_outputs.push_back(output_named(schema, backward_arguments[k].name()));
+  }
+  return family;
+}
+
+// The family of a forward op, read on its first call (`forward` given) and found by name after.
+const LayerOpFamily& family_of(const std::string& forward_name, const c10::OperatorHandle* forward = nullptr) {
   static std::mutex mutex;
   static std::vector<std::unique_ptr<LayerOpFamily>> known;  // (pointers: references stay valid)
   std::lock_guard<std::mutex> lock(mutex);
   for (const auto& family : known) {
     if (family->forward_name == forward_name) return *family;
   }
-  const std::string suffix = "_forward";
-  TORCH_CHECK(forward_name.size() > suffix.size() &&
-                  forward_name.compare(forward_name.size() - suffix.size(), suffix.size(), suffix) == 0,
-              "layer_forward_autograd: ", forward_name, " is not a layer forward op");
-  const std::string backward_name = forward_name.substr(0, forward_name.size() - suffix.size()) + "_backward";
-  const bool gru_rnn = forward_name.find("_gru_rnn_layer_") != std::string::npos;
-  known.push_back(std::make_unique<LayerOpFamily>(LayerOpFamily{
-      forward_name, c10::Dispatcher::singleton().findSchemaOrThrow(backward_name.c_str(), ""),
-      gru_rnn ? std::vector<size_t>{0} : std::vector<size_t>{0, 1},          // y (, c_n)
-      gru_rnn ? std::vector<size_t>{0, 1} : std::vector<size_t>{0, 2, 3}}));  // y, (c_seq,) gates
+  TORCH_CHECK(forward != nullptr, "layer_forward_autograd: ", forward_name, " has not run forward");
+  known.push_back(std::make_unique<LayerOpFamily>(read_family(*forward, forward_name)));
   return *known.back();
 }
 
@@ -100,8 +123,7 @@ struct LayerOp : public torch::autograd::Function<LayerOp> {
                                const std::optional<Tensor>& t3, const std::optional<Tensor>& t4,
                                const std::optional<Tensor>& t5, const std::optional<Tensor>& lengths,
                                const std::optional<Tensor>& seed, const std::vector<c10::IValue>& scalars) {
-    const std::string& forward_name = op->schema().name();
-    const LayerOpFamily& family = family_named(forward_name);
+    const LayerOpFamily& family = family_of(op->schema().name(), op);
     const std::optional<Tensor>* tensors[kTensorArguments] = {&x, &t1, &t2, &t3, &t4, &t5, &lengths, &seed};
     torch::jit::Stack stack;
     stack.reserve(kTensorArguments + scalars.size());
@@ -118,27 +140,24 @@ struct LayerOp : public torch::autograd::Function<LayerOp> {
     std::vector<c10::IValue> output_shapes;
     for (const auto* tensor : tensors) saved.push_back(tensor->value_or(Tensor()));
     for (size_t k : family.saved_outputs) saved.push_back(outputs[k]);
-    for (size_t k = 0, next = 0; k < outputs.size(); ++k) {
-      const bool differentiable = next < family.differentiable_outputs.size() && family.differentiable_outputs[next] == k;
-      if (differentiable) {
-        output_shapes.emplace_back(outputs[k].sizes());
-        ++next;
-      } else {
+    for (size_t k : family.differentiable_outputs) output_shapes.emplace_back(outputs[k].sizes());
+    for (size_t k = 0; k < outputs.size(); ++k) {
+      const auto& differentiable = family.differentiable_outputs;
+      if (std::find(differentiable.begin(), differentiable.end(), k) == differentiable.end()) {
         not_differentiable.push_back(outputs[k]);
       }
     }
     ctx->mark_non_differentiable(not_differentiable);
     ctx->set_materialize_grads(false);  // no zero tensors for outputs nobody differentiates: backward makes them
     ctx->save_for_backward(saved);
-    ctx->saved_data["forward_name"] = forward_name;
+    ctx->saved_data["forward_name"] = family.forward_name;
     ctx->saved_data["scalars"] = c10::ivalue::Tuple::create(scalars);
     ctx->saved_data["output_shapes"] = c10::ivalue::Tuple::create(std::move(output_shapes));
     return outputs;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const std::string& forward_name = ctx->saved_data["forward_name"].toStringRef();
-    const LayerOpFamily& family = family_named(forward_name);
+    const LayerOpFamily& family = family_of(ctx->saved_data["forward_name"].toStringRef());
     const variable_list saved = ctx->get_saved_variables();
     const auto& scalars = ctx->saved_data["scalars"].toTupleRef().elements();
     const auto& output_shapes = ctx->saved_data["output_shapes"].toTupleRef().elements();
@@ -152,7 +171,7 @@ struct LayerOp : public torch::autograd::Function<LayerOp> {
     const variable_list inputs(saved.begin(), saved.begin() + kTensorArguments);
     variable_list input_grads;
     if (torch::autograd::GradMode::is_enabled()) {
-      input_grads = differentiable_gradients(ctx, forward_name, grads,
+      input_grads = differentiable_gradients(ctx, family.forward_name, grads,
                                              inputs, std::vector<c10::IValue>(scalars.begin(), scalars.end()));
     } else {
       torch::jit::Stack stack(grads.begin(), grads.end());

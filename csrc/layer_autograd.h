@@ -5,8 +5,8 @@
 // 10 us, more than a decoder's whole cell step at small sizes. This kernel records the same node in
 // C++. One boxed kernel serves both op families (the LSTM's layer ops and the GRU/RNN's), which
 // share their argument layout: 8 tensor arguments (6 differentiable ones, then lengths and seed),
-// then scalars; the family (which outputs carry gradients, which are saved) follows from the op's
-// name. The backward calls the family's backward op; with create_graph=True it calls the Python
+// then scalars; which outputs carry gradients and which are saved is read from the forward and
+// backward ops' schemas. The backward calls the backward op; with create_graph=True it calls the Python
 // function set by set_differentiable_backward (ops.differentiable_layer_backward: the reference,
 // differentiated), as the fused backward ops are not differentiable.
 #pragma once
