@@ -259,6 +259,8 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
   // The CPU kernels' time loop (zoneout_fused.cpu_isa wraps these).
   m.def("_cpu_loop() -> int");
   m.def("_set_cpu_loop(int loop) -> int");
+  // Test hook: the bytes of freed forward outputs kept for reuse.
+  m.def("_cpu_pooled_bytes() -> int");
 }
 
 TORCH_LIBRARY_IMPL(zoneout_fused, CPU, m) {
@@ -285,4 +287,5 @@ TORCH_LIBRARY_IMPL(zoneout_fused, CompositeExplicitAutograd, m) {
   m.impl("_set_cpu_gemm", &zoneout_cpu::set_cpu_gemm);
   m.impl("_cpu_loop", &zoneout_cpu::cpu_loop);
   m.impl("_set_cpu_loop", &zoneout_cpu::set_cpu_loop);
+  m.impl("_cpu_pooled_bytes", &zoneout_cpu::pooled_bytes);
 }

@@ -630,8 +630,8 @@ def _fused_loop_runs():
 @pytest.mark.parametrize("loop, hidden, fused", [("steps", 128, False), ("fused", 128, True), ("auto", 128, True),
                                                   ("fused", 520, True), ("auto", 520, False)])
 def test_which_forward_loop_runs(loop, hidden, fused):
-    """With oneDNN's products active, the per-step loop forms each step's recurrent product through
-    oneDNN; the fused one forms it itself (only the input projection remains). "auto" runs the fused
+    """With oneDNN's products active, the per-step loop forms the input projection and each step's
+    recurrent product through oneDNN; the fused one forms them all itself. "auto" runs the fused
     forward up to H = 512 only."""
     if "onednn" not in cpu_isa.supported_cpu_gemms() or not _fused_loop_runs():
         pytest.skip("needs oneDNN products and the avx2 or avx512 kernels")
@@ -640,7 +640,7 @@ def test_which_forward_loop_runs(loop, hidden, fused):
     with cpu_isa.use_cpu_gemm("onednn"), cpu_isa.use_cpu_loop(loop), torch.profiler.profile() as profile:
         FORWARD(x, h0, c0, w_ih, w_hh, bias, None, torch.tensor(SEED), 0, 0, 0.5, 0.05, 0.0, 0, True)
     products = sum(event.name == "mkldnn::_linear_pointwise" for event in profile.events())
-    assert products == (1 if fused else 1 + steps)  # the projection, then one per step (h0 W_hh^T too)
+    assert products == (0 if fused else 1 + steps)  # the projection, then one per step (h0 W_hh^T too)
 
 
 def test_auto_loop_above_the_forward_limit_matches_reference():
@@ -793,3 +793,59 @@ def test_double_backward_with_absent_inputs(cell, bias, bias_hh_only):
     assert len(results["cpu"]) == len(results["reference"])
     for actual, expected in zip(results["cpu"], results["reference"]):
         assert_close(actual.detach(), expected.detach())
+
+
+# --------------------------------------------------------------------------------------
+# The pool of forward outputs (csrc/cpu/lstm_cpu.cpp, pooled_empty).
+# --------------------------------------------------------------------------------------
+POOLED_BYTES = torch.ops.zoneout_fused._cpu_pooled_bytes.default
+GRU_FORWARD = torch.ops.zoneout_fused.cpu_gru_rnn_layer_forward.default
+
+
+def _pooled_forward(cell, seed):
+    """A fused forward whose outputs are large enough to be pooled (y: 320 KB), lengths given."""
+    g = torch.Generator().manual_seed(3)
+    steps, batch, inputs, hidden = 40, 32, 8, 64
+    rows = (4 if cell == "lstm" else 3) * hidden
+    x, h0, c0 = (torch.randn(steps, batch, inputs, generator=g), torch.randn(batch, hidden, generator=g),
+                 torch.randn(batch, hidden, generator=g))
+    w_ih, w_hh, b = (torch.randn(rows, inputs, generator=g) * 0.3, torch.randn(rows, hidden, generator=g) * 0.2,
+                     torch.randn(rows, generator=g) * 0.1)
+    lengths = torch.randint(1, steps + 1, (batch,), generator=g)
+    if cell == "lstm":
+        return FORWARD(x, h0, c0, w_ih, w_hh, b, lengths, torch.tensor(seed), 0, 1, 0.3, 0.1, 0.1, 0, True)
+    return GRU_FORWARD(x, h0, w_ih, w_hh, b, b, lengths, torch.tensor(seed), 1, 0, 1, 0.1, 0.1, 0, True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_forward_outputs_reuse_freed_buffers(cell):
+    """Freed outputs' buffers serve the next call; live outputs never share one; and nothing a
+    reused buffer held shows in the new results (the freed ones are filled with NaN first)."""
+    if not _fused_loop_runs():
+        pytest.skip("the pooled outputs are the fused loop's")
+    expected = [t.clone() for t in _pooled_forward(cell, SEED + 1)]
+    first = _pooled_forward(cell, SEED)
+    second = _pooled_forward(cell, SEED)
+    first_buffers = {t.data_ptr() for t in first}
+    assert first_buffers.isdisjoint(t.data_ptr() for t in second)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for t in first:
+        t.fill_(float("nan"))
+    before = POOLED_BYTES()
+    del first
+    assert POOLED_BYTES() > before
+    third = _pooled_forward(cell, SEED + 1)
+    assert {t.data_ptr() for t in third} & first_buffers  # reused
+    for name, actual, wanted in zip(("y", "c_n", "c_seq", "gates") if cell == "lstm" else ("y", "gates"), third,
+                                    expected):
+        assert torch.equal(actual, wanted), name
+
+
+def test_pool_keeps_at_most_64_mb():
+    """Freed outputs beyond the pool's 64 MB go back to the system."""
+    if not _fused_loop_runs():
+        pytest.skip("the pooled outputs are the fused loop's")
+    x, h0, c0, w_ih, w_hh, bias = make_inputs(100, 64, 8, 512, torch.float32)  # gates 52 MB, y and c_seq 13 MB
+    outputs = FORWARD(x, h0, c0, w_ih, w_hh, bias, None, torch.tensor(SEED), 0, 0, 0.3, 0.1, 0.0, 0, True)
+    del outputs
+    assert 0 < POOLED_BYTES() <= 64 << 20

@@ -31,6 +31,7 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 // The element kernels and the vectorized Philox are compiled once per instruction set
@@ -53,6 +54,7 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 #include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/alloc_cpu.h>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -651,6 +653,70 @@ Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions&
   return buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(sizes);
 }
 
+// The forwards' large outputs (y, and the c_seq and gates kept for backward) live until autograd
+// frees the graph. Allocated fresh, the pages of each call's buffers faulted in again on first
+// write (glibc returns the freed top of its heap to the system): B=32 T=50 I=64 H=128, 120 faults
+// and about a tenth of the forward per call (nn.LSTM's allocations happened not to). So buffers of
+// at least kPooledMinBytes come from a pool their tensors' deleter returns them to, which keeps
+// up to kPoolBytes of them (beyond that a freed buffer goes back to the system); a request takes a
+// pooled buffer of exactly its size (rounded up to kPoolRound) if there is one, the last freed first.
+constexpr size_t kPoolBytes = size_t(64) << 20, kPooledMinBytes = size_t(256) << 10, kPoolRound = size_t(64) << 10;
+
+struct BufferPool {
+  std::mutex mutex;
+  std::vector<std::pair<size_t, void*>> buffers;  // (bytes, buffer), free for the taking
+  size_t bytes = 0;
+};
+
+BufferPool& buffer_pool() {
+  static BufferPool* pool = new BufferPool();  // never destroyed: tensors may outlive the statics
+  return *pool;
+}
+
+void return_to_pool(void* buffer, size_t bytes) {
+  BufferPool& pool = buffer_pool();
+  {
+    std::lock_guard<std::mutex> lock(pool.mutex);
+    if (pool.bytes + bytes <= kPoolBytes) {
+      pool.buffers.emplace_back(bytes, buffer);
+      pool.bytes += bytes;
+      return;
+    }
+  }
+  c10::free_cpu(buffer);
+}
+
+Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t wanted = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (wanted < kPooledMinBytes) return at::empty(sizes, options);
+  const size_t bytes = (wanted + kPoolRound - 1) / kPoolRound * kPoolRound;
+  void* buffer = nullptr;
+  {
+    BufferPool& pool = buffer_pool();
+    std::lock_guard<std::mutex> lock(pool.mutex);
+    for (auto it = pool.buffers.rbegin(); it != pool.buffers.rend(); ++it) {  // the last freed: warmest
+      if (it->first == bytes) {
+        buffer = it->second;
+        pool.bytes -= bytes;
+        pool.buffers.erase(std::next(it).base());
+        break;
+      }
+    }
+  }
+  if (buffer == nullptr) buffer = c10::alloc_cpu(bytes);  // (at::empty's aligned allocation)
+  return at::from_blob(buffer, sizes, [bytes](void* data) { return_to_pool(data, bytes); }, options);
+}
+
+}  // namespace
+
+int64_t pooled_bytes() {
+  BufferPool& pool = buffer_pool();
+  std::lock_guard<std::mutex> lock(pool.mutex);
+  return static_cast<int64_t>(pool.bytes);
+}
+
+namespace {
+
 // How grad W_hh = sum over steps of d_rec[t]^T h_{t-1} pairs rows (d_rec: [T, B, G*H], the gradient
 // of h_{t-1} W_hh^T (+ b_hh)): h_{t-1} of step t is y of the previously processed step, h0 for the
 // first one. So d_rec[first] pairs with h0, and the other T-1 steps of d_rec, from d_start, with T-1
@@ -1029,6 +1095,45 @@ void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t ga
   });
 }
 
+// out [rows, G*H] = x [rows, K] w^T + bias ([G*H] or null): the input projection of every step by
+// the tile kernels, in parallel over chunks of rows.
+void tiled_projection(const TileKernels& tiles, const float* x, int64_t rows, int64_t depth, const Tensor& w,
+                      const float* bias, int64_t gate_rows, float* out) {
+  const int64_t lanes = tiles.lanes, hidden = w.size(0) / gate_rows, width = gate_rows * hidden;
+  const Tensor panels = forward_panels(w, gate_rows, lanes);
+  const float* panels_p = panels.data_ptr<float>();
+  const int64_t unit_tiles = (hidden + lanes - 1) / lanes;
+  constexpr int64_t kRowChunk = 48;
+  at::parallel_for(0, (rows + kRowChunk - 1) / kRowChunk, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const int64_t r0 = c * kRowChunk, n = std::min(kRowChunk, rows - r0);
+      float* dst = out + r0 * width;
+      for (int64_t r = 0; r < n; ++r) {
+        if (bias != nullptr) {
+          std::copy_n(bias, width, dst + r * width);
+        } else {
+          std::fill_n(dst + r * width, width, 0.0f);
+        }
+      }
+      tile_products(tiles, x + r0 * depth, depth, depth, panels_p, 0, unit_tiles, PanelLayout{gate_rows, true},
+                    hidden, n, dst, width);
+    }
+  });
+}
+
+// x [T, B, K] w^T + bias as a [T, B, G*H] tensor: the input projection of every step, by the tile
+// kernels into a pooled buffer where the fused loop runs (about as fast as oneDNN's product at
+// these shapes, whose output would be a fresh allocation: see pooled_empty), else by oneDNN / ATen.
+Tensor input_projection(const TileKernels* tiles, const Tensor& x, const Tensor& w, const Tensor& bias,
+                        int64_t gate_rows) {
+  const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), width = w.size(0);
+  if (tiles == nullptr) return linear_product(x.view({steps * batch, input}), w, bias).view({steps, batch, width});
+  Tensor out = pooled_empty({steps, batch, width}, x.options());
+  tiled_projection(*tiles, x.data_ptr<float>(), steps * batch, input, w, bias.defined() ? bias.data_ptr<float>() : nullptr,
+                   gate_rows, out.data_ptr<float>());
+  return out;
+}
+
 // Backward panels span this many vectors of adjacent units: with one, each row's broadcast fed one
 // FMA, so the products were bound by loads.
 constexpr int64_t kBackwardPanelVectors = 2;
@@ -1251,14 +1356,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
   // The internal views and products below are not for autograd: skip its bookkeeping.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), hidden = w_hh.size(1);
-  Tensor y = at::empty({steps, batch, hidden}, x.options());
-  Tensor c_seq = at::empty({steps, batch, hidden}, x.options());
-  // Input projection of every step at once: the buffer where the pre-activations live.
-  Tensor gates = linear_product(x.view({steps * batch, input}), w_ih, bias).view({steps, batch, 4 * hidden});
-  const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const int direction = params.direction;
   const CpuKernels& kernels = active_kernels();
-  if (const TileKernels* tiles = fused_loop_kernels(x, steps, hidden, /*forward=*/true)) {
+  const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  const TileKernels* tiles = fused_loop_kernels(x, steps, hidden, /*forward=*/true);
+  // Input projection of every step at once: the buffer where the pre-activations live.
+  Tensor gates = input_projection(tiles, x, w_ih, bias, 4);
+  Tensor y = pooled_empty({steps, batch, hidden}, x.options());
+  Tensor c_seq = pooled_empty({steps, batch, hidden}, x.options());
+  if (tiles != nullptr) {
     fused_forward(*tiles, gates.data_ptr<float>(), y.data_ptr<float>(), c_seq.data_ptr<float>(), h0.data_ptr<float>(),
                   c0.data_ptr<float>(), w_hh, len, steps, params, kernels);
     return {y, c_seq[step_position(steps - 1, steps, direction)].clone(), c_seq, gates};
@@ -1362,16 +1468,16 @@ std::tuple<Tensor, Tensor> gru_rnn_layer_forward(const Tensor& x, const Tensor& 
   const bool gru = cell == zoneout::kGru;
   const int64_t rows = zoneout::cell_rows(static_cast<int>(cell)) * hidden;
   const int64_t saved = zoneout::cell_saved(static_cast<int>(cell)) * hidden;
-  Tensor y = at::empty({steps, batch, hidden}, x.options());
+  const TileKernels* tiles = fused_loop_kernels(x, steps, hidden, /*forward=*/true);
+  Tensor y = pooled_empty({steps, batch, hidden}, x.options());
   // The input part of every step: the GRU's in its own buffer, the RNN's as the buffer where
   // its pre-activations accumulate (with both biases: they are simply summed there).
-  const Tensor x_proj = linear_product(x.view({steps * batch, input}), w_ih, gru ? b_ih : optional_sum(b_ih, b_hh))
-                            .view({steps, batch, rows});
-  Tensor gates = gru ? at::empty({steps, batch, saved}, x.options()) : x_proj;
+  const Tensor x_proj = input_projection(tiles, x, w_ih, gru ? b_ih : optional_sum(b_ih, b_hh), rows / hidden);
+  Tensor gates = gru ? pooled_empty({steps, batch, saved}, x.options()) : x_proj;
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const int direction = params.direction;
   const CpuKernels& kernels = active_kernels();
-  if (const TileKernels* tiles = fused_loop_kernels(x, steps, hidden, /*forward=*/true)) {
+  if (tiles != nullptr) {
     fused_gru_rnn_forward(*tiles, cell, x_proj.data_ptr<float>(), gates.data_ptr<float>(), y.data_ptr<float>(),
                           h0.data_ptr<float>(), w_hh, b_hh, len, steps, params, kernels);
     return {y, gates};
