@@ -261,6 +261,7 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
   m.def("_set_cpu_loop(int loop) -> int");
   // Test hook: the bytes of freed forward outputs kept for reuse.
   m.def("_cpu_pooled_bytes() -> int");
+  m.def("_cpu_empty_cache() -> ()");
 }
 
 TORCH_LIBRARY_IMPL(zoneout_fused, CPU, m) {
@@ -288,4 +289,5 @@ TORCH_LIBRARY_IMPL(zoneout_fused, CompositeExplicitAutograd, m) {
   m.impl("_cpu_loop", &zoneout_cpu::cpu_loop);
   m.impl("_set_cpu_loop", &zoneout_cpu::set_cpu_loop);
   m.impl("_cpu_pooled_bytes", &zoneout_cpu::pooled_bytes);
+  m.impl("_cpu_empty_cache", &zoneout_cpu::empty_cache);
 }

@@ -1,6 +1,7 @@
 """The benchmark program on a micro case: its records, and that its correctness check can fail."""
 import json
 
+import pytest
 import torch
 
 import zoneout_fused as zf
@@ -160,3 +161,18 @@ def test_bench_cell_option_rejects_what_the_cell_lacks(capsys):
                  ["--cell", "gru", "--mask-mode", "shared"], ["--cell", "gru", "--zoneout-cell", "0.5"]):
         with pytest.raises(SystemExit):
             main(argv + ["--device", "cpu"])
+
+
+def test_cpu_peak_memory_counts_pooled_outputs():
+    """The cpu backend keeps freed outputs for its next call (cpu_isa.empty_cache); the RSS-based
+    peak must still count a call's outputs (gates, y, c_seq: 4.9 MB here), not read near 0."""
+    from zoneout_fused.bench.memory import PeakMemory
+
+    memory = PeakMemory(torch.device("cpu"))
+    if not memory.available or "cpu" not in zf.available_backends("cpu"):
+        pytest.skip(memory.method)
+    model = zf.ZoneoutLSTM(64, 128, backend="cpu", zoneout_cell=0.5).train()
+    x = torch.randn(50, 32, 64)
+    with torch.no_grad():
+        model(x)  # fills the pool
+        assert memory.measure(lambda: model(x)) >= 4.5

@@ -849,3 +849,15 @@ def test_pool_keeps_at_most_64_mb():
     outputs = FORWARD(x, h0, c0, w_ih, w_hh, bias, None, torch.tensor(SEED), 0, 0, 0.3, 0.1, 0.0, 0, True)
     del outputs
     assert 0 < POOLED_BYTES() <= 64 << 20
+
+
+def test_empty_cache_frees_the_pool():
+    if not _fused_loop_runs():
+        pytest.skip("the pooled outputs are the fused loop's")
+    outputs = _pooled_forward("lstm", SEED)
+    del outputs
+    assert POOLED_BYTES() > 0
+    cpu_isa.empty_cache()
+    assert POOLED_BYTES() == 0
+    again = _pooled_forward("lstm", SEED)  # the kernels run on after it (fresh buffers)
+    assert all(torch.isfinite(t).all() for t in again)

@@ -120,3 +120,11 @@ def set_cpu_loop(loop: str) -> str:
 def use_cpu_loop(loop: str) -> contextlib.AbstractContextManager:
     """Runs the block's CPU sequences with the `loop` time loop, then restores the previous choice."""
     return _using(set_cpu_loop, loop)
+
+
+def empty_cache() -> None:
+    """Frees the memory the CPU kernels keep between calls (like torch.cuda.empty_cache): freed
+    forward outputs kept for the next call's outputs (up to 64 MB: reused, their pages need not be
+    faulted in again) and the calling thread's scratch buffers (up to 64 MB each: packed weights,
+    the backward's pre-activation gradients)."""
+    _ops()._cpu_empty_cache()

@@ -644,8 +644,13 @@ inline void add_row(scalar_t* out, const scalar_t* in, int64_t j0, int64_t j1) {
 enum ScratchSlot { kScratchGradients = 0, kScratchRecurrentGradients = 1, kScratchPanels = 2, kScratchSlots = 3 };
 constexpr int64_t kScratchBytes = int64_t(64) << 20;
 
-Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+Tensor (&thread_scratch())[kScratchSlots] {
   thread_local Tensor buffers[kScratchSlots];
+  return buffers;
+}
+
+Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor(&buffers)[kScratchSlots] = thread_scratch();
   const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
   if (bytes > kScratchBytes) return at::empty(sizes, options);
   Tensor& buffer = buffers[slot];
@@ -713,6 +718,15 @@ int64_t pooled_bytes() {
   BufferPool& pool = buffer_pool();
   std::lock_guard<std::mutex> lock(pool.mutex);
   return static_cast<int64_t>(pool.bytes);
+}
+
+void empty_cache() {
+  for (Tensor& buffer : thread_scratch()) buffer.reset();
+  BufferPool& pool = buffer_pool();
+  std::lock_guard<std::mutex> lock(pool.mutex);
+  for (const auto& entry : pool.buffers) c10::free_cpu(entry.second);
+  pool.buffers.clear();
+  pool.bytes = 0;
 }
 
 namespace {

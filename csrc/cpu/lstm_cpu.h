@@ -62,6 +62,9 @@ int64_t set_cpu_loop(int64_t loop);
 
 // Test hook: the bytes of freed forward outputs the CPU kernels keep for reuse (pooled_empty).
 int64_t pooled_bytes();
+// Frees what the kernels keep between calls: the pooled forward outputs and the calling thread's
+// scratch buffers.
+void empty_cache();
 
 // Test hook: words r0..r2 of Philox counters (first + k, c2, c3), k < n, drawn the way the
 // CPU mask loop of instruction set `isa` (-1: the active one) draws them, in chunks, so tests

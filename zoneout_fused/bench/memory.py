@@ -7,7 +7,8 @@ CPU: tracemalloc does not see torch's allocations and torch keeps no CPU allocat
 so we read the process's resident set: reset the kernel's high-water mark (VmHWM) by writing 5
 to /proc/self/clear_refs, return freed heap pages to the OS with malloc_trim, and report
 VmHWM minus the RSS just before the call. Without malloc_trim, blocks freed by an earlier call
-stay resident and are reused without raising the peak, and the figure would read near 0. It
+stay resident and are reused without raising the peak, and the figure would read near 0; for the
+same reason the cpu backend's kept buffers (zoneout_fused.cpu_isa.empty_cache) are freed first. It
 counts touched pages (allocator slack and oneDNN/OpenMP workspaces included), so it is an upper
 bound of the tensors' peak, to compare backends with, not to add up. Without a writable
 /proc/self/clear_refs (not Linux, or a locked-down container) it is None and the reason is given.
@@ -30,6 +31,13 @@ def _status_bytes(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024  # the kernel reports kB
     raise KeyError(key)
+
+
+def _empty_cpu_backend_cache() -> None:
+    from .. import cpu_isa, ops
+
+    if ops._EXTENSION_ERRORS.get("cpu") == "":  # the extension is loaded (and may hold buffers)
+        cpu_isa.empty_cache()
 
 
 class PeakMemory:
@@ -75,6 +83,7 @@ class PeakMemory:
             fn()
             torch.cuda.synchronize(self.device)
             return (torch.cuda.max_memory_allocated(self.device) - before) / _MB
+        _empty_cpu_backend_cache()
         if self._malloc_trim is not None:
             self._malloc_trim(0)
         self._reset_high_water_mark()
