@@ -672,12 +672,15 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> tuple[Optional[str], Optional[bool]]:
-    """(HEAD of the source tree, whether tracked files differ from it), or (None, None)."""
+    """(HEAD of the source tree, whether tracked files other than results and prose differ from
+    it), or (None, None). Results and markdown are left out: a run that follows another in the same
+    tree (which rewrote a results file) measures the same code."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--"], capture_output=True,
+        dirty = subprocess.run(["git", "-C", root, "diff", "--quiet", "HEAD", "--", ".",
+                                ":(exclude)benchmarks/results", ":(exclude)*.md"], capture_output=True,
                                timeout=10).returncode != 0
         return head or None, dirty
     except (OSError, subprocess.SubprocessError):
