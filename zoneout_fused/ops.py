@@ -23,8 +23,9 @@ Every backend computes one layer direction of a zoneout LSTM with the same signa
 
 The compiled backends expose it as a pair of torch ops, `zoneout_fused::{name}_layer_forward`
 returning (y, c_n, c_seq, gates) and `zoneout_fused::{name}_layer_backward`; this module
-attaches the autograd formula and fake (meta) kernels to them, so torch.compile sees one
-opaque op per direction. Forward schema (backward appends grads and saved tensors):
+attaches fake (meta) kernels to them, and the autograd formula unless the extension has its own
+(the cpu ops' is C++: csrc/layer_autograd.h), so torch.compile sees one opaque op per direction.
+Forward schema (backward appends grads and saved tensors):
 
     {name}_layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias,
         Tensor? lengths, Tensor seed, int layer, int direction, float zoneout_cell,

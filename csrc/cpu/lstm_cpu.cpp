@@ -661,7 +661,8 @@ Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions&
 // The forwards' large outputs (y, and the c_seq and gates kept for backward) live until autograd
 // frees the graph. Allocated fresh, the pages of each call's buffers faulted in again on first
 // write (glibc returns the freed top of its heap to the system): B=32 T=50 I=64 H=128, 120 faults
-// and about a tenth of the forward per call (nn.LSTM's allocations happened not to). So buffers of
+// a call, a fifth of the forward in a loop over one model (nn.LSTM's allocations happened not to
+// fault there). So buffers of
 // at least kPooledMinBytes come from a pool their tensors' deleter returns them to, which keeps
 // up to kPoolBytes of them (beyond that a freed buffer goes back to the system); a request takes a
 // pooled buffer of exactly its size (rounded up to kPoolRound) if there is one, the last freed first.
@@ -1117,7 +1118,7 @@ void tiled_projection(const TileKernels& tiles, const float* x, int64_t rows, in
   const Tensor panels = forward_panels(w, gate_rows, lanes);
   const float* panels_p = panels.data_ptr<float>();
   const int64_t unit_tiles = (hidden + lanes - 1) / lanes;
-  constexpr int64_t kRowChunk = 48;
+  constexpr int64_t kRowChunk = 48;  // rows a task: whole tiles (6, 8 or 16 rows for 4, 3, 1 gate rows)
   at::parallel_for(0, (rows + kRowChunk - 1) / kRowChunk, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const int64_t r0 = c * kRowChunk, n = std::min(kRowChunk, rows - r0);
