@@ -861,3 +861,16 @@ def test_empty_cache_frees_the_pool():
     assert POOLED_BYTES() == 0
     again = _pooled_forward("lstm", SEED)  # the kernels run on after it (fresh buffers)
     assert all(torch.isfinite(t).all() for t in again)
+
+
+def test_pooled_outputs_save_load_and_copy(tmp_path):
+    """The pool's tensors (from_blob storage) work where torch's own do: save/load, deepcopy, numpy."""
+    import copy
+
+    outputs = _pooled_forward("lstm", SEED)
+    torch.save(list(outputs), tmp_path / "outputs.pt")
+    for saved, loaded in zip(outputs, torch.load(tmp_path / "outputs.pt")):
+        assert torch.equal(saved, loaded)
+    y = outputs[0]
+    assert torch.equal(copy.deepcopy(y), y)
+    assert y.numpy().ctypes.data == y.data_ptr()
