@@ -155,6 +155,7 @@ def register_layer_op_pair(forward_op_name: str, backward_op_name: str, family: 
                 + tuple(w_hh.new_empty(w_hh.shape[0]) for _ in range(family.bias_inputs)))
 
     setup_context, backward = _layer_autograd(family, _resolve_op(backward_op_name))
+    _FAMILIES[forward_op_name] = family
     if torch._C._dispatch_has_kernel_for_dispatch_key(forward_op_name, "AutogradCPU"):
         _CPP_AUTOGRAD.add(forward_op_name)
     else:
@@ -164,6 +165,9 @@ def register_layer_op_pair(forward_op_name: str, backward_op_name: str, family: 
 
 # The layer ops whose autograd kernel is csrc/layer_autograd.h's (the cpu extension's).
 _CPP_AUTOGRAD: set = set()
+
+# forward op name -> its LayerOpFamily, as registered.
+_FAMILIES: dict = {}
 
 
 # forward op name -> (setup_context, backward): the autograd formula of each registered layer op
@@ -232,8 +236,8 @@ def differentiable_layer_backward(family: LayerOpFamily, grad_outputs, tensors, 
 
 def _differentiable_backward_for_cpp(forward_op_name, grad_outputs, tensors, lengths, seed, scalars, needs_grad):
     """differentiable_layer_backward for the C++ autograd kernel (csrc/layer_autograd.h)."""
-    family = GRU_RNN_OPS if f"_{GRU_RNN_OPS.name}_" in forward_op_name else LSTM_OPS
-    return differentiable_layer_backward(family, grad_outputs, tensors, lengths, seed, scalars, needs_grad)
+    return differentiable_layer_backward(_FAMILIES[forward_op_name], grad_outputs, tensors, lengths, seed, scalars,
+                                         needs_grad)
 
 
 def _autograd_idle(args) -> bool:
