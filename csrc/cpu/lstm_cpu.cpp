@@ -662,10 +662,10 @@ Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions&
 // frees the graph. Allocated fresh, the pages of each call's buffers faulted in again on first
 // write (glibc returns the freed top of its heap to the system): B=32 T=50 I=64 H=128, 120 faults
 // a call, a fifth of the forward in a loop over one model (nn.LSTM's allocations happened not to
-// fault there). So buffers of
-// at least kPooledMinBytes come from a pool their tensors' deleter returns them to, which keeps
-// up to kPoolBytes of them (beyond that a freed buffer goes back to the system); a request takes a
-// pooled buffer of exactly its size (rounded up to kPoolRound) if there is one, the last freed first.
+// fault there). So buffers of at least kPooledMinBytes come from a pool their tensors' deleter
+// returns them to, which keeps up to kPoolBytes of them (beyond that a freed buffer goes back to
+// the system); a request takes a pooled buffer of exactly its size (rounded up to kPoolRound) if
+// there is one, the last freed first.
 constexpr size_t kPoolBytes = size_t(64) << 20, kPooledMinBytes = size_t(256) << 10, kPoolRound = size_t(64) << 10;
 
 struct BufferPool {
