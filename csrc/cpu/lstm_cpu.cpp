@@ -872,10 +872,12 @@ Tensor forward_panels(const Tensor& w, int64_t gate_rows, int64_t lanes) {
           const int64_t width = std::min(kBlock, depth - k0);
           for (int64_t v = 0; v < lanes; ++v) {
             const int64_t j = u * lanes + v;
-            if (j < hidden) {
-              std::copy_n(src + (q * hidden + j) * depth + k0, width, block[v]);
-            } else {
+            if (j >= hidden) {
               std::fill_n(block[v], width, 0.0f);
+            } else if (width == kBlock) {  // a constant size: inlined, not a libc call per 64 bytes
+              std::memcpy(block[v], src + (q * hidden + j) * depth + k0, sizeof(block[v]));
+            } else {
+              std::copy_n(src + (q * hidden + j) * depth + k0, width, block[v]);
             }
           }
           float* dst = out + (u * depth + k0) * k_stride + q * lanes;
@@ -942,29 +944,34 @@ struct PanelLayout {
 
 // dst[b * row_stride + ...] += a[b] times the panels [first, last), for every row b < batch: the
 // recurrent product's columns of those panels' units. Panels whose units all lie below H are
-// accumulated in place; the last one, past H, through a zero-padded copy.
+// accumulated in place; the last one, past H, through a zero-padded copy. With `start` (one
+// row laid out like dst's), dst's columns are set to start + the product: dst's contents unread.
 inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda, int64_t depth, const float* panels,
                           int64_t first, int64_t last, PanelLayout layout, int64_t hidden, int64_t batch, float* dst,
-                          int64_t row_stride) {
-  const int64_t lanes = tiles.lanes, vectors = layout.vectors, max_rows = tiles.max_rows[vectors - 1];
+                          int64_t row_stride, const float* start = nullptr) {
+  const int64_t lanes = tiles.lanes, vectors = layout.vectors;
   const int64_t units = layout.units(lanes), ldc_vector = layout.vector_offset(1, lanes, hidden);
+  const RowBlocks blocks(batch, tiles.max_rows[vectors - 1]);
   alignas(64) float padded[kMaxTileRows * kMaxTileVectors * kMaxTileLanes];
   for (int64_t u = first; u < last; ++u) {
     const float* panel = panels + u * depth * vectors * lanes;
     const int64_t j0 = u * units;
-    for (int64_t b0 = 0; b0 < batch; b0 += max_rows) {  // the panel is reused across row blocks (L1 or L2)
-      const int64_t rows = std::min(max_rows, batch - b0);
+    for (int64_t i = 0; i < blocks.count; ++i) {  // the panel is reused across row blocks (L1 or L2)
+      const int64_t b0 = blocks.start(i), rows = blocks.rows(i);
       const TileProductFn product = tiles.get(vectors, rows);
       float* out = dst + b0 * row_stride + j0;
       if (j0 + units <= hidden) {
-        product({a + b0 * lda, lda, 1, panel, vectors * lanes, out, row_stride, ldc_vector}, depth);
+        product({a + b0 * lda, lda, 1, panel, vectors * lanes, out, row_stride, ldc_vector,
+                 start != nullptr ? start + j0 : nullptr},
+                depth);
         continue;
       }
       std::fill_n(padded, rows * vectors * lanes, 0.0f);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t q = 0; q < vectors; ++q) {
           const int64_t n = std::clamp<int64_t>(hidden - j0 - layout.vector_first_unit(q, lanes), 0, lanes);
-          std::copy_n(out + r * row_stride + layout.vector_offset(q, lanes, hidden), n,
+          const int64_t offset = layout.vector_offset(q, lanes, hidden);
+          std::copy_n(start != nullptr ? start + j0 + offset : out + r * row_stride + offset, n,
                       padded + (r * vectors + q) * lanes);
         }
       product({a + b0 * lda, lda, 1, panel, vectors * lanes, padded, vectors * lanes, lanes}, depth);
@@ -1000,9 +1007,10 @@ Tensor tiled_weight_gradient(const TileKernels& tiles, const std::vector<Gradien
   Tensor out = at::zeros({n, cols}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   constexpr int64_t kVectors = kMaxTileVectors;
-  const int64_t lanes = tiles.lanes, width = kVectors * lanes, max_rows = tiles.max_rows[kVectors - 1];
+  const int64_t lanes = tiles.lanes, width = kVectors * lanes;
   const int64_t chunk = kPanelChunkBytes / (width * int64_t(sizeof(float)));
-  fused_region((n + max_rows - 1) / max_rows, [&](int64_t first, int64_t last) {
+  const RowBlocks blocks(n, tiles.max_rows[kVectors - 1]);
+  fused_region(blocks.count, [&](int64_t first, int64_t last) {
     // The last column tile's panel rows, zero-padded to `width` (on the stack: nothing inside the
     // parallel region allocates, or may throw).
     alignas(64) float panel_copy[kPanelChunkBytes / sizeof(float)];
@@ -1021,7 +1029,7 @@ Tensor tiled_weight_gradient(const TileKernels& tiles, const std::vector<Gradien
             ldp = width;
           }
           for (int64_t block = first; block < last; ++block) {
-            const int64_t r0 = block * max_rows, rows = std::min(max_rows, n - r0);
+            const int64_t r0 = blocks.start(block), rows = blocks.rows(block);
             TileOperands op{run.a + k0 * lda + r0, 1, lda, panel, ldp, o + r0 * cols + c0, cols, lanes};
             if (valid == width) {
               tiles.get(kVectors, rows)(op, depth);
@@ -1118,20 +1126,17 @@ void tiled_projection(const TileKernels& tiles, const float* x, int64_t rows, in
   const Tensor panels = forward_panels(w, gate_rows, lanes);
   const float* panels_p = panels.data_ptr<float>();
   const int64_t unit_tiles = (hidden + lanes - 1) / lanes;
+  // The products start from the bias (not from a copy of it in every row: that pass wrote the
+  // whole [rows, G*H] output once more).
+  std::vector<float> zeros;
+  if (bias == nullptr) zeros.assign(width, 0.0f);
+  const float* start = bias != nullptr ? bias : zeros.data();
   constexpr int64_t kRowChunk = 48;  // rows a task: whole tiles (6, 8 or 16 rows for 4, 3, 1 gate rows)
   at::parallel_for(0, (rows + kRowChunk - 1) / kRowChunk, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const int64_t r0 = c * kRowChunk, n = std::min(kRowChunk, rows - r0);
-      float* dst = out + r0 * width;
-      for (int64_t r = 0; r < n; ++r) {
-        if (bias != nullptr) {
-          std::copy_n(bias, width, dst + r * width);
-        } else {
-          std::fill_n(dst + r * width, width, 0.0f);
-        }
-      }
       tile_products(tiles, x + r0 * depth, depth, depth, panels_p, 0, unit_tiles, PanelLayout{gate_rows, true},
-                    hidden, n, dst, width);
+                    hidden, n, out + r0 * width, width, start);
     }
   });
 }
