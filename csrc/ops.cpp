@@ -193,6 +193,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cpu_gru_rnn_layer_bac
                                              y.contiguous(), gates.contiguous(), cell, a.params);
 }
 
+// Test hook (tests/test_cpu.py): f(x) elementwise by the CPU element kernels' vector math of
+// instruction set isa (1 AVX2, 2 AVX-512), f: 0 exp, 1 tanh, 2 sigmoid; an empty tensor where
+// that instruction set has none here. x: float32, numel a multiple of 16.
+Tensor cpu_vector_math(const Tensor& x, int64_t function, int64_t isa) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32");
+  TORCH_CHECK(x.numel() % 16 == 0, "x.numel() must be a multiple of 16");
+  TORCH_CHECK(function >= 0 && function <= 2, "function must be 0 (exp), 1 (tanh) or 2 (sigmoid)");
+  const Tensor input = x.contiguous();
+  Tensor out = at::empty_like(input);
+  if (!zoneout_cpu::vector_math_test_hook(input.data_ptr<float>(), out.data_ptr<float>(), input.numel(), function,
+                                          isa)) {
+    return at::empty({0}, x.options());
+  }
+  return out;
+}
+
 // Test hook (tests/test_cpu.py): int64 [2, 3, n] holding uint32 words r0, r1, r2 of Philox
 // counters (first + k, c2, c3): [0] from the CPU kernels' draw path of instruction set isa
 // (-1 the active one, 0 scalar, 1 AVX2, 2 AVX-512; an empty tensor if unavailable here), [1]
@@ -248,6 +264,7 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
       "float recurrent_dropout, int mask_mode, bool training, Tensor y, Tensor gates) -> (Tensor grad_x, "
       "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
   m.def("_philox_words_cpu(int seed, int first, int c2, int c3, int n, int isa=-1) -> Tensor");
+  m.def("_cpu_vector_math(Tensor x, int function, int isa) -> Tensor");
   // The CPU kernels' instruction set (zoneout_fused.cpu_isa wraps these).
   m.def("_cpu_isa_supported(int isa) -> bool");
   m.def("_cpu_isa() -> int");
@@ -269,6 +286,7 @@ TORCH_LIBRARY_IMPL(zoneout_fused, CPU, m) {
   m.impl("cpu_layer_backward", &cpu_layer_backward);
   m.impl("cpu_gru_rnn_layer_forward", &cpu_gru_rnn_layer_forward);
   m.impl("cpu_gru_rnn_layer_backward", &cpu_gru_rnn_layer_backward);
+  m.impl("_cpu_vector_math", &cpu_vector_math);
 }
 
 TORCH_LIBRARY_IMPL(zoneout_fused, AutogradCPU, m) {

@@ -97,7 +97,7 @@ def test_matches_reference(mask_mode, direction, training, dtype, isa, loop):
 @pytest.mark.parametrize("mask_mode", MODES)
 @loop_param
 def test_recurrent_dropout_matches_reference(mask_mode, training, dtype, isa, loop):
-    tensors = make_inputs(6, 4, 3, 10, dtype)
+    tensors = make_inputs(6, 4, 3, 37, dtype)  # whole 8- and 16-unit vectors and a tail (vector_math.h's rows)
     assert_same_as_reference(tensors, dtype, direction=1, zoneout_cell=0.25, zoneout_hidden=0.4,
                              recurrent_dropout=0.3, mask_mode=mask_mode, training=training)
 
@@ -353,6 +353,46 @@ def test_full_zoneout_freezes_state():
     y, c_n, grads = run(cpu_layer, [x, h0, c0, w_ih, w_hh, bias], zoneout_cell=1.0, zoneout_hidden=1.0)
     assert torch.equal(y, h0.expand(5, 2, 4)) and torch.equal(c_n, c0)
     assert torch.count_nonzero(grads[0]) == 0 and torch.count_nonzero(grads[3]) == 0
+
+
+def _ulps(got, exact):
+    """|got - exact| in units of the float32 spacing at |exact| (exact: float64)."""
+    magnitude = exact.abs().float()
+    spacing = (torch.nextafter(magnitude, torch.tensor(math.inf)) - magnitude).double()
+    return (got.double() - exact).abs() / spacing
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_vector_math_accuracy(isa):
+    """The element kernels' own vector exp / tanh / sigmoid (csrc/cpu/vector_math.h) against
+    float64, in ulps of the float32 result: exp within 1 (|x| up to its clamp, 87.3 / 88.3), tanh
+    and sigmoid within 3 everywhere, tanh included near 0 where a tanh built from exp cancels
+    (torch's own float32 sigmoid is 2.2 ulps off there); NaN stays NaN, the saturated ends exact."""
+    if isa not in cpu_isa.supported_cpu_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    op = torch.ops.zoneout_fused._cpu_vector_math
+    code = cpu_isa.CPU_ISAS.index(isa)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.linspace(-100, 100, 200_000), torch.linspace(-1, 1, 100_000),
+                   torch.linspace(-1e-3, 1e-3, 10_000), torch.randn(100_000, generator=g) * 5,
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-8, -1e-8])])
+    x = x[: x.numel() // 16 * 16]
+    exact = {0: torch.exp(x.double()), 1: torch.tanh(x.double()), 2: torch.sigmoid(x.double())}
+    bound = {0: 1.0, 1: 3.0, 2: 3.0}
+    in_range = {0: (x > -87.3) & (x < 88.3), 1: torch.ones_like(x, dtype=torch.bool),
+                2: exact[2] >= torch.finfo(torch.float32).tiny}  # sigmoid: below that, denormal results
+    for function in (0, 1, 2):
+        got = op(x, function, code)
+        assert got.shape == x.shape
+        checked = in_range[function]
+        errors = _ulps(got[checked], exact[function][checked])
+        assert errors.max().item() <= bound[function], (function, x[checked][errors.argmax()].item())
+    special = torch.tensor([math.nan, -math.nan, 1e4, -1e4, math.inf, -math.inf] + [0.0] * 10)
+    tanh, sigmoid = op(special, 1, code), op(special, 2, code)
+    assert torch.isnan(tanh[:2]).all() and torch.isnan(sigmoid[:2]).all() and torch.isnan(op(special, 0, code)[:2]).all()
+    assert tanh[2:6].tolist() == [1.0, -1.0, 1.0, -1.0]
+    assert sigmoid[2].item() == 1.0 and sigmoid[4].item() == 1.0 and 0.0 <= sigmoid[3].item() < 1e-37
+    assert tanh[6:].eq(0).all() and sigmoid[6:].eq(0.5).all()
 
 
 @pytest.mark.parametrize("path", ["active"] + list(cpu_isa.CPU_ISAS))

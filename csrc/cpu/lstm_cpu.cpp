@@ -32,6 +32,7 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 #include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 // The element kernels and the vectorized Philox are compiled once per instruction set
@@ -67,6 +68,14 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 #endif
 
 #include "cpu/recurrent_tiles.h"
+#include "cpu/vector_math.h"
+
+#if defined(__GNUC__)
+// Inline every call in the function's body, recursively (see vector_math.h).
+#define ZF_FLATTEN __attribute__((flatten))
+#else
+#define ZF_FLATTEN
+#endif
 
 namespace zoneout_cpu {
 namespace {
@@ -350,6 +359,7 @@ ZF_ALWAYS_INLINE void forward_row(scalar_t* __restrict g, const scalar_t* __rest
   }
 }
 
+
 // Backward of units [j0, j1) of one active example row. gy: grad_y[t]; dh: in, the gradient
 // reaching h_t from later processed steps, out, the direct part m_h * dh of the gradient
 // reaching h_{t-1} (the W_hh part is the caller's GEMM); dc: gradient reaching c_t in,
@@ -377,6 +387,100 @@ ZF_ALWAYS_INLINE void backward_row(const scalar_t* __restrict g, const scalar_t*
     }
   }
 }
+
+#if defined(ZF_X86_PHILOX)
+// The masks of V::kLanes consecutive units from their Philox words (stream 0: the independent and
+// shared modes), or the evaluation constants: draw_masks_stream0's mapping, on vectors.
+template <typename V>
+struct VectorMasks {
+  bool training, shared, dropout;
+  V z_cell, z_hidden, p_drop, kept_scale;
+  explicit VectorMasks(const ZoneoutParams& p)
+      : training(p.training),
+        shared(p.mask_mode == zoneout::kShared),
+        dropout(p.recurrent_dropout > 0.0),
+        z_cell(static_cast<float>(p.zoneout_cell)),
+        z_hidden(static_cast<float>(p.zoneout_hidden)),
+        p_drop(static_cast<float>(p.recurrent_dropout)),
+        kept_scale(zoneout::kept_update_scale<float>(p.recurrent_dropout)) {}
+  ZF_ALWAYS_INLINE zoneout::ElementMasks<V> operator()(const uint32_t* w0, const uint32_t* w1,
+                                                       const uint32_t* w2) const {
+    if (!training) return {z_cell, z_hidden, V(1.0f)};  // element_masks' expectations
+    const V u_cell = V::uniform(w0);
+    const V u_hidden = shared ? u_cell : V::uniform(w1);
+    // (dropout and u_drop < p) ? 0 : kept_scale, as a product with 0 or 1: exact.
+    const V update_scale = dropout ? kept_scale * (V(1.0f) - V::one_where_less(V::uniform(w2), p_drop)) : kept_scale;
+    return {V::one_where_less(u_cell, z_cell), V::one_where_less(u_hidden, z_hidden), update_scale};
+  }
+};
+
+// The vector rows (below) cover units [j0, end) of a row's [j0, j1) in whole vectors; the units
+// past `end` take the scalar rows: H % lanes of them, the same units for any thread count (each
+// thread's range starts at a multiple of the lanes). Training draws in the timestep and static
+// modes take the scalar rows throughout.
+template <typename V>
+inline int64_t vector_rows_end(const ZoneoutParams& p, int64_t j0, int64_t j1) {
+  const bool stream0 = p.mask_mode == zoneout::kIndependent || p.mask_mode == zoneout::kShared;
+  return p.training && !stream0 ? j0 : j0 + (j1 - j0) / V::kLanes * V::kLanes;
+}
+
+// body(j, masks) for units j = j0, j0 + kLanes, ... < end (whole vectors) of example b at step t,
+// masks: those of units [j, j + kLanes), drawn a chunk at a time.
+template <typename V, typename Body>
+ZF_ALWAYS_INLINE void for_unit_vectors(const ZoneoutParams& p, int64_t t, int64_t b, int64_t j0, int64_t end,
+                                       PhiloxRunFn run, const Body& body) {
+  const VectorMasks<V> masks(p);
+  const uint32_t key2 = static_cast<uint32_t>(2 * p.layer + p.direction);
+  alignas(64) uint32_t w0[kChunk], w1[kChunk], w2[kChunk];
+  for (int64_t c0 = j0; c0 < end; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, end - c0);
+    if (p.training)
+      philox_words(p.seed, static_cast<uint64_t>((t * p.batch + b) * p.hidden + c0), key2, 0u, n, w0, w1, w2, run);
+    for (int64_t k = 0; k < n; k += V::kLanes) body(c0 + k, masks(w0 + k, w1 + k, w2 + k));
+  }
+}
+
+// forward_row and backward_row for float32 on the vector types of vector_math.h: the same
+// cell_forward / cell_backward, V::kLanes units at a time.
+template <typename V>
+ZF_ALWAYS_INLINE void forward_row_vector(float* __restrict g, const float* __restrict hp,
+                                         const float* __restrict cp, float* __restrict yo, float* __restrict co,
+                                         int64_t t, int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p,
+                                         PhiloxRunFn run) {
+  const int64_t hidden = p.hidden, end = vector_rows_end<V>(p, j0, j1);
+  for_unit_vectors<V>(p, t, b, j0, end, run, [&](int64_t j, const zoneout::ElementMasks<V>& m) {
+    const auto r = zoneout::cell_forward<V>(V::load(g + j), V::load(g + hidden + j), V::load(g + 2 * hidden + j),
+                                            V::load(g + 3 * hidden + j), V::load(cp + j), V::load(hp + j), m);
+    r.i.store(g + j);
+    r.f.store(g + hidden + j);
+    r.g.store(g + 2 * hidden + j);
+    r.o.store(g + 3 * hidden + j);
+    r.h.store(yo + j);
+    r.c.store(co + j);
+  });
+  if (end < j1) forward_row<float>(g, hp, cp, yo, co, t, b, end, j1, p, run);
+}
+
+template <typename V>
+ZF_ALWAYS_INLINE void backward_row_vector(const float* __restrict g, const float* __restrict gy,
+                                          const float* __restrict cp, float* __restrict dh, float* __restrict dc,
+                                          float* __restrict dp, int64_t t, int64_t b, int64_t j0, int64_t j1,
+                                          const ZoneoutParams& p, PhiloxRunFn run) {
+  const int64_t hidden = p.hidden, end = vector_rows_end<V>(p, j0, j1);
+  for_unit_vectors<V>(p, t, b, j0, end, run, [&](int64_t j, const zoneout::ElementMasks<V>& m) {
+    const auto r = zoneout::cell_backward<V>(V::load(gy + j) + V::load(dh + j), V::load(dc + j), V::load(g + j),
+                                             V::load(g + hidden + j), V::load(g + 2 * hidden + j),
+                                             V::load(g + 3 * hidden + j), V::load(cp + j), m);
+    r.d_pre_i.store(dp + j);
+    r.d_pre_f.store(dp + hidden + j);
+    r.d_pre_g.store(dp + 2 * hidden + j);
+    r.d_pre_o.store(dp + 3 * hidden + j);
+    r.dh_prev_direct.store(dh + j);
+    r.dc_prev.store(dc + j);
+  });
+  if (end < j1) backward_row<float>(g, gy, cp, dh, dc, dp, t, b, end, j1, p, run);
+}
+#endif
 
 // GRU forward of units [j0, j1) of one active example row. xp, hp: the row's input and
 // recurrent parts [3H] (r, u, n; biases included); g: the row's saved gates [4H] out
@@ -495,16 +599,26 @@ struct CpuKernels {
 };
 
 // Wrappers compiled for one instruction set: the row kernels inline into them.
-#define ZF_ROW_KERNELS(SUFFIX, TARGET, PHILOX_RUN)                                                                   \
+// VECTOR: the float32 vector type of vector_math.h for the LSTM rows, or void (none: the compiler
+// vectorizes the scalar code).
+#define ZF_ROW_KERNELS(SUFFIX, TARGET, PHILOX_RUN, VECTOR)                                                           \
   template <typename scalar_t>                                                                                      \
-  TARGET void lstm_forward_##SUFFIX(scalar_t* g, const scalar_t* hp, const scalar_t* cp, scalar_t* yo, scalar_t* co, \
-                                    ZF_ROW_ARGS) {                                                                  \
-    forward_row<scalar_t>(g, hp, cp, yo, co, t, b, j0, j1, p, PHILOX_RUN);                                          \
+  TARGET ZF_FLATTEN void lstm_forward_##SUFFIX(scalar_t* g, const scalar_t* hp, const scalar_t* cp, scalar_t* yo,  \
+                                               scalar_t* co, ZF_ROW_ARGS) {                                         \
+    if constexpr (std::is_same_v<scalar_t, float> && !std::is_void_v<VECTOR>) {                                    \
+      forward_row_vector<VECTOR>(g, hp, cp, yo, co, t, b, j0, j1, p, PHILOX_RUN);                                   \
+    } else {                                                                                                        \
+      forward_row<scalar_t>(g, hp, cp, yo, co, t, b, j0, j1, p, PHILOX_RUN);                                        \
+    }                                                                                                               \
   }                                                                                                                 \
   template <typename scalar_t>                                                                                      \
-  TARGET void lstm_backward_##SUFFIX(const scalar_t* g, const scalar_t* gy, const scalar_t* cp, scalar_t* dh,      \
-                                     scalar_t* dc, scalar_t* dp, ZF_ROW_ARGS) {                                     \
-    backward_row<scalar_t>(g, gy, cp, dh, dc, dp, t, b, j0, j1, p, PHILOX_RUN);                                     \
+  TARGET ZF_FLATTEN void lstm_backward_##SUFFIX(const scalar_t* g, const scalar_t* gy, const scalar_t* cp,         \
+                                                scalar_t* dh, scalar_t* dc, scalar_t* dp, ZF_ROW_ARGS) {            \
+    if constexpr (std::is_same_v<scalar_t, float> && !std::is_void_v<VECTOR>) {                                    \
+      backward_row_vector<VECTOR>(g, gy, cp, dh, dc, dp, t, b, j0, j1, p, PHILOX_RUN);                              \
+    } else {                                                                                                        \
+      backward_row<scalar_t>(g, gy, cp, dh, dc, dp, t, b, j0, j1, p, PHILOX_RUN);                                   \
+    }                                                                                                               \
   }                                                                                                                 \
   template <typename scalar_t>                                                                                      \
   TARGET void gru_forward_##SUFFIX(const scalar_t* xp, const scalar_t* hp, const scalar_t* h_prev, scalar_t* g,    \
@@ -537,10 +651,10 @@ struct CpuKernels {
   constexpr CpuKernels kKernels_##SUFFIX = {PHILOX_RUN, row_kernels_##SUFFIX<float>(), row_kernels_##SUFFIX<double>()};
 
 #define ZF_NO_TARGET
-ZF_ROW_KERNELS(scalar, ZF_NO_TARGET, philox_run_scalar)
+ZF_ROW_KERNELS(scalar, ZF_NO_TARGET, philox_run_scalar, void)
 #if defined(ZF_X86_PHILOX)
-ZF_ROW_KERNELS(avx2, ZF_TARGET_AVX2, philox_run_avx2)
-ZF_ROW_KERNELS(avx512, ZF_TARGET_AVX512, philox_run_avx512)
+ZF_ROW_KERNELS(avx2, ZF_TARGET_AVX2_FMA, philox_run_avx2, F32x8)
+ZF_ROW_KERNELS(avx512, ZF_TARGET_AVX512, philox_run_avx512, F32x16)
 #endif
 #undef ZF_ROW_KERNELS
 #undef ZF_NO_TARGET
@@ -551,7 +665,7 @@ bool isa_supported(int64_t isa) {
   __builtin_cpu_init();
   switch (isa) {
     case kIsaScalar: return true;
-    case kIsaAvx2: return __builtin_cpu_supports("avx2");
+    case kIsaAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // every AVX2 x86 has both
     case kIsaAvx512: return __builtin_cpu_supports("avx512f");
     default: return false;
   }
@@ -813,7 +927,7 @@ const TileKernels& tile_kernels(int64_t isa) {
 #if defined(ZF_X86_PHILOX)
   static const TileKernels avx512 = tile_kernels_avx512(), avx2 = tile_kernels_avx2();
   if (isa == kIsaAvx512) return avx512;
-  if (isa == kIsaAvx2 && __builtin_cpu_supports("fma")) return avx2;
+  if (isa == kIsaAvx2) return avx2;
 #endif
   static const TileKernels none;
   return none;
@@ -1368,6 +1482,38 @@ bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t
     philox_words(seed, first + static_cast<uint64_t>(k0), c2, c3, m, r0 + k0, r1 + k0, r2 + k0, run);
   }
   return true;
+}
+
+#if defined(ZF_X86_PHILOX)
+// out[k] = f(x[k]) for whole vectors of V (n a multiple of its lanes); f: 0 exp, 1 tanh, 2 sigmoid.
+template <typename V>
+ZF_ALWAYS_INLINE void vector_math(const float* x, float* out, int64_t n, int64_t f) {
+  for (int64_t k = 0; k < n; k += V::kLanes) {
+    const V v = V::load(x + k);
+    (f == 0 ? zf_exp(v) : f == 1 ? zf_tanh(v) : zoneout::zf_sigmoid(v)).store(out + k);
+  }
+}
+ZF_TARGET_AVX512 ZF_FLATTEN void vector_math_avx512(const float* x, float* out, int64_t n, int64_t f) {
+  vector_math<F32x16>(x, out, n, f);
+}
+ZF_TARGET_AVX2_FMA ZF_FLATTEN void vector_math_avx2(const float* x, float* out, int64_t n, int64_t f) {
+  vector_math<F32x8>(x, out, n, f);
+}
+#endif
+
+bool vector_math_test_hook(const float* x, float* out, int64_t n, int64_t function, int64_t isa) {
+#if defined(ZF_X86_PHILOX)
+  if (!isa_supported(isa) || n % 16 != 0) return false;
+  if (isa == kIsaAvx512) {
+    vector_math_avx512(x, out, n, function);
+    return true;
+  }
+  if (isa == kIsaAvx2) {
+    vector_math_avx2(x, out, n, function);
+    return true;
+  }
+#endif
+  return false;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
