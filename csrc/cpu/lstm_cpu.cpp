@@ -969,35 +969,27 @@ const TileKernels* fused_loop_kernels(const Tensor& x, int64_t steps, int64_t hi
 
 // w [G*H, K] as the forward products' panels: per tile of `lanes` units, [K][G][lanes] (rows
 // q*H + j of w for the tile's units j; zero past H).
-Tensor forward_panels(const Tensor& w, int64_t gate_rows, int64_t lanes) {
+Tensor forward_panels(const Tensor& w, int64_t gate_rows, const TileKernels& kernels) {
+  const int64_t lanes = kernels.lanes;
   const int64_t hidden = w.size(0) / gate_rows, depth = w.size(1), tiles = (hidden + lanes - 1) / lanes;
   Tensor panels = scratch(kScratchPanels, {tiles, depth, gate_rows, lanes}, w.options());
   const float* src = w.data_ptr<float>();
   float* out = panels.data_ptr<float>();
   const int64_t k_stride = gate_rows * lanes;
-  constexpr int64_t kBlock = 16;  // depth steps per pass
   at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
-    // A block of `lanes` rows x kBlock columns of w, copied row by row (whole cache lines), then
-    // written out column by column (each column: `lanes` consecutive floats of the panel).
-    float block[kMaxTileLanes][kBlock];
+    // Square blocks of `lanes` units x `lanes` depth steps, transposed in registers; the edges
+    // (units past H: zeros; the last depth steps) a float at a time.
     for (int64_t u = first; u < last; ++u)
-      for (int64_t q = 0; q < gate_rows; ++q)
-        for (int64_t k0 = 0; k0 < depth; k0 += kBlock) {
-          const int64_t width = std::min(kBlock, depth - k0);
-          for (int64_t v = 0; v < lanes; ++v) {
-            const int64_t j = u * lanes + v;
-            if (j >= hidden) {
-              std::fill_n(block[v], width, 0.0f);
-            } else if (width == kBlock) {  // a constant size: inlined, not a libc call per 64 bytes
-              std::memcpy(block[v], src + (q * hidden + j) * depth + k0, sizeof(block[v]));
-            } else {
-              std::copy_n(src + (q * hidden + j) * depth + k0, width, block[v]);
-            }
-          }
-          float* dst = out + (u * depth + k0) * k_stride + q * lanes;
-          for (int64_t k = 0; k < width; ++k)
-            for (int64_t v = 0; v < lanes; ++v) dst[k * k_stride + v] = block[v][k];
-        }
+      for (int64_t q = 0; q < gate_rows; ++q) {
+        const int64_t j0 = u * lanes, units = std::min(lanes, hidden - j0);
+        const float* rows = src + (q * hidden + j0) * depth;
+        float* dst = out + u * depth * k_stride + q * lanes;
+        int64_t k0 = 0;
+        if (units == lanes)
+          for (; k0 + lanes <= depth; k0 += lanes) kernels.transpose(rows + k0, depth, dst + k0 * k_stride, k_stride);
+        for (int64_t k = k0; k < depth; ++k)
+          for (int64_t v = 0; v < lanes; ++v) dst[k * k_stride + v] = v < units ? rows[v * depth + k] : 0.0f;
+      }
   });
   return panels;
 }
@@ -1216,7 +1208,7 @@ void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t ga
                         const ZoneoutParams& p, const float* h0, const float* y, int64_t row_stride,
                         const Destination& destination, const Element& element) {
   const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden, lanes = tiles.lanes;
-  const Tensor panels = forward_panels(w_hh, gate_rows, lanes);
+  const Tensor panels = forward_panels(w_hh, gate_rows, tiles);
   const float* panels_p = panels.data_ptr<float>();
   const PanelLayout layout{gate_rows, true};
   fused_region((hidden + lanes - 1) / lanes, [&](int64_t first, int64_t last) {
@@ -1237,7 +1229,7 @@ void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t ga
 void tiled_projection(const TileKernels& tiles, const float* x, int64_t rows, int64_t depth, const Tensor& w,
                       const float* bias, int64_t gate_rows, float* out) {
   const int64_t lanes = tiles.lanes, hidden = w.size(0) / gate_rows, width = gate_rows * hidden;
-  const Tensor panels = forward_panels(w, gate_rows, lanes);
+  const Tensor panels = forward_panels(w, gate_rows, tiles);
   const float* panels_p = panels.data_ptr<float>();
   const int64_t unit_tiles = (hidden + lanes - 1) / lanes;
   // The products start from the bias (not from a copy of it in every row: that pass wrote the

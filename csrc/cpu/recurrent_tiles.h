@@ -63,8 +63,13 @@ struct TileOperands {
 // chain), of a[r][k] * panel[k][v][l], for r < rows, v < V, l < lanes.
 using TileProductFn = void (*)(const TileOperands& o, int64_t depth);
 
+// dst[k * ldd + v] = src[v * lds + k] for v, k < lanes: a square block of a weight turned into
+// rows of a panel (forward_panels), in registers.
+using TransposeFn = void (*)(const float* src, int64_t lds, float* dst, int64_t ldd);
+
 struct TileKernels {
   int64_t lanes = 0;  // floats per vector; 0 where this instruction set has no tile kernels
+  TransposeFn transpose = nullptr;
   int64_t max_rows[kMaxTileVectors] = {};  // [V - 1]: tile_rows for this register file
   // product[V - 1][rows - 1]: V = 1..kMaxTileVectors, rows = 1..max_rows[V - 1].
   TileProductFn product[kMaxTileVectors][kMaxTileRows] = {};
@@ -105,8 +110,52 @@ ZF_TILE_PRODUCT(tile_product_avx2, ZF_TARGET_AVX2_FMA, __m256, 8, 16, _mm256_set
                 _mm256_fmadd_ps, _mm256_storeu_ps)
 #undef ZF_TILE_PRODUCT
 
+// 16 x 16: pairs of rows interleaved by 1, 2, then 4 and 8 floats (128-bit lanes).
+ZF_TARGET_AVX512 inline void transpose_avx512(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      const __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + j + 2]);
+      r[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  for (int h = 0; h < 16; h += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[h + j] = _mm512_shuffle_f32x4(r[h + j], r[h + j + 4], 0x88);
+      t[h + j + 4] = _mm512_shuffle_f32x4(r[h + j], r[h + j + 4], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    _mm512_storeu_ps(dst + j * ldd, _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * ldd, _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD));
+  }
+}
+
+// 8 x 8: pairs of rows interleaved by 1, then 2 floats, then 128-bit halves exchanged.
+ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      r[i + 2 * j] = _mm256_shuffle_ps(t[i + j], t[i + j + 2], 0x44);
+      r[i + 2 * j + 1] = _mm256_shuffle_ps(t[i + j], t[i + j + 2], 0xEE);
+    }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ldd, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * ldd, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+  }
+}
+
 // The table of one instruction set's instantiations.
-#define ZF_TILE_TABLE(NAME, FN, LANES, REGISTERS)                                                   \
+#define ZF_TILE_TABLE(NAME, FN, TRANSPOSE, LANES, REGISTERS)                                        \
   template <int kVectors, int... kRowsMinus1>                                                       \
   void NAME##_fill(TileKernels& t, std::integer_sequence<int, kRowsMinus1...>) {                    \
     t.max_rows[kVectors - 1] = sizeof...(kRowsMinus1);                                              \
@@ -115,14 +164,15 @@ ZF_TILE_PRODUCT(tile_product_avx2, ZF_TARGET_AVX2_FMA, __m256, 8, 16, _mm256_set
   inline TileKernels NAME() {                                                                       \
     TileKernels t;                                                                                  \
     t.lanes = LANES;                                                                                \
+    t.transpose = TRANSPOSE;                                                                        \
     NAME##_fill<1>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 1)>());                  \
     NAME##_fill<2>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 2)>());                  \
     NAME##_fill<3>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 3)>());                  \
     NAME##_fill<4>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 4)>());                  \
     return t;                                                                                       \
   }
-ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, 16, 32)
-ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, 8, 16)
+ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, 16, 32)
+ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, 8, 16)
 #undef ZF_TILE_TABLE
 #endif
 
