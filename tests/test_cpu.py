@@ -584,7 +584,8 @@ def test_three_way_rule_catches_the_wrong_step_order(monkeypatch):
 # The products' engine (csrc/cpu/gemm.h): oneDNN's linear or ATen's mm, each checked against
 # the reference in float32, for every cell kind, at shapes whose products are large enough to
 # take the oneDNN path (all but the RNN's per-step product, which the size rule keeps on ATen);
-# the profiler confirms which engine ran.
+# the profiler confirms which engine ran. The per-step loop: the fused one forms every product of
+# a float32 sequence with the tile kernels.
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("engine", cpu_isa.CPU_GEMMS)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
@@ -623,7 +624,7 @@ def test_each_gemm_engine_matches_reference(engine, cell):
         sum((o * w).sum() for o, w in zip(outs, weights)).backward()
         return [o.detach() for o in outs] + [leaf.grad for leaf in leaves]
 
-    with cpu_isa.use_cpu_gemm(engine), torch.profiler.profile() as profile:
+    with cpu_isa.use_cpu_gemm(engine), cpu_isa.use_cpu_loop("steps"), torch.profiler.profile() as profile:
         actual = results(fused, torch.float32)
     used_onednn = any(event.name == "mkldnn::_linear_pointwise" for event in profile.events())
     assert used_onednn == (engine == "onednn")  # the engine asked for is the one that ran

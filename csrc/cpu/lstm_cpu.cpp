@@ -1091,8 +1091,8 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
   }
 }
 
-// One run of rows of a weight gradient: rows m < count of a (N floats each, `lda` apart) paired
-// with the same rows of b (C floats each, `ldb` apart).
+// One run of depth steps of a tiled_product: steps m < count of a (element n of step m at
+// a[n * a_row + m * a_depth]) paired with rows m of b (C floats each, `ldb` apart).
 struct GradientRun {
   const float* a;
   const float* b;
@@ -1103,13 +1103,15 @@ struct GradientRun {
 // all of a thread's row blocks, so the chunk stays in L1 while it is reused.
 constexpr int64_t kPanelChunkBytes = 32 << 10;
 
-// out [N, C] = the sum over the runs' rows m, in order, of a[m]^T b[m]: a weight gradient
-// (a: pre-activation gradients, b: the layer's inputs or previous states), formed by the tile
-// kernels in parallel over blocks of N (each output one FMA chain: the same bits for any thread
-// count). oneDNN forms it from a copy of b transposed, made per call (x^T and h^T: ~0.1-0.3 ms of a
-// B=32 T=50 H=128 fwd+bwd); the tile kernels read a's columns in place, broadcasting them.
-Tensor tiled_weight_gradient(const TileKernels& tiles, const std::vector<GradientRun>& runs, int64_t n, int64_t lda,
-                             int64_t cols, int64_t ldb) {
+// out [N, C] = the sum over the runs' depth steps m, in order, of a[:, m] b[m]^T (an outer
+// product), formed by the tile kernels in parallel over blocks of N (each output one FMA chain: the
+// same bits for any thread count). Weight gradients: a = the pre-activation gradients read as
+// their transpose (a_row 1, a_depth G*H), b = the layer's inputs or previous states; oneDNN forms
+// those from a copy of b transposed, made per call (x^T and h^T: ~0.1-0.3 ms of a B=32 T=50 H=128
+// fwd+bwd), the tile kernels read a's columns in place, broadcasting them. The input gradient:
+// a = the pre-activation gradients (a_row G*H, a_depth 1), b = W_ih.
+Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& runs, int64_t n, int64_t a_row,
+                     int64_t a_depth, int64_t cols, int64_t ldb) {
   Tensor out = at::zeros({n, cols}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   constexpr int64_t kVectors = kMaxTileVectors;
@@ -1136,7 +1138,8 @@ Tensor tiled_weight_gradient(const TileKernels& tiles, const std::vector<Gradien
           }
           for (int64_t block = first; block < last; ++block) {
             const int64_t r0 = blocks.start(block), rows = blocks.rows(block);
-            TileOperands op{run.a + k0 * lda + r0, 1, lda, panel, ldp, o + r0 * cols + c0, cols, lanes};
+            TileOperands op{run.a + k0 * a_depth + r0 * a_row, a_row, a_depth, panel, ldp, o + r0 * cols + c0, cols,
+                            lanes};
             if (valid == width) {
               tiles.get(kVectors, rows)(op, depth);
               continue;
@@ -1178,12 +1181,22 @@ std::pair<Tensor, Tensor> weight_gradients(const TileKernels* tiles, const Tenso
             recurrent_weight_grad(d_rec, y, h0, direction)};
   }
   const float* d_rec_p = d_rec.data_ptr<float>();
-  return {tiled_weight_gradient(*tiles, {{d_in.data_ptr<float>(), x.data_ptr<float>(), steps * batch}}, rows, rows,
-                                input, input),
-          tiled_weight_gradient(*tiles,
-                                recurrent_gradient_runs(d_rec_p, rows, y.data_ptr<float>(), h0.data_ptr<float>(),
-                                                        steps, batch, hidden, direction),
-                                rows, rows, hidden, hidden)};
+  return {tiled_product(*tiles, {{d_in.data_ptr<float>(), x.data_ptr<float>(), steps * batch}}, rows, 1, rows, input,
+                        input),
+          tiled_product(*tiles,
+                        recurrent_gradient_runs(d_rec_p, rows, y.data_ptr<float>(), h0.data_ptr<float>(), steps, batch,
+                                                hidden, direction),
+                        rows, 1, rows, hidden, hidden)};
+}
+
+// grad_x [T, B, I] = d_in [T, B, G*H] W_ih: by the tile kernels where the fused loop applies
+// (`tiles`: W_ih read in place, no output copy), else by oneDNN / ATen.
+Tensor input_gradient(const TileKernels* tiles, const Tensor& d_in, const Tensor& w_ih) {
+  const int64_t steps = d_in.size(0), batch = d_in.size(1), rows = d_in.size(2), input = w_ih.size(1);
+  if (tiles == nullptr) return product(d_in.view({steps * batch, rows}), w_ih).view({steps, batch, input});
+  return tiled_product(*tiles, {{d_in.data_ptr<float>(), w_ih.data_ptr<float>(), rows}}, steps * batch, rows, 1, input,
+                       input)
+      .view({steps, batch, input});
 }
 
 // Asks the caches for units [j0, j1) of `blocks` blocks of H floats in each row of `base` (rows
@@ -1513,7 +1526,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
                                                          const Tensor& lengths, const zoneout::ZoneoutParams& params) {
   // The internal views and products below are not for autograd: skip its bookkeeping.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), hidden = w_hh.size(1);
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
   const int direction = params.direction;
   const CpuKernels& kernels = active_kernels();
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
@@ -1556,7 +1569,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& lengths, const Tensor& y, const Tensor& c_seq,
     const Tensor& gates, const zoneout::ZoneoutParams& params) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in layer_forward
-  const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), hidden = w_hh.size(1);
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
   const int direction = params.direction;
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
 
@@ -1591,7 +1604,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
 
   // Weight and input gradients: large products over all steps.
   const Tensor d_pre_2d = d_pre.view({steps * batch, 4 * hidden});
-  const Tensor grad_x = product(d_pre_2d, w_ih).view({steps, batch, input});
+  const Tensor grad_x = input_gradient(tiles, d_pre, w_ih);
   const auto [grad_w_ih, grad_w_hh] = weight_gradients(tiles, d_pre, d_pre, x, y, h0, direction);
   const Tensor grad_bias = d_pre_2d.sum(0);
   return {grad_x, dh, dc, grad_w_ih, grad_w_hh, grad_bias};
@@ -1622,7 +1635,7 @@ std::tuple<Tensor, Tensor> gru_rnn_layer_forward(const Tensor& x, const Tensor& 
                                                  const Tensor& lengths, int64_t cell,
                                                  const zoneout::ZoneoutParams& params) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in layer_forward
-  const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), hidden = h0.size(1);
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = h0.size(1);
   const bool gru = cell == zoneout::kGru;
   const int64_t rows = zoneout::cell_rows(static_cast<int>(cell)) * hidden;
   const int64_t saved = zoneout::cell_saved(static_cast<int>(cell)) * hidden;
@@ -1692,7 +1705,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_rnn_layer_backwar
     const Tensor& grad_y, const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
     const Tensor& lengths, const Tensor& y, const Tensor& gates, int64_t cell, const zoneout::ZoneoutParams& params) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in layer_forward
-  const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), hidden = h0.size(1);
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = h0.size(1);
   const bool gru = cell == zoneout::kGru;
   const int64_t rows = zoneout::cell_rows(static_cast<int>(cell)) * hidden;
   const int64_t saved = zoneout::cell_saved(static_cast<int>(cell)) * hidden;
@@ -1749,7 +1762,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_rnn_layer_backwar
   }
 
   const Tensor d_x_2d = d_x.view({steps * batch, rows});
-  const Tensor grad_x = product(d_x_2d, w_ih).view({steps, batch, input});
+  const Tensor grad_x = input_gradient(tiles, d_x, w_ih);
   const auto [grad_w_ih, grad_w_hh] = weight_gradients(tiles, d_x, d_h, x, y, h0, direction);
   const Tensor grad_b_ih = d_x_2d.sum(0);
   const Tensor grad_b_hh = gru ? d_h.view({steps * batch, rows}).sum(0) : grad_b_ih.clone();
