@@ -21,14 +21,16 @@ namespace zoneout_cpu {
 // for AVX2, 32 for AVX-512: more rows per panel load there).
 constexpr int tile_rows(int registers, int vectors) {
   return registers == 32 ? (vectors >= 4 ? 6 : vectors == 3 ? 8 : vectors == 2 ? 12 : 16)
-                         : (vectors >= 4 ? 2 : vectors == 3 ? 4 : vectors == 2 ? 6 : 8);
+                         : (vectors >= 4 ? 3 : vectors == 3 ? 4 : vectors == 2 ? 6 : 8);
 }
 
 // Whether a tile's panel vectors fit in registers beside its accumulators and a broadcast. Then the
 // product pins them there: left to itself, GCC folds a panel vector used by 3 rows or fewer into
 // each FMA as a memory operand, one load per FMA, and such tiles ran at half the FMA rate (1-3 row
-// AVX-512 tiles 95-111 GFLOP/s a core, pinned 2-3 rows 173-227, against 239-245 for 4-6 rows;
-// AVX2's 4-vector tiles: 3 rows unpinned 108, 2 rows pinned 114).
+// AVX-512 tiles 95-111 GFLOP/s a core, pinned 2-3 rows 173-227, against 239-245 for 4-6 rows).
+// AVX2's 4-vector tiles keep 3 rows, unpinned (17 registers): 2 pinned rows ran the forward's
+// product a little faster (114 GFLOP/s against 108) but a fwd+bwd 10% slower (B=32 T=50 H=256,
+// the weight gradients).
 constexpr bool pin_panel(int registers, int rows, int vectors) { return rows * vectors + vectors + 1 <= registers; }
 
 // Rows per block when `batch` rows are cut into the fewest blocks of at most `max_rows`, as evenly
