@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import zoneout_fused as zf
+from zoneout_fused import cpu_isa
 from zoneout_fused.bench import Peer, main
 
 REQUIRED_FIELDS = ("device", "torch", "triton", "commit", "config", "backend", "mode", "dtype", "median_ms",
@@ -64,6 +65,9 @@ def test_bench_records_and_check(tmp_path):
                 record["num_layers"]) == (3, 5, 4, 8, 2)
         assert (record["zoneout_cell"], record["zoneout_hidden"]) == (0.5, 0.05)
         assert record["torch"] == torch.__version__
+        # Which instruction sets the CPU peers ran: ours, ATen's, oneDNN's ceiling.
+        assert record["instruction_sets"].startswith(f"zoneout_fused {cpu_isa.cpu_isa() if fused else 'unavailable'}")
+        assert f"ATen {torch.backends.cpu.get_cpu_capability()}" in record["instruction_sets"]
 
     for backend in ["plain-loop", "reference", "nn.LSTM"] + fused:
         for mode in ("fwd", "fwd+bwd"):
@@ -95,6 +99,7 @@ def test_bench_records_and_check(tmp_path):
 
     markdown = table.read_text()
     assert "| backend |" in markdown and "wrong-masks" in markdown and "**tiny**" in markdown
+    assert "instruction sets: zoneout_fused" in markdown
 
 
 def test_decode_steps_the_cell_api(tmp_path):

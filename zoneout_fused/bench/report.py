@@ -97,6 +97,11 @@ def text_table(case, dtype_name: str, records: list[dict], zoneout_kwargs: dict)
     return "\n".join(lines)
 
 
+def _isa(record: dict) -> str:
+    """", instruction sets ..." for CPU runs that recorded them."""
+    return f", instruction sets: {record['instruction_sets']}" if record.get("instruction_sets") else ""
+
+
 def markdown(records: list[dict]) -> str:
     """A README-ready table per (case, dtype), with the machine and commit above them."""
     if not records:
@@ -104,7 +109,7 @@ def markdown(records: list[dict]) -> str:
     first = records[0]
     commit = (first.get("commit") or "unknown")[:12] + (" + local changes" if first.get("commit_dirty") else "")
     lines = [f"Device: {first['device']}, torch {first['torch']}, triton {first['triton']}, commit {commit}, "
-             f"torch threads {first.get('threads') or '-'}{_load(records)}. Medians of {max(r['repeats'] for r in records)} interleaved runs "
+             f"torch threads {first.get('threads') or '-'}{_isa(first)}{_load(records)}. Medians of {max(r['repeats'] for r in records)} interleaved runs "
              f"after {first['warmup']} warm-up; \"vs\" columns are speedups (time of the peer / time of the row). "
              f"Peak memory: {first['peak_mem_method']}.", ""]
     groups: "OrderedDict[tuple, list]" = OrderedDict()

@@ -687,6 +687,20 @@ def git_commit() -> tuple[Optional[str], Optional[bool]]:
         return None, None
 
 
+def cpu_instruction_sets() -> str:
+    """The vector instruction sets the CPU peers run: our kernels' (ZONEOUT_FUSED_CPU_ISA), ATen's
+    (ATEN_CPU_CAPABILITY) and oneDNN's ceiling (ONEDNN_MAX_CPU_ISA), e.g. all three limited to AVX2 on
+    an AVX-512 machine to measure the AVX2 code paths side by side."""
+    try:
+        from .. import cpu_isa
+        ours = cpu_isa.cpu_isa()
+    except RuntimeError:  # the CPU extension is not built
+        ours = "unavailable"
+    aten = torch.backends.cpu.get_cpu_capability()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "best"
+    return f"zoneout_fused {ours}, ATen {aten}, oneDNN {onednn}"
+
+
 def environment(device: torch.device, memory: PeakMemory) -> dict:
     try:
         import triton
@@ -698,6 +712,7 @@ def environment(device: torch.device, memory: PeakMemory) -> dict:
                 triton=triton_version, cuda=torch.version.cuda if device.type == "cuda" else None,
                 commit=commit, commit_dirty=dirty, python=platform.python_version(),
                 threads=torch.get_num_threads() if device.type == "cpu" else None,
+                instruction_sets=cpu_instruction_sets() if device.type == "cpu" else None,
                 peak_mem_method=memory.method,
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
@@ -844,6 +859,8 @@ def main(argv=None, *, extra_peers: Optional[dict[str, Peer]] = None) -> list[di
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit "
           f"{(env['commit'] or 'unknown')[:12]}{' (modified)' if env['commit_dirty'] else ''}  "
           f"threads {env['threads']}")
+    if env.get("instruction_sets"):
+        print(f"instruction sets: {env['instruction_sets']}")
     print(f"peak memory: {memory.method}")
     with tqdm(total=total, desc="timing", unit="call", disable=opts.quiet, leave=False) as progress:
         for case in cases:
