@@ -9,12 +9,15 @@
 // step's product through oneDNN / ATen and runs the element pass with at::parallel_for; "fused"
 // (float32) runs the whole sequence in one parallel region, each thread forming its own units'
 // columns with the tile kernels (recurrent_tiles.h) and passing one barrier per step; its loops
-// (fused_forward_loop / fused_backward_loop) serve the LSTM, the GRU and the RNN.
+// (fused_forward_loop / fused_backward_loop) serve the LSTM, the GRU and the RNN. There the LSTM's
+// step forms its input part too, just before the recurrent one (the same FMA chains as a
+// projection of all steps, without writing [T, B, 4H] out and reading it back).
 
 // With glibc's vector math library (setup.py defines ZF_USE_LIBMVEC and links -lmvec on
 // Linux x86-64), declaring expf/tanhf/exp/tanh as SIMD functions lets the compiler vectorize
-// the header's cell math (every sigmoid and tanh) instead of calling scalar libm per element.
-// Must come before zoneout_lstm.h, whose zf_exp/zf_tanh call these.
+// the header's cell math (every sigmoid and tanh) instead of calling scalar libm per element:
+// the rows the vector types of vector_math.h do not take (float64, the GRU and RNN, the units
+// past the last whole vector). Must come before zoneout_lstm.h, whose zf_exp/zf_tanh call these.
 #include <cmath>
 #if defined(ZF_USE_LIBMVEC)
 extern "C" {
@@ -359,7 +362,6 @@ ZF_ALWAYS_INLINE void forward_row(scalar_t* __restrict g, const scalar_t* __rest
   }
 }
 
-
 // Backward of units [j0, j1) of one active example row. gy: grad_y[t]; dh: in, the gradient
 // reaching h_t from later processed steps, out, the direct part m_h * dh of the gradient
 // reaching h_{t-1} (the W_hh part is the caller's GEMM); dc: gradient reaching c_t in,
@@ -425,7 +427,8 @@ inline int64_t vector_rows_end(const ZoneoutParams& p, int64_t j0, int64_t j1) {
 }
 
 // body(j, masks) for units j = j0, j0 + kLanes, ... < end (whole vectors) of example b at step t,
-// masks: those of units [j, j + kLanes), drawn a chunk at a time.
+// masks: those of units [j, j + kLanes), drawn a chunk at a time. (The body can be a lambda here,
+// unlike in the scalar rows above: these are vectors already, nothing is left to the vectorizer.)
 template <typename V, typename Body>
 ZF_ALWAYS_INLINE void for_unit_vectors(const ZoneoutParams& p, int64_t t, int64_t b, int64_t j0, int64_t end,
                                        PhiloxRunFn run, const Body& body) {
@@ -755,7 +758,13 @@ inline void add_row(scalar_t* out, const scalar_t* in, int64_t j0, int64_t j1) {
 // thread keeps one buffer per slot, of up to kScratchBytes (larger ones are allocated per call:
 // there the faults are a small part of the time). A slot holds one buffer in use at a time, which
 // must not outlive the call.
-enum ScratchSlot { kScratchGradients = 0, kScratchRecurrentGradients = 1, kScratchPanels = 2, kScratchSlots = 3 };
+enum ScratchSlot {
+  kScratchGradients = 0,
+  kScratchRecurrentGradients = 1,
+  kScratchPanels = 2,
+  kScratchInputPanels = 3,
+  kScratchSlots = 4
+};
 constexpr int64_t kScratchBytes = int64_t(64) << 20;
 
 Tensor (&thread_scratch())[kScratchSlots] {
@@ -969,10 +978,11 @@ const TileKernels* fused_loop_kernels(const Tensor& x, int64_t steps, int64_t hi
 
 // w [G*H, K] as the forward products' panels: per tile of `lanes` units, [K][G][lanes] (rows
 // q*H + j of w for the tile's units j; zero past H).
-Tensor forward_panels(const Tensor& w, int64_t gate_rows, const TileKernels& kernels) {
+Tensor forward_panels(const Tensor& w, int64_t gate_rows, const TileKernels& kernels,
+                      ScratchSlot slot = kScratchPanels) {
   const int64_t lanes = kernels.lanes;
   const int64_t hidden = w.size(0) / gate_rows, depth = w.size(1), tiles = (hidden + lanes - 1) / lanes;
-  Tensor panels = scratch(kScratchPanels, {tiles, depth, gate_rows, lanes}, w.options());
+  Tensor panels = scratch(slot, {tiles, depth, gate_rows, lanes}, w.options());
   const float* src = w.data_ptr<float>();
   float* out = panels.data_ptr<float>();
   const int64_t k_stride = gate_rows * lanes;
@@ -1217,13 +1227,30 @@ inline void prefetch_units(const float* base, int64_t rows, int64_t row_stride, 
 // h_{t-1} W_hh^T added to destination(s, t) (rows `row_stride` apart, prepared by it: the input
 // projection, or b_hh), then element(t, h_prev, j0, j1) on the thread's units [j0, j1), then one
 // barrier (h_t complete before any thread's next products read it).
+// The input part x_t W_ih^T + bias of a step, formed in the fused loop just before the recurrent
+// part, by the same threads on the same units. A separate projection of all steps first wrote
+// [T, B, 4H] out and the loop read it back: forward 4% slower at B=32 T=100 H=256 and at B=64
+// T=50 H=128 (same-phase A/B, 2 threads; equal at B=32 T=50 H=256).
+struct StepInput {
+  const float* x;  // [T, B, I]
+  const Tensor* w_ih;
+  const float* bias;  // [G*H] or null
+};
+
 template <typename Destination, typename Element>
 void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t gate_rows, int64_t steps,
                         const ZoneoutParams& p, const float* h0, const float* y, int64_t row_stride,
-                        const Destination& destination, const Element& element) {
+                        const Destination& destination, const Element& element, const StepInput* input = nullptr) {
   const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden, lanes = tiles.lanes;
   const Tensor panels = forward_panels(w_hh, gate_rows, tiles);
   const float* panels_p = panels.data_ptr<float>();
+  const Tensor input_panels = input != nullptr ? forward_panels(*input->w_ih, gate_rows, tiles, kScratchInputPanels)
+                                               : Tensor();
+  const float* input_panels_p = input != nullptr ? input_panels.data_ptr<float>() : nullptr;
+  const int64_t input_size = input != nullptr ? input->w_ih->size(1) : 0;
+  std::vector<float> zeros;
+  if (input != nullptr && input->bias == nullptr) zeros.assign(gate_rows * hidden, 0.0f);
+  const float* start = input == nullptr ? nullptr : input->bias != nullptr ? input->bias : zeros.data();
   const PanelLayout layout{gate_rows, true};
   fused_region((hidden + lanes - 1) / lanes, [&](int64_t first, int64_t last) {
     const int64_t j0 = std::min(hidden, first * lanes), j1 = std::min(hidden, last * lanes);
@@ -1231,6 +1258,9 @@ void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t ga
       const int64_t t = step_position(s, steps, p.direction);
       const float* hp = s == 0 ? h0 : y + step_position(s - 1, steps, p.direction) * state;
       float* dst = destination(s, t, j0, j1);
+      if (input != nullptr)  // the step's input part first: the same FMA chain as a projection of all steps
+        tile_products(tiles, input->x + t * batch * input_size, input_size, input_size, input_panels_p, first, last,
+                      layout, hidden, batch, dst, row_stride, start);
       tile_products(tiles, hp, hidden, hidden, panels_p, first, last, layout, hidden, batch, dst, row_stride);
       if (j0 < j1) element(s, t, hp, j0, j1);
       step_barrier();
@@ -1303,18 +1333,13 @@ void fused_backward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t s
 }
 
 void fused_forward(const TileKernels& tiles, float* gates, float* y, float* c_seq, const float* h0, const float* c0,
-                   const Tensor& w_hh, const int64_t* lengths, int64_t steps, const ZoneoutParams& p,
-                   const CpuKernels& kernels) {
+                   const StepInput& input, const Tensor& w_hh, const int64_t* lengths, int64_t steps,
+                   const ZoneoutParams& p, const CpuKernels& kernels) {
   const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden;
   const auto row = kernels.f32.lstm_forward;
   fused_forward_loop(
       tiles, w_hh, 4, steps, p, h0, y, 4 * hidden,
-      [&](int64_t s, int64_t t, int64_t j0, int64_t j1) {
-        if (s + 1 < steps)  // the next step's input projection, for the thread's units
-          prefetch_units(gates + step_position(s + 1, steps, p.direction) * 4 * state, batch, 4 * hidden, 4, hidden,
-                         j0, j1);
-        return gates + t * 4 * state;  // x_t W_ih^T + b: the product adds to it
-      },
+      [&](int64_t, int64_t t, int64_t, int64_t) { return gates + t * 4 * state; },
       [&](int64_t s, int64_t t, const float* hp, int64_t j0, int64_t j1) {
         const float* cp = s == 0 ? c0 : c_seq + step_position(s - 1, steps, p.direction) * state;
         float* g_t = gates + t * 4 * state;
@@ -1330,7 +1355,8 @@ void fused_forward(const TileKernels& tiles, float* gates, float* y, float* c_se
             zero_columns(g_t + 4 * bh, 4, hidden, j0, j1);
           }
         }
-      });
+      },
+      &input);
 }
 
 void fused_backward(const TileKernels& tiles, const float* grad_y, const float* gates, const float* c_seq,
@@ -1532,15 +1558,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
   const CpuKernels& kernels = active_kernels();
   const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   const TileKernels* tiles = fused_loop_kernels(x, steps, hidden, /*forward=*/true);
-  // Input projection of every step at once: the buffer where the pre-activations live.
-  Tensor gates = input_projection(tiles, x, w_ih, bias, 4);
   Tensor y = pooled_empty({steps, batch, hidden}, x.options());
   Tensor c_seq = pooled_empty({steps, batch, hidden}, x.options());
-  if (tiles != nullptr) {
+  if (tiles != nullptr) {  // the fused loop forms each step's input part itself
+    Tensor gates = pooled_empty({steps, batch, 4 * hidden}, x.options());
+    const StepInput input{x.data_ptr<float>(), &w_ih, bias.defined() ? bias.data_ptr<float>() : nullptr};
     fused_forward(*tiles, gates.data_ptr<float>(), y.data_ptr<float>(), c_seq.data_ptr<float>(), h0.data_ptr<float>(),
-                  c0.data_ptr<float>(), w_hh, len, steps, params, kernels);
+                  c0.data_ptr<float>(), input, w_hh, len, steps, params, kernels);
     return {y, c_seq[step_position(steps - 1, steps, direction)].clone(), c_seq, gates};
   }
+  // Input projection of every step at once: the buffer where the pre-activations live.
+  Tensor gates = input_projection(tiles, x, w_ih, bias, 4);
   const Tensor w_rec = steps > 1 ? prepare_weight(w_hh, batch) : w_hh;  // packed once, used every step
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zoneout_cpu_layer_forward", [&] {
