@@ -244,9 +244,9 @@ ZF_TARGET_AVX2 inline void philox_block_avx2(uint64_t seed, uint32_t lo, uint32_
 ZF_TARGET_AVX2 void philox_run_avx2(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2,
                                                      uint32_t c3, int64_t n, uint32_t* r0, uint32_t* r1,
                                                      uint32_t* r2) {
+  // One group a pass: two hold 16 words plus 4 constants, more than AVX2's 16 registers, and spilled
+  // (42.5 ns per 16 counters, one group 36.5; AVX-512's two groups: 10.9).
   int64_t k = 0;
-  for (; k + 16 <= n; k += 16)
-    philox_block_avx2<2>(seed, lo + static_cast<uint32_t>(k), hi, c2, c3, r0 + k, r1 + k, r2 + k);
   for (; k + 8 <= n; k += 8)
     philox_block_avx2<1>(seed, lo + static_cast<uint32_t>(k), hi, c2, c3, r0 + k, r1 + k, r2 + k);
   if (k < n) philox_run_scalar(seed, lo + static_cast<uint32_t>(k), hi, c2, c3, n - k, r0 + k, r1 + k, r2 + k);
