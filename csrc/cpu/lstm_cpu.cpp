@@ -1112,6 +1112,7 @@ struct GradientRun {
 // Panels (here: rows of x or h) are read in depth chunks of at most this many bytes, each across
 // all of a thread's row blocks, so the chunk stays in L1 while it is reused.
 constexpr int64_t kPanelChunkBytes = 32 << 10;
+constexpr int64_t kL2PanelChunkBytes = 256 << 10;
 
 // out [N, C] = the sum over the runs' depth steps m, in order, of a[:, m] b[m]^T (an outer
 // product), formed by the tile kernels in parallel over blocks of N (each output one FMA chain: the
@@ -1126,7 +1127,13 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   float* o = out.data_ptr<float>();
   constexpr int64_t kVectors = kMaxTileVectors;
   const int64_t lanes = tiles.lanes, width = kVectors * lanes;
-  const int64_t chunk = kPanelChunkBytes / (width * int64_t(sizeof(float)));
+  // Depth steps a pass: panel chunks of L1 size, reused across the row blocks. Where a is read along
+  // its rows (a_depth 1: the input gradient, b the small weight), a chunk may fill L2 instead, so that
+  // each row of a streams through in long runs: in L1 chunks (128 steps) they were read 512 bytes at a
+  // time, one chunk after another (B=32 T=100 H=256, 2 threads: 1.14-1.49 ms, L2 chunks 0.95-1.12).
+  // A zero-padded last column tile keeps L1 chunks (its copy is on the stack).
+  const int64_t l1_chunk = kPanelChunkBytes / (width * int64_t(sizeof(float)));
+  const int64_t l2_chunk = a_depth == 1 ? kL2PanelChunkBytes / (width * int64_t(sizeof(float))) : l1_chunk;
   const RowBlocks blocks(n, tiles.max_rows[kVectors - 1]);
   fused_region(blocks.count, [&](int64_t first, int64_t last) {
     // The last column tile's panel rows, zero-padded to `width` (on the stack: nothing inside the
@@ -1134,7 +1141,7 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
     alignas(64) float panel_copy[kPanelChunkBytes / sizeof(float)];
     alignas(64) float tile_copy[kMaxTileRows * kMaxTileVectors * kMaxTileLanes];
     for (int64_t c0 = 0; c0 < cols; c0 += width) {
-      const int64_t valid = std::min(width, cols - c0);
+      const int64_t valid = std::min(width, cols - c0), chunk = valid < width ? l1_chunk : l2_chunk;
       for (const GradientRun& run : runs) {
         for (int64_t k0 = 0; k0 < run.count; k0 += chunk) {
           const int64_t depth = std::min(chunk, run.count - k0);
