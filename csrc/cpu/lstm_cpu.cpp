@@ -391,55 +391,29 @@ ZF_ALWAYS_INLINE void backward_row(const scalar_t* __restrict g, const scalar_t*
 }
 
 #if defined(ZF_X86_PHILOX)
-// The masks of V::kLanes consecutive units from their Philox words (stream 0: the independent and
-// shared modes), or the evaluation constants: draw_masks_stream0's mapping, on vectors.
-template <typename V>
-struct VectorMasks {
-  bool training, shared, dropout;
-  V z_cell, z_hidden, p_drop, kept_scale;
-  explicit VectorMasks(const ZoneoutParams& p)
-      : training(p.training),
-        shared(p.mask_mode == zoneout::kShared),
-        dropout(p.recurrent_dropout > 0.0),
-        z_cell(static_cast<float>(p.zoneout_cell)),
-        z_hidden(static_cast<float>(p.zoneout_hidden)),
-        p_drop(static_cast<float>(p.recurrent_dropout)),
-        kept_scale(zoneout::kept_update_scale<float>(p.recurrent_dropout)) {}
-  ZF_ALWAYS_INLINE zoneout::ElementMasks<V> operator()(const uint32_t* w0, const uint32_t* w1,
-                                                       const uint32_t* w2) const {
-    if (!training) return {z_cell, z_hidden, V(1.0f)};  // element_masks' expectations
-    const V u_cell = V::uniform(w0);
-    const V u_hidden = shared ? u_cell : V::uniform(w1);
-    // (dropout and u_drop < p) ? 0 : kept_scale, as a product with 0 or 1: exact.
-    const V update_scale = dropout ? kept_scale * (V(1.0f) - V::one_where_less(V::uniform(w2), p_drop)) : kept_scale;
-    return {V::one_where_less(u_cell, z_cell), V::one_where_less(u_hidden, z_hidden), update_scale};
-  }
-};
-
 // The vector rows (below) cover units [j0, end) of a row's [j0, j1) in whole vectors; the units
 // past `end` take the scalar rows: H % lanes of them, the same units for any thread count (each
-// thread's range starts at a multiple of the lanes). Training draws in the timestep and static
-// modes take the scalar rows throughout.
+// thread's range starts at a multiple of the lanes).
 template <typename V>
-inline int64_t vector_rows_end(const ZoneoutParams& p, int64_t j0, int64_t j1) {
-  const bool stream0 = p.mask_mode == zoneout::kIndependent || p.mask_mode == zoneout::kShared;
-  return p.training && !stream0 ? j0 : j0 + (j1 - j0) / V::kLanes * V::kLanes;
+inline int64_t vector_rows_end(int64_t j0, int64_t j1) {
+  return j0 + (j1 - j0) / V::kLanes * V::kLanes;
 }
 
 // body(j, masks) for units j = j0, j0 + kLanes, ... < end (whole vectors) of example b at step t,
-// masks: those of units [j, j + kLanes), drawn a chunk at a time. (The body can be a lambda here,
-// unlike in the scalar rows above: these are vectors already, nothing is left to the vectorizer.)
+// masks: those of units [j, j + kLanes), drawn a chunk at a time by chunk_masks (every mask mode),
+// then read as vectors. (The body can be a lambda here, unlike in the scalar rows above: these are
+// vectors already, nothing is left to the vectorizer.)
 template <typename V, typename Body>
 ZF_ALWAYS_INLINE void for_unit_vectors(const ZoneoutParams& p, int64_t t, int64_t b, int64_t j0, int64_t end,
                                        PhiloxRunFn run, const Body& body) {
-  const VectorMasks<V> masks(p);
-  const uint32_t key2 = static_cast<uint32_t>(2 * p.layer + p.direction);
-  alignas(64) uint32_t w0[kChunk], w1[kChunk], w2[kChunk];
+  alignas(64) MaskChunk<float> masks;
   for (int64_t c0 = j0; c0 < end; c0 += kChunk) {
     const int64_t n = std::min(kChunk, end - c0);
-    if (p.training)
-      philox_words(p.seed, static_cast<uint64_t>((t * p.batch + b) * p.hidden + c0), key2, 0u, n, w0, w1, w2, run);
-    for (int64_t k = 0; k < n; k += V::kLanes) body(c0 + k, masks(w0 + k, w1 + k, w2 + k));
+    chunk_masks(masks, p, t, b, c0, n, run);
+    for (int64_t k = 0; k < n; k += V::kLanes) {
+      body(c0 + k, zoneout::ElementMasks<V>{V::load(masks.keep_cell + k), V::load(masks.keep_hidden + k),
+                                            V::load(masks.update_scale + k)});
+    }
   }
 }
 
@@ -450,7 +424,7 @@ ZF_ALWAYS_INLINE void forward_row_vector(float* __restrict g, const float* __res
                                          const float* __restrict cp, float* __restrict yo, float* __restrict co,
                                          int64_t t, int64_t b, int64_t j0, int64_t j1, const ZoneoutParams& p,
                                          PhiloxRunFn run) {
-  const int64_t hidden = p.hidden, end = vector_rows_end<V>(p, j0, j1);
+  const int64_t hidden = p.hidden, end = vector_rows_end<V>(j0, j1);
   for_unit_vectors<V>(p, t, b, j0, end, run, [&](int64_t j, const zoneout::ElementMasks<V>& m) {
     const auto r = zoneout::cell_forward<V>(V::load(g + j), V::load(g + hidden + j), V::load(g + 2 * hidden + j),
                                             V::load(g + 3 * hidden + j), V::load(cp + j), V::load(hp + j), m);
@@ -469,7 +443,7 @@ ZF_ALWAYS_INLINE void backward_row_vector(const float* __restrict g, const float
                                           const float* __restrict cp, float* __restrict dh, float* __restrict dc,
                                           float* __restrict dp, int64_t t, int64_t b, int64_t j0, int64_t j1,
                                           const ZoneoutParams& p, PhiloxRunFn run) {
-  const int64_t hidden = p.hidden, end = vector_rows_end<V>(p, j0, j1);
+  const int64_t hidden = p.hidden, end = vector_rows_end<V>(j0, j1);
   for_unit_vectors<V>(p, t, b, j0, end, run, [&](int64_t j, const zoneout::ElementMasks<V>& m) {
     const auto r = zoneout::cell_backward<V>(V::load(gy + j) + V::load(dh + j), V::load(dc + j), V::load(g + j),
                                              V::load(g + hidden + j), V::load(g + 2 * hidden + j),
@@ -1101,6 +1075,14 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
   }
 }
 
+// The row the chains of an input part start from (tile_products' `start`): the bias, or a row of
+// zeros kept in `zeros` where there is none.
+inline const float* bias_or_zeros(const float* bias, int64_t width, std::vector<float>& zeros) {
+  if (bias != nullptr) return bias;
+  zeros.assign(width, 0.0f);
+  return zeros.data();
+}
+
 // One run of depth steps of a tiled_product: steps m < count of a (element n of step m at
 // a[n * a_row + m * a_depth]) paired with rows m of b (C floats each, `ldb` apart).
 struct GradientRun {
@@ -1230,10 +1212,6 @@ inline void prefetch_units(const float* base, int64_t rows, int64_t row_stride, 
       for (int64_t j = j0; j < j1; j += kLine) __builtin_prefetch(base + b * row_stride + q * hidden + j);
 }
 
-// The fused forward of a recurrent cell with G gate rows: per step, the thread's units' columns of
-// h_{t-1} W_hh^T added to destination(s, t) (rows `row_stride` apart, prepared by it: the input
-// projection, or b_hh), then element(t, h_prev, j0, j1) on the thread's units [j0, j1), then one
-// barrier (h_t complete before any thread's next products read it).
 // The input part x_t W_ih^T + bias of a step, formed in the fused loop just before the recurrent
 // part, by the same threads on the same units. A separate projection of all steps first wrote
 // [T, B, 4H] out and the loop read it back: forward 4% slower at B=32 T=100 H=256 and at B=64
@@ -1244,6 +1222,11 @@ struct StepInput {
   const float* bias;  // [G*H] or null
 };
 
+// The fused forward of a recurrent cell with G gate rows: per step, the thread's units' columns of
+// h_{t-1} W_hh^T added to destination(s, t) (rows `row_stride` apart: the input projection, or b_hh;
+// with `input`, whatever it holds is replaced by the step's input part first), then
+// element(t, h_prev, j0, j1) on the thread's units [j0, j1), then one barrier (h_t complete before
+// any thread's next products read it).
 template <typename Destination, typename Element>
 void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t gate_rows, int64_t steps,
                         const ZoneoutParams& p, const float* h0, const float* y, int64_t row_stride,
@@ -1256,8 +1239,7 @@ void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t ga
   const float* input_panels_p = input != nullptr ? input_panels.data_ptr<float>() : nullptr;
   const int64_t input_size = input != nullptr ? input->w_ih->size(1) : 0;
   std::vector<float> zeros;
-  if (input != nullptr && input->bias == nullptr) zeros.assign(gate_rows * hidden, 0.0f);
-  const float* start = input == nullptr ? nullptr : input->bias != nullptr ? input->bias : zeros.data();
+  const float* start = input != nullptr ? bias_or_zeros(input->bias, gate_rows * hidden, zeros) : nullptr;
   const PanelLayout layout{gate_rows, true};
   fused_region((hidden + lanes - 1) / lanes, [&](int64_t first, int64_t last) {
     const int64_t j0 = std::min(hidden, first * lanes), j1 = std::min(hidden, last * lanes);
@@ -1286,8 +1268,7 @@ void tiled_projection(const TileKernels& tiles, const float* x, int64_t rows, in
   // The products start from the bias (not from a copy of it in every row: that pass wrote the
   // whole [rows, G*H] output once more).
   std::vector<float> zeros;
-  if (bias == nullptr) zeros.assign(width, 0.0f);
-  const float* start = bias != nullptr ? bias : zeros.data();
+  const float* start = bias_or_zeros(bias, width, zeros);
   constexpr int64_t kRowChunk = 48;  // rows a task: whole tiles (6, 8 or 16 rows for 4, 3, 1 gate rows)
   at::parallel_for(0, (rows + kRowChunk - 1) / kRowChunk, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {

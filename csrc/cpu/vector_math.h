@@ -23,8 +23,7 @@ namespace zoneout_cpu {
 #if defined(ZF_X86_PHILOX)
 
 // The operations the math needs, per instruction set: arithmetic, fused multiply-adds, min / max,
-// rounding to the nearest integer, 2^n of such integers, sign manipulation, a comparison to a
-// 0 / 1 vector, and Philox words to uniforms (bit for bit zoneout::uint32_to_uniform).
+// rounding to the nearest integer, 2^n of such integers, sign manipulation.
 struct F32x16 {
   static constexpr int kLanes = 16;
   __m512 v;
@@ -33,11 +32,6 @@ struct F32x16 {
   ZF_TARGET_AVX512 F32x16(float s) : v(_mm512_set1_ps(s)) {}
   static ZF_TARGET_AVX512 F32x16 load(const float* p) { return _mm512_loadu_ps(p); }
   ZF_TARGET_AVX512 void store(float* p) const { _mm512_storeu_ps(p, v); }
-  static ZF_TARGET_AVX512 F32x16 uniform(const uint32_t* words) {
-    __m512i x = _mm512_loadu_si512(words);
-    x = _mm512_xor_si512(x, _mm512_srai_epi32(x, 31));  // ~x where x < 0
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(4.6566127342e-10f));
-  }
   friend ZF_TARGET_AVX512 F32x16 operator+(F32x16 a, F32x16 b) { return _mm512_add_ps(a.v, b.v); }
   friend ZF_TARGET_AVX512 F32x16 operator-(F32x16 a, F32x16 b) { return _mm512_sub_ps(a.v, b.v); }
   friend ZF_TARGET_AVX512 F32x16 operator*(F32x16 a, F32x16 b) { return _mm512_mul_ps(a.v, b.v); }
@@ -65,9 +59,6 @@ struct F32x16 {
                                                          _mm512_castps_si512(sign.v), _mm512_set1_epi32(INT32_MAX),
                                                          0xE4));  // (c & a) | (~c & b): bitwise select by c
   }
-  static ZF_TARGET_AVX512 F32x16 one_where_less(F32x16 a, F32x16 b) {
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), _mm512_set1_ps(1.0f));
-  }
 };
 
 struct F32x8 {
@@ -78,11 +69,6 @@ struct F32x8 {
   ZF_TARGET_AVX2_FMA F32x8(float s) : v(_mm256_set1_ps(s)) {}
   static ZF_TARGET_AVX2_FMA F32x8 load(const float* p) { return _mm256_loadu_ps(p); }
   ZF_TARGET_AVX2_FMA void store(float* p) const { _mm256_storeu_ps(p, v); }
-  static ZF_TARGET_AVX2_FMA F32x8 uniform(const uint32_t* words) {
-    __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
-    x = _mm256_xor_si256(x, _mm256_srai_epi32(x, 31));  // ~x where x < 0
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(4.6566127342e-10f));
-  }
   friend ZF_TARGET_AVX2_FMA F32x8 operator+(F32x8 a, F32x8 b) { return _mm256_add_ps(a.v, b.v); }
   friend ZF_TARGET_AVX2_FMA F32x8 operator-(F32x8 a, F32x8 b) { return _mm256_sub_ps(a.v, b.v); }
   friend ZF_TARGET_AVX2_FMA F32x8 operator*(F32x8 a, F32x8 b) { return _mm256_mul_ps(a.v, b.v); }
@@ -102,9 +88,6 @@ struct F32x8 {
   static ZF_TARGET_AVX2_FMA F32x8 copysign(F32x8 magnitude, F32x8 sign) {
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     return _mm256_or_ps(_mm256_andnot_ps(sign_bit, magnitude.v), _mm256_and_ps(sign_bit, sign.v));
-  }
-  static ZF_TARGET_AVX2_FMA F32x8 one_where_less(F32x8 a, F32x8 b) {
-    return _mm256_and_ps(_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ), _mm256_set1_ps(1.0f));
   }
 };
 
