@@ -265,6 +265,7 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
       "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
   m.def("_philox_words_cpu(int seed, int first, int c2, int c3, int n, int isa=-1) -> Tensor");
   m.def("_cpu_vector_math(Tensor x, int function, int isa) -> Tensor");
+  m.def("_cpu_last_word_below(float z) -> int");
   // The CPU kernels' instruction set (zoneout_fused.cpu_isa wraps these).
   m.def("_cpu_isa_supported(int isa) -> bool");
   m.def("_cpu_isa() -> int");
@@ -298,6 +299,7 @@ TORCH_LIBRARY_IMPL(zoneout_fused, AutogradCPU, m) {
 // No tensor arguments: registered for every dispatch key.
 TORCH_LIBRARY_IMPL(zoneout_fused, CompositeExplicitAutograd, m) {
   m.impl("_philox_words_cpu", &philox_words_cpu);
+  m.impl("_cpu_last_word_below", &zoneout_cpu::last_word_below_test_hook);
   m.impl("_cpu_isa_supported", &zoneout_cpu::cpu_isa_supported);
   m.impl("_cpu_isa", &zoneout_cpu::cpu_isa);
   m.impl("_set_cpu_isa", &zoneout_cpu::set_cpu_isa);

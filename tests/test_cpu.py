@@ -915,3 +915,20 @@ def test_pooled_outputs_save_load_and_copy(tmp_path):
     y = outputs[0]
     assert torch.equal(copy.deepcopy(y), y)
     assert y.numpy().ctypes.data == y.data_ptr()
+
+
+@pytest.mark.parametrize("z", [0.0, 1e-9, 0.05, 0.1, 0.15, 0.3, 0.4, 0.5, 0.9, 0.999999, 1.0, 1.5])
+def test_vector_rows_word_bound_is_exact(z):
+    """The vector rows keep a unit where its folded Philox word is at most a bound found once per
+    call, instead of forming each uniform (lstm_cpu.cpp, last_word_below): the bound must be the
+    exact edge of the oracle's uniform < z, or masks at the edge would flip (too rarely for the
+    random-mask tests to see)."""
+    bound = torch.ops.zoneout_fused._cpu_last_word_below(z)
+    z32 = torch.tensor(z, dtype=torch.float32)
+    edge = torch.tensor([bound, bound + 1], dtype=torch.int64).clamp(0, 2**31 - 1)
+    uniform = masks.uint32_to_uniform(edge)
+    if bound >= 0:
+        assert uniform[0] < z32
+    if bound < 2**31 - 1:
+        assert uniform[1] >= z32
+    assert (bound == -1) == (z == 0.0)

@@ -59,6 +59,13 @@ struct F32x16 {
                                                          _mm512_castps_si512(sign.v), _mm512_set1_epi32(INT32_MAX),
                                                          0xE4));  // (c & a) | (~c & b): bitwise select by c
   }
+  // Per lane: if_true where the Philox word's folded value (see fold_word) is at most `last`, else if_false.
+  static ZF_TARGET_AVX512 F32x16 select_by_word(const uint32_t* words, int32_t last, F32x16 if_true,
+                                                F32x16 if_false) {
+    const __m512i r = _mm512_loadu_si512(words);
+    const __m512i folded = _mm512_xor_si512(r, _mm512_srai_epi32(r, 31));
+    return _mm512_mask_blend_ps(_mm512_cmple_epi32_mask(folded, _mm512_set1_epi32(last)), if_false.v, if_true.v);
+  }
 };
 
 struct F32x8 {
@@ -89,8 +96,18 @@ struct F32x8 {
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     return _mm256_or_ps(_mm256_andnot_ps(sign_bit, magnitude.v), _mm256_and_ps(sign_bit, sign.v));
   }
+  static ZF_TARGET_AVX2_FMA F32x8 select_by_word(const uint32_t* words, int32_t last, F32x8 if_true, F32x8 if_false) {
+    const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
+    const __m256i folded = _mm256_xor_si256(r, _mm256_srai_epi32(r, 31));
+    const __m256 above = _mm256_castsi256_ps(_mm256_cmpgt_epi32(folded, _mm256_set1_epi32(last)));
+    return _mm256_blendv_ps(if_true.v, if_false.v, above);
+  }
 };
 
+// The integer uint32_to_uniform (zoneout_lstm.h) scales: the word, bits inverted when its top bit is
+// set, in [0, 2^31). The uniform is that integer converted and multiplied, two roundings that never
+// decrease, so u < z holds exactly for the folded words up to one bound (last_word_below, lstm_cpu.cpp):
+// the vector rows compare integers instead of converting and multiplying each word.
 template <typename V>
 inline constexpr bool kIsVector = std::is_same_v<V, F32x16> || std::is_same_v<V, F32x8>;
 
