@@ -181,3 +181,47 @@ def test_cpu_peak_memory_counts_pooled_outputs():
     with torch.no_grad():
         model(x)  # fills the pool
         assert memory.measure(lambda: model(x)) >= 4.5
+
+
+def test_bench_bidirectional_case(tmp_path):
+    """A 2-layer bidirectional case (the encoder config's kind): the peers that run it are checked
+    against the reference and timed, the cell loop says why it cannot, and the floor counts both
+    directions' products, the upper layer's 2H-wide input included."""
+    from zoneout_fused.bench.cases import CONFIGS
+    from zoneout_fused.bench.runner import matmul_shapes
+
+    fused = [name for name in ("cpu",) if name in zf.available_backends("cpu")]
+    records = main(["--device", "cpu", "--config", "tiny-bi", "--backends", ",".join(["plain-loop", "reference",
+                    "nn.LSTM"] + fused), "--repeats", "2", "--warmup", "0", "--quiet"])
+    by_key = {(r["backend"], r["mode"]): r for r in records}
+    for backend in ["nn.LSTM"] + fused:
+        record = by_key[(backend, "fwd+bwd")]
+        assert record["check"] == "ok" and record["median_ms"] > 0 and record["bidirectional"], record
+    assert "unidirectional" in by_key[("plain-loop", "fwd")]["error"]
+
+    case = CONFIGS["tiny-bi"][0]
+    shapes = matmul_shapes(case, "fwd")
+    assert len(shapes) == 2 * 2 * 2  # (projection, recurrent) x 2 directions x 2 layers
+    assert [k for _, _, k, _ in shapes[::2]] == [4, 4, 16, 16]  # the upper layer reads both directions
+
+
+def test_bench_pins_the_heap_thresholds():
+    """Without pinning, glibc's mmap threshold follows the process's history, and a peer's large
+    temporaries could be faulted in afresh on every call in one run and not in the next."""
+    from zoneout_fused.bench.memory import pin_heap_thresholds
+
+    said = pin_heap_thresholds()
+    if said.startswith("default"):
+        pytest.skip(said)
+    import resource
+
+    def call():
+        buffer = torch.empty(8 << 20, dtype=torch.uint8)  # 8 MB: above glibc's default threshold
+        buffer.fill_(1)  # touch every page
+        del buffer
+
+    call()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        call()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 5 * (8 << 20) // 4096 // 4

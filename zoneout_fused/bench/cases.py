@@ -19,6 +19,7 @@ class Case:
     input_size: int
     hidden_size: int
     num_layers: int = 1
+    bidirectional: bool = False
     # Zoneout settings the paper used for this task; None: the command line's (default 0.5 / 0.05).
     zoneout_cell: Optional[float] = None
     zoneout_hidden: Optional[float] = None
@@ -29,17 +30,23 @@ class Case:
 
     def shape_fields(self) -> dict:
         return dict(batch=self.batch, steps=self.steps, input_size=self.input_size,
-                    hidden_size=self.hidden_size, num_layers=self.num_layers)
+                    hidden_size=self.hidden_size, num_layers=self.num_layers, bidirectional=self.bidirectional)
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
 
     def describe(self) -> str:
         return (f"{self.name}: B={self.batch} T={self.steps} I={self.input_size} H={self.hidden_size}"
-                f" layers={self.num_layers}" + (" cell stepped T times" if self.cell else "")
+                f" layers={self.num_layers}" + (" bidirectional" if self.bidirectional else "")
+                + (" cell stepped T times" if self.cell else "")
                 + (f" ({self.note})" if self.note else ""))
 
 
 CONFIGS: dict[str, tuple[Case, ...]] = {
     # Hidden from --help: the test suite's micro case (2 layers, so the layer loop is exercised).
     "tiny": (Case("tiny", batch=3, steps=5, input_size=4, hidden_size=8, num_layers=2),),
+    "tiny-bi": (Case("tiny-bi", batch=3, steps=5, input_size=4, hidden_size=8, num_layers=2, bidirectional=True),),
     "tiny-decode": (Case("tiny-decode", batch=2, steps=3, input_size=4, hidden_size=8, zoneout_cell=0.1,
                          zoneout_hidden=0.1, cell=True),),
     # The CPU targets; about a minute on 2 cores with the default repeats.
@@ -56,6 +63,12 @@ CONFIGS: dict[str, tuple[Case, ...]] = {
                     zoneout_hidden=0.15, mask_mode="shared", note="shared mask, z_c = z_h = 0.15"),),
     # Time per step against hidden size, fixed B, T, I (the plot's input).
     "sweep": tuple(Case(f"sweep-h{h}", batch=32, steps=50, input_size=64, hidden_size=h) for h in SWEEP_HIDDEN),
+    # Encoders of TTS models: Tacotron 2's (a bidirectional LSTM of 256 units a direction over 512
+    # convolution features, zoneout 0.1 on c and h) and a 2-layer one.
+    "encoder": (Case("encoder-1x256-bi", batch=32, steps=100, input_size=512, hidden_size=256, bidirectional=True,
+                     zoneout_cell=0.1, zoneout_hidden=0.1, note="Tacotron 2 encoder"),
+                Case("encoder-2x256-bi", batch=32, steps=100, input_size=256, hidden_size=256, num_layers=2,
+                     bidirectional=True, zoneout_cell=0.1, zoneout_hidden=0.1)),
     # Autoregressive decoding (Tacotron 2's decoder cell: I=512 from the prenet and attention
     # context, H=1024, zoneout 0.1 on c and h): ZoneoutLSTMCell called once per frame.
     "decode": tuple(Case(f"decode-b{b}", batch=b, steps=20, input_size=512, hidden_size=1024, zoneout_cell=0.1,
@@ -63,12 +76,12 @@ CONFIGS: dict[str, tuple[Case, ...]] = {
                     for b in (1, 32)),
 }
 PAPER_CONFIGS = ("char-ptb", "word-ptb", "text8", "pmnist")
-PUBLIC_CONFIGS = ("small",) + PAPER_CONFIGS + ("sweep", "decode", "all")
+PUBLIC_CONFIGS = ("small",) + PAPER_CONFIGS + ("sweep", "encoder", "decode", "all")
 
 
 def cases_for(config: str) -> list[Case]:
     if config == "all":
-        return [case for name in ("small",) + PAPER_CONFIGS + ("sweep", "decode") for case in CONFIGS[name]]
+        return [case for name in ("small",) + PAPER_CONFIGS + ("sweep", "encoder", "decode") for case in CONFIGS[name]]
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose from {PUBLIC_CONFIGS}")
     return list(CONFIGS[config])

@@ -102,6 +102,11 @@ def _isa(record: dict) -> str:
     return f", instruction sets: {record['instruction_sets']}" if record.get("instruction_sets") else ""
 
 
+def _heap(record: dict) -> str:
+    """" Heap: ..." for CPU runs that recorded how glibc's thresholds were set."""
+    return f" Heap: {record['heap']}." if record.get("heap") else ""
+
+
 def markdown(records: list[dict]) -> str:
     """A README-ready table per (case, dtype), with the machine and commit above them."""
     if not records:
@@ -111,7 +116,7 @@ def markdown(records: list[dict]) -> str:
     lines = [f"Device: {first['device']}, torch {first['torch']}, triton {first['triton']}, commit {commit}, "
              f"torch threads {first.get('threads') or '-'}{_isa(first)}{_load(records)}. Medians of {max(r['repeats'] for r in records)} interleaved runs "
              f"after {first['warmup']} warm-up; \"vs\" columns are speedups (time of the peer / time of the row). "
-             f"Peak memory: {first['peak_mem_method']}.", ""]
+             f"Peak memory: {first['peak_mem_method']}.{_heap(first)}", ""]
     groups: "OrderedDict[tuple, list]" = OrderedDict()
     for record in records:
         groups.setdefault((record["config"], record["dtype"]), []).append(record)
@@ -119,7 +124,8 @@ def markdown(records: list[dict]) -> str:
         r = group[0]
         head = columns(group)
         lines += [f"**{config}** (B={r['batch']}, T={r['steps']}, I={r['input_size']}, H={r['hidden_size']}, "
-                  f"layers={r['num_layers']}{', cell stepped T times' if r.get('cell') else ''}, "
+                  f"layers={r['num_layers']}{', bidirectional' if r.get('bidirectional') else ''}"
+                  f"{', cell stepped T times' if r.get('cell') else ''}, "
                   + (f"z_c={r['zoneout_cell']}, " if r.get("zoneout_cell") is not None else f"{r.get('rnn_cell')}, ")
                   + f"z_h={r['zoneout_hidden']}, {dtype})", "",
                   "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]

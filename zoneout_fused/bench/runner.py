@@ -59,7 +59,7 @@ from ..reference import CELL_CODES, cell_rows
 from ..testing import three_way_error
 from .cases import PUBLIC_CONFIGS, Case, cases_for
 from .loops import PlainZoneoutCell, SteppedCells, canonical_parameter_name, lstm_cells
-from .memory import PeakMemory
+from .memory import PeakMemory, pin_heap_thresholds
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
@@ -88,11 +88,12 @@ def baseline_name(rnn_cell: str, cell_case: bool) -> str:
 
 def torch_layer(rnn_cell: str, case: Case) -> nn.RNNBase:
     """The case's torch layer of the --cell kind (its weights are every peer's)."""
+    shape = dict(num_layers=case.num_layers, bidirectional=case.bidirectional)
     if rnn_cell == "lstm":
-        return nn.LSTM(case.input_size, case.hidden_size, case.num_layers)
+        return nn.LSTM(case.input_size, case.hidden_size, **shape)
     if rnn_cell == "gru":
-        return nn.GRU(case.input_size, case.hidden_size, case.num_layers)
-    return nn.RNN(case.input_size, case.hidden_size, case.num_layers, nonlinearity=rnn_cell[len("rnn-"):])
+        return nn.GRU(case.input_size, case.hidden_size, **shape)
+    return nn.RNN(case.input_size, case.hidden_size, nonlinearity=rnn_cell[len("rnn-"):], **shape)
 
 # The check: every output and gradient of a peer against the reference run in float64 on the
 # same inputs and masks (they are drawn in float32 whatever the dtype). float64 peers: normalised
@@ -330,7 +331,8 @@ def check_steps_for(case: Case, device: torch.device, override: Optional[int]) -
     if override:
         return min(override, case.steps)
     if device.type == "cpu":
-        work = case.batch * case.steps * case.hidden_size * (case.input_size + case.hidden_size) * case.num_layers
+        work = (case.batch * case.steps * case.hidden_size * (case.input_size + case.hidden_size) * case.num_layers
+                * case.directions)
         if work > CHECK_WORK_LIMIT_CPU:
             return min(CHECK_STEPS_LARGE, case.steps)
     return case.steps
@@ -384,12 +386,13 @@ def matmul_shapes(case: Case, mode: str, rnn_cell: str = "lstm") -> list[tuple[i
 
     Sequence layers: one input projection over all steps, one recurrent product per step; in
     backward one product per step for the gradient reaching h_{t-1}, then the input and weight
-    gradients over all steps. Cells (decode): both products at every step, and their gradients."""
+    gradients over all steps; a bidirectional layer's twice, its upper layers' inputs 2H wide. Cells
+    (decode): both products at every step, and their gradients."""
     T, B, H = case.steps, case.batch, case.hidden_size
     G = cell_rows(CELL_CODES[rnn_cell.replace("-", "_")]) * H  # rows of W_ih, W_hh
     shapes = []
-    for layer in range(case.num_layers):
-        I = case.input_size if layer == 0 else H
+    for layer in range(case.num_layers * case.directions):
+        I = case.input_size if layer < case.directions else case.directions * H
         if case.cell:
             shapes += [(T, B, I, G), (T, B, H, G)]
             if mode == "fwd+bwd":
@@ -507,8 +510,9 @@ class CaseData:
         self.lstm = torch_layer(rnn_cell, case).to(device=device, dtype=dtype)
         self.lstm.train()
         self.x = torch.randn(case.steps, case.batch, case.input_size, device=device, dtype=dtype)
-        self.grad_output = torch.randn(case.steps, case.batch, case.hidden_size, device=device, dtype=dtype)
-        state_shape = (case.num_layers, case.batch, case.hidden_size)
+        self.grad_output = torch.randn(case.steps, case.batch, case.directions * case.hidden_size, device=device,
+                                       dtype=dtype)
+        state_shape = (case.num_layers * case.directions, case.batch, case.hidden_size)
         self.grad_h = torch.randn(state_shape, device=device, dtype=dtype)
         self.grad_c = torch.randn(state_shape, device=device, dtype=dtype)
         self.check_steps = check_steps_for(case, device, check_steps)
@@ -701,7 +705,7 @@ def cpu_instruction_sets() -> str:
     return f"zoneout_fused {ours}, ATen {aten}, oneDNN {onednn}"
 
 
-def environment(device: torch.device, memory: PeakMemory) -> dict:
+def environment(device: torch.device, memory: PeakMemory, heap: Optional[str] = None) -> dict:
     try:
         import triton
         triton_version = triton.__version__
@@ -713,7 +717,7 @@ def environment(device: torch.device, memory: PeakMemory) -> dict:
                 commit=commit, commit_dirty=dirty, python=platform.python_version(),
                 threads=torch.get_num_threads() if device.type == "cpu" else None,
                 instruction_sets=cpu_instruction_sets() if device.type == "cpu" else None,
-                peak_mem_method=memory.method,
+                peak_mem_method=memory.method, heap=heap,
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -765,11 +769,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "torch.compile and torch.nn.LSTM, after checking each against the reference.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=("cpu", "cuda"))
-    # "tiny" and "tiny-decode" are accepted but not advertised: the test suite's micro cases.
-    parser.add_argument("--config", default="small", choices=PUBLIC_CONFIGS + ("tiny", "tiny-decode"),
+    # "tiny", "tiny-bi" and "tiny-decode" are accepted but not advertised: the test suite's micro cases.
+    parser.add_argument("--config", default="small", choices=PUBLIC_CONFIGS + ("tiny", "tiny-bi", "tiny-decode"),
                         metavar="{" + ",".join(PUBLIC_CONFIGS) + "}",
                         help="shapes: small (the CPU targets), the paper's char-ptb, word-ptb, text8, pmnist, "
-                             "sweep (H in 64..512 at B=32 T=50 I=64, for the plot), or all")
+                             "sweep (H in 64..512 at B=32 T=50 I=64, for the plot), encoder (bidirectional TTS "
+                             "encoder LSTMs, 1 and 2 layers), or all")
     parser.add_argument("--cell", default="lstm", choices=RNN_CELLS,
                         help="the recurrent layer of the sequence configs: lstm (default), gru, rnn-tanh or "
                              "rnn-relu, beside torch's nn.GRU / nn.RNN (GRU/RNN default z_h = 0.1)")
@@ -797,6 +802,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "error (default: 60 on CPU, 600 on CUDA; 0: no limit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--default-heap", action="store_true",
+                        help="CPU: leave glibc's heap thresholds to move with the run's history (by default "
+                             "they are pinned, so that no peer's time depends on what ran before it)")
     parser.add_argument("--json", default=None, metavar="PATH", help='write {"records": [...]} here')
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write the table as markdown here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -848,8 +856,11 @@ def main(argv=None, *, extra_peers: Optional[dict[str, Peer]] = None) -> list[di
                 for cell in {c.cell for c in cases}}
     if any(p.compiled for peers in peers_of.values() for p in peers) and opts.warmup < 1:
         opts.warmup = 1  # a compiled peer's first call at the timed shape compiles
+    heap = None
+    if device.type == "cpu":
+        heap = "default (--default-heap)" if opts.default_heap else pin_heap_thresholds()
     memory = PeakMemory(device)
-    env = environment(device, memory)
+    env = environment(device, memory, heap)
 
     from tqdm.auto import tqdm
 
@@ -862,6 +873,8 @@ def main(argv=None, *, extra_peers: Optional[dict[str, Peer]] = None) -> list[di
     if env.get("instruction_sets"):
         print(f"instruction sets: {env['instruction_sets']}")
     print(f"peak memory: {memory.method}")
+    if heap is not None:
+        print(f"heap: {heap}")
     with tqdm(total=total, desc="timing", unit="call", disable=opts.quiet, leave=False) as progress:
         for case in cases:
             for dtype_name in opts.dtypes:
