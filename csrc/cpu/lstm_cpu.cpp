@@ -1173,22 +1173,29 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   // time, one chunk after another (B=32 T=100 H=256, 2 threads: 1.14-1.49 ms, L2 chunks 0.95-1.12).
   // A zero-padded last column tile keeps L1 chunks (its copy is on the stack).
   const int64_t l1_chunk = kPanelChunkBytes / (width * int64_t(sizeof(float)));
-  const int64_t l2_chunk = a_depth == 1 ? kL2PanelChunkBytes / (width * int64_t(sizeof(float))) : l1_chunk;
+  const int64_t chunk = a_depth == 1 && cols % width == 0 ? kL2PanelChunkBytes / (width * int64_t(sizeof(float)))
+                                                          : l1_chunk;
+  // Panel rows further apart than the panel is wide (the weight gradients' h and x rows, H or I floats
+  // apart) are copied to be adjacent first, per chunk: a chunk's rows 1 KB apart (H = 256) fell into a
+  // quarter of L1's sets, too few ways to keep the chunk there while the row blocks reuse it.
+  const bool copy_panels = chunk == l1_chunk && ldb != width;
   const RowBlocks blocks(n, tiles.max_rows[kVectors - 1]);
   fused_region(blocks.count, [&](int64_t first, int64_t last) {
     // The last column tile's panel rows, zero-padded to `width` (on the stack: nothing inside the
     // parallel region allocates, or may throw).
     alignas(64) float panel_copy[kPanelChunkBytes / sizeof(float)];
     alignas(64) float tile_copy[kMaxTileRows * kMaxTileVectors * kMaxTileLanes];
-    for (int64_t c0 = 0; c0 < cols; c0 += width) {
-      const int64_t valid = std::min(width, cols - c0), chunk = valid < width ? l1_chunk : l2_chunk;
-      for (const GradientRun& run : runs) {
-        for (int64_t k0 = 0; k0 < run.count; k0 += chunk) {
-          const int64_t depth = std::min(chunk, run.count - k0);
+    // A chunk of depth steps, then every column tile: a's part in the chunk is read from memory once
+    // and from the caches for the other column tiles.
+    for (const GradientRun& run : runs) {
+      for (int64_t k0 = 0; k0 < run.count; k0 += chunk) {
+        const int64_t depth = std::min(chunk, run.count - k0);
+        for (int64_t c0 = 0; c0 < cols; c0 += width) {
+          const int64_t valid = std::min(width, cols - c0);
           const float* panel = run.b + k0 * ldb + c0;
           int64_t ldp = ldb;
-          if (valid < width) {
-            std::fill_n(panel_copy, depth * width, 0.0f);
+          if (valid < width || copy_panels) {
+            if (valid < width) std::fill_n(panel_copy, depth * width, 0.0f);
             for (int64_t k = 0; k < depth; ++k) std::copy_n(panel + k * ldb, valid, panel_copy + k * width);
             panel = panel_copy;
             ldp = width;
