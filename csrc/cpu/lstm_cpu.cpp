@@ -1133,6 +1133,26 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
   }
 }
 
+// out[j] += the sum over rows r < count, in order, of src[r * row_stride + j], for j in [j0, j1) (j0 a
+// multiple of the lanes): whole vectors as a product of a row of ones with the rows (each sum one FMA
+// chain, 1 * x + s being x + s), the units past them one by one.
+inline void add_column_sums(const TileKernels& tiles, const float* src, int64_t count, int64_t row_stride,
+                            int64_t j0, int64_t j1, float* out) {
+  static const float kOne = 1.0f;
+  const int64_t lanes = tiles.lanes;
+  int64_t j = j0;
+  while (j + lanes <= j1) {
+    const int64_t vectors = std::min<int64_t>(kMaxTileVectors, (j1 - j) / lanes);
+    tiles.get(vectors, 1)(TileOperands{&kOne, 0, 0, src + j, row_stride, out + j, 0, lanes}, count);
+    j += vectors * lanes;
+  }
+  for (; j < j1; ++j) {
+    float sum = out[j];
+    for (int64_t r = 0; r < count; ++r) sum += src[r * row_stride + j];
+    out[j] = sum;
+  }
+}
+
 // The row the chains of an input part start from (tile_products' `start`): the bias, or a row of
 // zeros kept in `zeros` where there is none.
 inline const float* bias_or_zeros(const float* bias, int64_t width, std::vector<float>& zeros) {
@@ -1412,9 +1432,13 @@ void fused_forward(const TileKernels& tiles, float* gates, float* y, float* c_se
       &input);
 }
 
+// grad_bias [4H], zeros in: the sum of d_pre over steps and rows, added step by step by each thread for
+// its units while the step's d_pre is in its caches (a sum over all of d_pre afterwards read it from
+// memory again: 0.34 ms of a 12 ms backward at B=32 T=100 H=256, 2 threads); per unit in one order
+// whatever the thread count.
 void fused_backward(const TileKernels& tiles, const float* grad_y, const float* gates, const float* c_seq,
-                    const float* c0, float* dh, float* dc, float* d_pre, const Tensor& w_hh, const int64_t* lengths,
-                    int64_t steps, const ZoneoutParams& p, const CpuKernels& kernels) {
+                    const float* c0, float* dh, float* dc, float* d_pre, float* grad_bias, const Tensor& w_hh,
+                    const int64_t* lengths, int64_t steps, const ZoneoutParams& p, const CpuKernels& kernels) {
   const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden;
   const auto row = kernels.f32.lstm_backward;
   fused_backward_loop(
@@ -1433,6 +1457,8 @@ void fused_backward(const TileKernels& tiles, const float* grad_y, const float* 
             zero_columns(dp_t + 4 * bh, 4, hidden, j0, j1);
           }
         }
+        for (int64_t q = 0; q < 4; ++q)
+          add_column_sums(tiles, dp_t + q * hidden, batch, 4 * hidden, j0, j1, grad_bias + q * hidden);
         if (s > 0) {  // what the next element pass reads, fetched during the barrier and the products
           const int64_t t_next = step_position(s - 1, steps, p.direction);
           prefetch_units(gates + t_next * 4 * state, batch, 4 * hidden, 4, hidden, j0, j1);
@@ -1662,10 +1688,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
   Tensor dc = grad_c_n.clone();
   const CpuKernels& kernels = active_kernels();
   const TileKernels* tiles = fused_loop_kernels(x, steps, hidden, /*forward=*/false);
+  Tensor grad_bias;
   if (tiles != nullptr) {
+    grad_bias = at::zeros({4 * hidden}, x.options());
     fused_backward(*tiles, grad_y.data_ptr<float>(), gates.data_ptr<float>(), c_seq.data_ptr<float>(),
-                   c0.data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>(), d_pre.data_ptr<float>(), w_hh,
-                   len, steps, params, kernels);
+                   c0.data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>(), d_pre.data_ptr<float>(),
+                   grad_bias.data_ptr<float>(), w_hh, len, steps, params, kernels);
   } else {
     // [H, 4H]: dh += d_pre_t W_hh is a product with W_hh's transpose (packed once and used every
     // step of a sequence; a one-step call reads it as a view).
@@ -1690,7 +1718,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer_backward(
   const Tensor d_pre_2d = d_pre.view({steps * batch, 4 * hidden});
   const Tensor grad_x = input_gradient(tiles, d_pre, w_ih);
   const auto [grad_w_ih, grad_w_hh] = weight_gradients(tiles, d_pre, d_pre, x, y, h0, direction);
-  const Tensor grad_bias = d_pre_2d.sum(0);
+  if (!grad_bias.defined()) grad_bias = d_pre_2d.sum(0);
   return {grad_x, dh, dc, grad_w_ih, grad_w_hh, grad_bias};
 }
 
