@@ -1099,19 +1099,27 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
                           int64_t row_stride, const float* start = nullptr) {
   const int64_t lanes = tiles.lanes, vectors = layout.vectors;
   const int64_t units = layout.units(lanes), ldc_vector = layout.vector_offset(1, lanes, hidden);
-  const RowBlocks blocks(batch, tiles.max_rows[vectors - 1]);
+  const int64_t panel_bytes = depth * vectors * lanes * int64_t(sizeof(float));
+  const bool split_panel = layout.gate_rows && vectors % 2 == 0 && tiles.split_panel_bytes > 0 &&
+                           panel_bytes >= tiles.split_panel_bytes;
+  const int64_t split = split_panel ? 2 : 1;
+  const int64_t part = vectors / split;  // vectors per product: see TileKernels::split_panel_bytes
+  const RowBlocks blocks(batch, tiles.max_rows[part - 1]);
   alignas(64) float padded[kMaxTileRows * kMaxTileVectors * kMaxTileLanes];
   for (int64_t u = first; u < last; ++u) {
     const float* panel = panels + u * depth * vectors * lanes;
     const int64_t j0 = u * units;
     for (int64_t i = 0; i < blocks.count; ++i) {  // the panel is reused across row blocks (L1 or L2)
       const int64_t b0 = blocks.start(i), rows = blocks.rows(i);
-      const TileProductFn product = tiles.get(vectors, rows);
+      const TileProductFn product = tiles.get(part, rows);
       float* out = dst + b0 * row_stride + j0;
       if (j0 + units <= hidden) {
-        product({a + b0 * lda, lda, 1, panel, vectors * lanes, out, row_stride, ldc_vector,
-                 start != nullptr ? start + j0 : nullptr},
-                depth);
+        for (int64_t h = 0; h < split; ++h) {
+          const int64_t v0 = h * part;
+          product({a + b0 * lda, lda, 1, panel + v0 * lanes, vectors * lanes, out + v0 * ldc_vector, row_stride,
+                   ldc_vector, start != nullptr ? start + j0 + v0 * ldc_vector : nullptr},
+                  depth);
+        }
         continue;
       }
       std::fill_n(padded, rows * vectors * lanes, 0.0f);
@@ -1122,7 +1130,11 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
           std::copy_n(start != nullptr ? start + j0 + offset : out + r * row_stride + offset, n,
                       padded + (r * vectors + q) * lanes);
         }
-      product({a + b0 * lda, lda, 1, panel, vectors * lanes, padded, vectors * lanes, lanes}, depth);
+      for (int64_t h = 0; h < split; ++h) {
+        const int64_t v0 = h * part;
+        product({a + b0 * lda, lda, 1, panel + v0 * lanes, vectors * lanes, padded + v0 * lanes, vectors * lanes, lanes},
+                depth);
+      }
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t q = 0; q < vectors; ++q) {
           const int64_t n = std::clamp<int64_t>(hidden - j0 - layout.vector_first_unit(q, lanes), 0, lanes);
