@@ -131,6 +131,16 @@ def test_shapes_match_reference(shape, dtype, isa, loop):
                              layer=2)
 
 
+@isa_param
+@loop_param
+def test_long_sums_match_reference(isa, loop):
+    """T*B = 3200 rows: the weight and bias gradients are sums over all of them, formed in depth chunks
+    (25 here) through two column tiles from copied panel rows, and the bias gradient step by step in
+    the fused backward; all within the three-way rule of the float32 reference."""
+    tensors = make_inputs(100, 32, 64, 128, torch.float32)
+    assert_same_as_reference(tensors, torch.float32, zoneout_cell=0.5, zoneout_hidden=0.05, mask_mode=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_no_bias_matches_reference(dtype):
     tensors = make_inputs(6, 3, 4, 8, dtype, bias=False)
