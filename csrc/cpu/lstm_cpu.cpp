@@ -1197,8 +1197,10 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
                      int64_t a_depth, int64_t cols, int64_t ldb) {
   Tensor out = at::zeros({n, cols}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  constexpr int64_t kVectors = kMaxTileVectors;
-  const int64_t lanes = tiles.lanes, width = kVectors * lanes;
+  // Column tiles of up to kMaxTileVectors vectors; narrower where all of out is (I = 32 in 2 vectors of
+  // 16 rather than 4 half-zero ones).
+  const int64_t lanes = tiles.lanes, vectors = std::min<int64_t>(kMaxTileVectors, (cols + lanes - 1) / lanes);
+  const int64_t width = vectors * lanes;
   // Depth steps a pass: panel chunks of L1 size, reused across the row blocks. Where a is read along
   // its rows (a_depth 1: the input gradient, b the small weight), a chunk may fill L2 instead, so that
   // each row of a streams through in long runs: in L1 chunks (128 steps) they were read 512 bytes at a
@@ -1211,7 +1213,7 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   // apart) are copied to be adjacent first, per chunk: a chunk's rows 1 KB apart (H = 256) fell into a
   // quarter of L1's sets, too few ways to keep the chunk there while the row blocks reuse it.
   const bool copy_panels = chunk == l1_chunk && ldb != width;
-  const RowBlocks blocks(n, tiles.max_rows[kVectors - 1]);
+  const RowBlocks blocks(n, tiles.max_rows[vectors - 1]);
   fused_region(blocks.count, [&](int64_t first, int64_t last) {
     // The last column tile's panel rows, zero-padded to `width` (on the stack: nothing inside the
     // parallel region allocates, or may throw).
@@ -1237,14 +1239,14 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
             TileOperands op{run.a + k0 * a_depth + r0 * a_row, a_row, a_depth, panel, ldp, o + r0 * cols + c0, cols,
                             lanes};
             if (valid == width) {
-              tiles.get(kVectors, rows)(op, depth);
+              tiles.get(vectors, rows)(op, depth);
               continue;
             }
             std::fill_n(tile_copy, rows * width, 0.0f);
             for (int64_t r = 0; r < rows; ++r) std::copy_n(op.c + r * cols, valid, tile_copy + r * width);
             op.c = tile_copy;
             op.ldc_row = width;
-            tiles.get(kVectors, rows)(op, depth);
+            tiles.get(vectors, rows)(op, depth);
             for (int64_t r = 0; r < rows; ++r) std::copy_n(tile_copy + r * width, valid, o + (r0 + r) * cols + c0);
           }
         }
