@@ -1270,12 +1270,12 @@ std::vector<GradientRun> recurrent_gradient_runs(const float* d_rec, int64_t row
 
 // (grad W_ih, grad W_hh) of a layer direction from the gradients of its input part d_in and of its
 // recurrent part d_rec ([T, B, G*H]; the same tensor for the LSTM): by the tile kernels where the
-// fused loop applies (`tiles`) and they are the faster (TileKernels::weight_gradients), else by
+// fused loop applies (`tiles`) and they are the faster (TileKernels::weight_gradients_max_hidden), else by
 // oneDNN / ATen.
 std::pair<Tensor, Tensor> weight_gradients(const TileKernels* tiles, const Tensor& d_in, const Tensor& d_rec,
                                            const Tensor& x, const Tensor& y, const Tensor& h0, int direction) {
   const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), hidden = h0.size(1), rows = d_in.size(2);
-  if (tiles == nullptr || !tiles->weight_gradients) {
+  if (tiles == nullptr || hidden > tiles->weight_gradients_max_hidden) {
     return {transposed_product(d_in.view({steps * batch, rows}), x.view({steps * batch, input})),
             recurrent_weight_grad(d_rec, y, h0, direction)};
   }

@@ -72,15 +72,20 @@ using TransposeFn = void (*)(const float* src, int64_t lds, float* dst, int64_t 
 struct TileKernels {
   int64_t lanes = 0;  // floats per vector; 0 where this instruction set has no tile kernels
   TransposeFn transpose = nullptr;
-  // Whether the weight gradients are formed by these kernels (tiled_product), else by oneDNN /
-  // ATen. B=32 T=50 H=256 fwd+bwd, 2 threads, each against oneDNN limited to the same instruction
-  // set: AVX-512 tiles 8.9-9.1 ms, oneDNN 9.4-10.0; AVX2 tiles 18.4-18.7, oneDNN 17.7-17.9.
-  bool weight_gradients = false;
+  // The weight gradients of layers up to this hidden size are formed by these kernels (tiled_product),
+  // larger ones by oneDNN / ATen, whichever was faster. fwd+bwd, 2 threads, each against oneDNN limited
+  // to the same instruction set: AVX-512 tiles faster at every size measured (B=32 T=50 H=256: 8.9-9.1
+  // ms, oneDNN 9.4-10.0); AVX2 tiles faster up to H = 128 (backward, B=64 T=50 I=32 H=128: 5.5-5.6 ms
+  // against 6.1-6.2; B=32 T=50 I=64 H=64: 1.2-1.9 against 1.4-2.2), slower from H = 256 (B=32 T=100
+  // H=256: 23.8-24.5 against 21.4-22.8; H=512: 41.3 against 36-38), where oneDNN's own copy of the
+  // operands transposed costs less than its faster products save.
+  int64_t weight_gradients_max_hidden = 0;
   // Forward panels (one tile of units in each gate row) of at least this many bytes (0: none) are
   // formed half their vectors at a time, in twice the rows: a panel past L1's size is read from L2
-  // once per row block, and half-width tiles of 12 rows read half as much of it per FMA. AVX-512, B=32 T=50 I=64 H=512 forward (a 128 KB panel per tile
-  // of units): 9.9-10.5 ms against 10.8-10.9; at H=256 (64 KB) and below no faster. AVX2 (6-row half
-  // tiles): 19.7-19.8 against 19.0-19.3 at H=512, so never.
+  // once per row block, and half-width tiles of 12 rows read half as much of it per FMA. AVX-512,
+  // B=32 T=50 I=64 H=512 forward (a 128 KB panel per tile of units): 9.9-10.5 ms against 10.8-10.9;
+  // at H=256 (64 KB) and below no faster. AVX2 (6-row half tiles): 19.7-19.8 against 19.0-19.3 at
+  // H=512, so never.
   int64_t split_panel_bytes = 0;
   int64_t max_rows[kMaxTileVectors] = {};  // [V - 1]: tile_rows for this register file
   // product[V - 1][rows - 1]: V = 1..kMaxTileVectors, rows = 1..max_rows[V - 1].
@@ -167,7 +172,7 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
 }
 
 // The table of one instruction set's instantiations.
-#define ZF_TILE_TABLE(NAME, FN, TRANSPOSE, WEIGHT_GRADIENTS, SPLIT_PANEL_BYTES, LANES, REGISTERS)   \
+#define ZF_TILE_TABLE(NAME, FN, TRANSPOSE, GRADIENTS_MAX_HIDDEN, SPLIT_PANEL_BYTES, LANES, REGISTERS) \
   template <int kVectors, int... kRowsMinus1>                                                       \
   void NAME##_fill(TileKernels& t, std::integer_sequence<int, kRowsMinus1...>) {                    \
     t.max_rows[kVectors - 1] = sizeof...(kRowsMinus1);                                              \
@@ -177,7 +182,7 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
     TileKernels t;                                                                                  \
     t.lanes = LANES;                                                                                \
     t.transpose = TRANSPOSE;                                                                        \
-    t.weight_gradients = WEIGHT_GRADIENTS;                                                          \
+    t.weight_gradients_max_hidden = GRADIENTS_MAX_HIDDEN;                                           \
     t.split_panel_bytes = SPLIT_PANEL_BYTES;                                                        \
     NAME##_fill<1>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 1)>());                  \
     NAME##_fill<2>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 2)>());                  \
@@ -185,8 +190,8 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
     NAME##_fill<4>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 4)>());                  \
     return t;                                                                                       \
   }
-ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, true, 128 << 10, 16, 32)
-ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, false, 0, 8, 16)
+ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, INT64_MAX, 128 << 10, 16, 32)
+ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, 128, 0, 8, 16)
 #undef ZF_TILE_TABLE
 #endif
 
