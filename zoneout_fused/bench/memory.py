@@ -40,6 +40,15 @@ def _empty_cpu_backend_cache() -> None:
         cpu_isa.empty_cache()
 
 
+def _libc_function(name: str):
+    """The C library's function `name` through ctypes, or None where there is no such function."""
+    libc_name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(libc_name), name) if libc_name else None
+    except (OSError, AttributeError):
+        return None
+
+
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _PINNED_THRESHOLD = 1 << 30
@@ -55,11 +64,7 @@ def pin_heap_thresholds() -> str:
     6.4 ms in another. With the thresholds pinned, blocks up to 1 GiB come from the heap and
     freed memory stays there for the next call, in every process: each peer's steady state (the
     strict comparison for ours, whose buffers are pooled anyway)."""
-    libc_name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(libc_name).mallopt if libc_name else None
-    except (OSError, AttributeError):
-        mallopt = None
+    mallopt = _libc_function("mallopt")
     if mallopt is None:
         return "default (no glibc mallopt here)"
     if not (mallopt(_M_MMAP_THRESHOLD, _PINNED_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _PINNED_THRESHOLD)):
@@ -82,11 +87,7 @@ class PeakMemory:
         except OSError as error:  # also FileNotFoundError, PermissionError
             self.method = f"None: cannot reset the RSS high-water mark via /proc/self/clear_refs ({error})"
             return
-        libc_name = ctypes.util.find_library("c")
-        try:
-            self._malloc_trim = ctypes.CDLL(libc_name).malloc_trim if libc_name else None
-        except (OSError, AttributeError):
-            self._malloc_trim = None
+        self._malloc_trim = _libc_function("malloc_trim")
         self.method = ("peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the call"
                        + (", after malloc_trim" if self._malloc_trim else ", no malloc_trim (may under-read)"))
 
