@@ -1073,6 +1073,18 @@ void fused_region(int64_t tiles, const Body& body) {
 #endif
 }
 
+// The calling thread's index in the fused_region team (0 outside one): its slot in buffers made
+// before the region for each thread (fused_region_threads of them).
+inline int64_t region_thread() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+inline int64_t fused_region_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
+
 inline void step_barrier() {
 #if defined(_OPENMP)
 #pragma omp barrier
@@ -1185,21 +1197,24 @@ struct GradientRun {
 // all of a thread's row blocks, so the chunk stays in L1 while it is reused.
 constexpr int64_t kPanelChunkBytes = 32 << 10;
 constexpr int64_t kL2PanelChunkBytes = 256 << 10;
+// Where a thread's rows of a in a chunk are packed (see tiled_product), in groups of at most this many
+// bytes, each reused from L2 across every column tile.
+constexpr int64_t kPackedRowsBytes = 256 << 10;
 
 // out [N, C] = the sum over the runs' depth steps m, in order, of a[:, m] b[m]^T (an outer
 // product), formed by the tile kernels in parallel over blocks of N (each output one FMA chain: the
 // same bits for any thread count). Weight gradients: a = the pre-activation gradients read as
 // their transpose (a_row 1, a_depth G*H), b = the layer's inputs or previous states; oneDNN forms
 // those from a copy of b transposed, made per call (x^T and h^T: ~0.1-0.3 ms of a B=32 T=50 H=128
-// fwd+bwd), the tile kernels read a's columns in place, broadcasting them. The input gradient:
-// a = the pre-activation gradients (a_row G*H, a_depth 1), b = W_ih.
+// fwd+bwd), the tile kernels broadcast a's columns, read in place or from a packed copy (below). The
+// input gradient: a = the pre-activation gradients (a_row G*H, a_depth 1), b = W_ih.
 Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& runs, int64_t n, int64_t a_row,
-                     int64_t a_depth, int64_t cols, int64_t ldb) {
+                     int64_t a_depth, int64_t cols, int64_t ldb, int64_t max_vectors = kMaxTileVectors) {
   Tensor out = at::zeros({n, cols}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  // Column tiles of up to kMaxTileVectors vectors; narrower where all of out is (I = 32 in 2 vectors of
-  // 16 rather than 4 half-zero ones).
-  const int64_t lanes = tiles.lanes, vectors = std::min<int64_t>(kMaxTileVectors, (cols + lanes - 1) / lanes);
+  // Column tiles of up to max_vectors vectors; narrower where all of out is (I = 32 in 2 vectors of 16
+  // rather than 4 half-zero ones).
+  const int64_t lanes = tiles.lanes, vectors = std::min<int64_t>(max_vectors, (cols + lanes - 1) / lanes);
   const int64_t width = vectors * lanes;
   // Depth steps a pass: panel chunks of L1 size, reused across the row blocks. Where a is read along
   // its rows (a_depth 1: the input gradient, b the small weight), a chunk may fill L2 instead, so that
@@ -1214,40 +1229,71 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   // quarter of L1's sets, too few ways to keep the chunk there while the row blocks reuse it.
   const bool copy_panels = chunk == l1_chunk && ldb != width;
   const RowBlocks blocks(n, tiles.max_rows[vectors - 1]);
+  // Where a is read across its rows (a_row 1: the weight gradients, a the pre-activation gradients,
+  // rows G*H floats apart) and a thread's rows of a chunk exceed TileKernels::pack_rows_bytes, they
+  // are copied first, a group of row blocks at a time, each depth step's rows ld_packed floats apart:
+  // read in place, a block's depth steps lay 4-8 KB apart (H >= 256), in one or two of L1's sets, and
+  // a thread's chunk of them did not stay in L2 for the next column tile.
+  const int64_t max_rows = tiles.max_rows[vectors - 1];
+  const int64_t group_blocks = std::max<int64_t>(1, kPackedRowsBytes / (chunk * max_rows * int64_t(sizeof(float))));
+  const bool may_pack = a_row == 1 && a_depth > 1 && n * chunk * int64_t(sizeof(float)) > tiles.pack_rows_bytes;
+  const int64_t packed_floats = (group_blocks * max_rows + 32) * chunk;  // ld_packed's rounding included
+  const Tensor packs = may_pack ? pooled_empty({fused_region_threads(), packed_floats},
+                                                at::TensorOptions().dtype(at::kFloat))
+                                : Tensor();
   fused_region(blocks.count, [&](int64_t first, int64_t last) {
     // The last column tile's panel rows, zero-padded to `width` (on the stack: nothing inside the
     // parallel region allocates, or may throw).
     alignas(64) float panel_copy[kPanelChunkBytes / sizeof(float)];
     alignas(64) float tile_copy[kMaxTileRows * kMaxTileVectors * kMaxTileLanes];
+    const int64_t thread_rows = blocks.start(last) - blocks.start(first);
+    float* const packed = may_pack ? packs.data_ptr<float>() + region_thread() * packed_floats : nullptr;
     // A chunk of depth steps, then every column tile: a's part in the chunk is read from memory once
     // and from the caches for the other column tiles.
     for (const GradientRun& run : runs) {
       for (int64_t k0 = 0; k0 < run.count; k0 += chunk) {
         const int64_t depth = std::min(chunk, run.count - k0);
-        for (int64_t c0 = 0; c0 < cols; c0 += width) {
-          const int64_t valid = std::min(width, cols - c0);
-          const float* panel = run.b + k0 * ldb + c0;
-          int64_t ldp = ldb;
-          if (valid < width || copy_panels) {
-            if (valid < width) std::fill_n(panel_copy, depth * width, 0.0f);
-            for (int64_t k = 0; k < depth; ++k) std::copy_n(panel + k * ldb, valid, panel_copy + k * width);
-            panel = panel_copy;
-            ldp = width;
+        const bool pack = may_pack && thread_rows * depth * int64_t(sizeof(float)) > tiles.pack_rows_bytes;
+        const int64_t group = pack ? group_blocks : std::max<int64_t>(1, last - first);
+        for (int64_t g0 = first; g0 < last; g0 += group) {
+          const int64_t g1 = std::min(last, g0 + group), group_r0 = blocks.start(g0);
+          // ld_packed: an odd number of cache lines, so that a block's depth steps spread over all of
+          // L1's sets.
+          const int64_t group_rows = blocks.start(g1) - group_r0;
+          const int64_t ld_packed = ((group_rows + 15) / 16 | 1) * 16;
+          if (pack) {
+            const float* a_k = run.a + k0 * a_depth + group_r0;
+            for (int64_t k = 0; k < depth; ++k) std::copy_n(a_k + k * a_depth, group_rows, packed + k * ld_packed);
           }
-          for (int64_t block = first; block < last; ++block) {
-            const int64_t r0 = blocks.start(block), rows = blocks.rows(block);
-            TileOperands op{run.a + k0 * a_depth + r0 * a_row, a_row, a_depth, panel, ldp, o + r0 * cols + c0, cols,
-                            lanes};
-            if (valid == width) {
-              tiles.get(vectors, rows)(op, depth);
-              continue;
+          for (int64_t c0 = 0; c0 < cols; c0 += width) {
+            const int64_t valid = std::min(width, cols - c0);
+            const float* panel = run.b + k0 * ldb + c0;
+            int64_t ldp = ldb;
+            if (valid < width || copy_panels) {
+              if (valid < width) std::fill_n(panel_copy, depth * width, 0.0f);
+              for (int64_t k = 0; k < depth; ++k) std::copy_n(panel + k * ldb, valid, panel_copy + k * width);
+              panel = panel_copy;
+              ldp = width;
             }
-            std::fill_n(tile_copy, rows * width, 0.0f);
-            for (int64_t r = 0; r < rows; ++r) std::copy_n(op.c + r * cols, valid, tile_copy + r * width);
-            op.c = tile_copy;
-            op.ldc_row = width;
-            tiles.get(vectors, rows)(op, depth);
-            for (int64_t r = 0; r < rows; ++r) std::copy_n(tile_copy + r * width, valid, o + (r0 + r) * cols + c0);
+            for (int64_t block = g0; block < g1; ++block) {
+              const int64_t r0 = blocks.start(block), rows = blocks.rows(block);
+              TileOperands op{run.a + k0 * a_depth + r0 * a_row, a_row, a_depth, panel, ldp, o + r0 * cols + c0,
+                              cols, lanes};
+              if (pack) {
+                op.a = packed + (r0 - group_r0);
+                op.ldk = ld_packed;
+              }
+              if (valid == width) {
+                tiles.get(vectors, rows)(op, depth);
+                continue;
+              }
+              std::fill_n(tile_copy, rows * width, 0.0f);
+              for (int64_t r = 0; r < rows; ++r) std::copy_n(op.c + r * cols, valid, tile_copy + r * width);
+              op.c = tile_copy;
+              op.ldc_row = width;
+              tiles.get(vectors, rows)(op, depth);
+              for (int64_t r = 0; r < rows; ++r) std::copy_n(tile_copy + r * width, valid, o + (r0 + r) * cols + c0);
+            }
           }
         }
       }
@@ -1270,12 +1316,11 @@ std::vector<GradientRun> recurrent_gradient_runs(const float* d_rec, int64_t row
 
 // (grad W_ih, grad W_hh) of a layer direction from the gradients of its input part d_in and of its
 // recurrent part d_rec ([T, B, G*H]; the same tensor for the LSTM): by the tile kernels where the
-// fused loop applies (`tiles`) and they are the faster (TileKernels::weight_gradients_max_hidden), else by
-// oneDNN / ATen.
+// fused loop applies (`tiles`), else by oneDNN / ATen.
 std::pair<Tensor, Tensor> weight_gradients(const TileKernels* tiles, const Tensor& d_in, const Tensor& d_rec,
                                            const Tensor& x, const Tensor& y, const Tensor& h0, int direction) {
   const int64_t steps = x.size(0), batch = x.size(1), input = x.size(2), hidden = h0.size(1), rows = d_in.size(2);
-  if (tiles == nullptr || hidden > tiles->weight_gradients_max_hidden) {
+  if (tiles == nullptr) {
     return {transposed_product(d_in.view({steps * batch, rows}), x.view({steps * batch, input})),
             recurrent_weight_grad(d_rec, y, h0, direction)};
   }
@@ -1294,7 +1339,7 @@ Tensor input_gradient(const TileKernels* tiles, const Tensor& d_in, const Tensor
   const int64_t steps = d_in.size(0), batch = d_in.size(1), rows = d_in.size(2), input = w_ih.size(1);
   if (tiles == nullptr) return product(d_in.view({steps * batch, rows}), w_ih).view({steps, batch, input});
   return tiled_product(*tiles, {{d_in.data_ptr<float>(), w_ih.data_ptr<float>(), rows}}, steps * batch, rows, 1, input,
-                       input)
+                       input, tiles->input_gradient_vectors)
       .view({steps, batch, input});
 }
 

@@ -72,14 +72,16 @@ using TransposeFn = void (*)(const float* src, int64_t lds, float* dst, int64_t 
 struct TileKernels {
   int64_t lanes = 0;  // floats per vector; 0 where this instruction set has no tile kernels
   TransposeFn transpose = nullptr;
-  // The weight gradients of layers up to this hidden size are formed by these kernels (tiled_product),
-  // larger ones by oneDNN / ATen, whichever was faster. fwd+bwd, 2 threads, each against oneDNN limited
-  // to the same instruction set: AVX-512 tiles faster at every size measured (B=32 T=50 H=256: 8.9-9.1
-  // ms, oneDNN 9.4-10.0); AVX2 tiles faster up to H = 128 (backward, B=64 T=50 I=32 H=128: 5.5-5.6 ms
-  // against 6.1-6.2; B=32 T=50 I=64 H=64: 1.2-1.9 against 1.4-2.2), slower from H = 256 (B=32 T=100
-  // H=256: 23.8-24.5 against 21.4-22.8; H=512: 41.3 against 36-38), where oneDNN's own copy of the
-  // operands transposed costs less than its faster products save.
-  int64_t weight_gradients_max_hidden = 0;
+  // Where a thread's rows of the pre-activation gradients in one depth chunk of the weight gradients
+  // exceed this many bytes, tiled_product packs them first (lstm_cpu.cpp). fwd+bwd backward, 2
+  // threads: AVX2 (256-step chunks) B=32 T=100 H=256 20.9-21.4 ms against 23.9-24.2 unpacked and
+  // 21.4-21.7 by oneDNN; AVX-512 (128-step chunks) B=32 T=35 I=H=1000 87.8 against 89.9, but B=32 T=50
+  // H=512 (512 KB a thread) 19.2 against 18.8, so from past 512 KB only.
+  int64_t pack_rows_bytes = 0;
+  // Column tiles of the input gradient (d_pre W_ih) span at most this many vectors: AVX2's 4-vector
+  // tiles hold 3 rows, unpinned (see pin_panel); its pinned 2-vector tiles of 6 rows formed B=32 T=50
+  // I=256 H=512's input gradient in 7.0-7.2 ms against 8.1-8.5.
+  int64_t input_gradient_vectors = 0;
   // Forward panels (one tile of units in each gate row) of at least this many bytes (0: none) are
   // formed half their vectors at a time, in twice the rows: a panel past L1's size is read from L2
   // once per row block, and half-width tiles of 12 rows read half as much of it per FMA. AVX-512,
@@ -172,7 +174,7 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
 }
 
 // The table of one instruction set's instantiations.
-#define ZF_TILE_TABLE(NAME, FN, TRANSPOSE, GRADIENTS_MAX_HIDDEN, SPLIT_PANEL_BYTES, LANES, REGISTERS) \
+#define ZF_TILE_TABLE(NAME, FN, TRANSPOSE, PACK_ROWS_BYTES, INPUT_GRADIENT_VECTORS, SPLIT_PANEL_BYTES, LANES, REGISTERS) \
   template <int kVectors, int... kRowsMinus1>                                                       \
   void NAME##_fill(TileKernels& t, std::integer_sequence<int, kRowsMinus1...>) {                    \
     t.max_rows[kVectors - 1] = sizeof...(kRowsMinus1);                                              \
@@ -182,7 +184,8 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
     TileKernels t;                                                                                  \
     t.lanes = LANES;                                                                                \
     t.transpose = TRANSPOSE;                                                                        \
-    t.weight_gradients_max_hidden = GRADIENTS_MAX_HIDDEN;                                           \
+    t.pack_rows_bytes = PACK_ROWS_BYTES;                                                            \
+    t.input_gradient_vectors = INPUT_GRADIENT_VECTORS;                                              \
     t.split_panel_bytes = SPLIT_PANEL_BYTES;                                                        \
     NAME##_fill<1>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 1)>());                  \
     NAME##_fill<2>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 2)>());                  \
@@ -190,8 +193,8 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
     NAME##_fill<4>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 4)>());                  \
     return t;                                                                                       \
   }
-ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, INT64_MAX, 128 << 10, 16, 32)
-ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, 128, 0, 8, 16)
+ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, 512 << 10, 4, 128 << 10, 16, 32)
+ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, 256 << 10, 2, 0, 8, 16)
 #undef ZF_TILE_TABLE
 #endif
 
