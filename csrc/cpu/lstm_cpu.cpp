@@ -149,111 +149,97 @@ void philox_run_scalar(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2, uin
 constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
 constexpr uint32_t kPhiloxRoundA = 0xD2511F53u, kPhiloxRoundB = 0xCD9E8D57u;
 
-// Each 32-bit word lives in the low half of a 64-bit lane: vpmuludq reads only those low
-// halves, so one product per lane gives mulhi (>> 32) and mullo (the lane itself, its high
-// half ignored by the next multiply) with no blends inside the rounds; one register holds
-// the even counters of a group, another the odd ones, and a shift + blend per word packs
-// them at the end. Measured (perf, 1 thread, B=64 T=50 H=128 fwd+bwd): scalar/auto-vectorized
-// header Philox ~22% of the run; a first AVX-512 version blending full 32-bit lanes each
-// round 6.9%; this form 3.7%.
-#define ZF_PHILOX_ROUNDS(V, MUL, SRL, XOR3, SET1)                        \
-  for (int round = 0; round < 10; ++round) {                             \
-    const V kv0 = SET1(static_cast<long long>(k0));                      \
-    const V kv1 = SET1(static_cast<long long>(k1));                      \
-    for (int q = 0; q < kRegs; ++q) {                                    \
-      const V pb = MUL(x2[q], mul_b), pa = MUL(x0[q], mul_a);            \
-      x0[q] = XOR3(SRL(pb, 32), x1[q], kv0);                             \
-      x2[q] = XOR3(SRL(pa, 32), x3[q], kv1);                             \
-      x1[q] = pb;                                                        \
-      x3[q] = pa;                                                        \
-    }                                                                    \
-    k0 += kPhiloxKeyA;                                                   \
-    k1 += kPhiloxKeyB;                                                   \
+// Each 32-bit word lives in the low half of a 64-bit lane, a register holding consecutive
+// counters: vpmuludq reads only those low halves, so one product per lane gives mulhi (>> 32) and
+// mullo (the lane itself, its high half ignored by the next multiply) with no blends inside the
+// rounds; a narrowing (vpmovqd, or vpermd) per word packs them at the end. Measured (perf, 1 thread,
+// B=64 T=50 H=128 fwd+bwd): scalar/auto-vectorized header Philox ~22% of the run; a first AVX-512
+// version blending full 32-bit lanes each round 6.9%; this form 3.7%.
+// A run's counters differ only in their first word, so round 0's product of the third word and
+// its key terms are the same for all (PhiloxRun); the round keys are made once per run, and read
+// from memory by the rounds, which leaves the registers to the words: AVX2 then keeps 3 registers
+// of counters in flight, 12 words and temporaries in its 16 registers (30.4 ns per 16 counters
+// against 35.5 for 2 registers, whose 6-cycle chains of multiply, shift and two xors left the
+// pipes idle; 4 spilled). AVX-512 (32 registers) runs 4 registers, bound by its multiplies
+// (11.7 ns per 16 counters, either way).
+template <typename V>
+struct PhiloxRun {
+  V keys[20];        // round r: keys[2r], keys[2r + 1]
+  V x0, x1, x2_key;  // after round 0: words 0 and 1, and what word 2 takes besides mulhi(c0 A)
+};
+
+#define ZF_PHILOX_KERNELS(SUFFIX, TARGET, V, LANES, REGISTERS, SET1, ADD, MUL, SRL, XOR, XOR3, COUNTING, STORE)    \
+  template <int kRegs>                                                                                         \
+  TARGET inline void philox_block_##SUFFIX(const PhiloxRun<V>& run, uint32_t lo, uint32_t* r0, uint32_t* r1,    \
+                                           uint32_t* r2) {                                                     \
+    const V mul_a = SET1(kPhiloxRoundA), mul_b = SET1(kPhiloxRoundB);                                          \
+    V x0[kRegs], x1[kRegs], x2[kRegs], x3[kRegs];                                                              \
+    for (int q = 0; q < kRegs; ++q) { /* round 0; register q: counters lo + LANES q + lane */                 \
+      const V pa = MUL(ADD(SET1(static_cast<long long>(lo) + LANES * q), COUNTING), mul_a);                    \
+      x0[q] = run.x0;                                                                                          \
+      x1[q] = run.x1;                                                                                          \
+      x2[q] = XOR(SRL(pa, 32), run.x2_key);                                                                    \
+      x3[q] = pa;                                                                                              \
+    }                                                                                                          \
+    for (int round = 1; round < 10; ++round) {                                                                 \
+      for (int q = 0; q < kRegs; ++q) {                                                                        \
+        const V pb = MUL(x2[q], mul_b), pa = MUL(x0[q], mul_a);                                                \
+        x0[q] = XOR3(SRL(pb, 32), x1[q], run.keys[2 * round]);                                                 \
+        x2[q] = XOR3(SRL(pa, 32), x3[q], run.keys[2 * round + 1]);                                             \
+        x1[q] = pb;                                                                                            \
+        x3[q] = pa;                                                                                            \
+      }                                                                                                        \
+    }                                                                                                          \
+    for (int q = 0; q < kRegs; ++q) {                                                                          \
+      STORE(r0 + LANES * q, x0[q]);                                                                            \
+      STORE(r1 + LANES * q, x1[q]);                                                                            \
+      STORE(r2 + LANES * q, x2[q]);                                                                            \
+    }                                                                                                          \
+  }                                                                                                            \
+                                                                                                               \
+  TARGET void philox_run_##SUFFIX(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2, uint32_t c3, int64_t n, \
+                                  uint32_t* r0, uint32_t* r1, uint32_t* r2) {                                  \
+    PhiloxRun<V> run;                                                                                          \
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);                         \
+    for (int round = 0; round < 10; ++round, k0 += kPhiloxKeyA, k1 += kPhiloxKeyB) {                           \
+      run.keys[2 * round] = SET1(k0);                                                                          \
+      run.keys[2 * round + 1] = SET1(k1);                                                                      \
+    }                                                                                                          \
+    const uint64_t pb = static_cast<uint64_t>(c2) * kPhiloxRoundB;                                             \
+    run.x0 = SET1(static_cast<uint32_t>(pb >> 32) ^ hi ^ static_cast<uint32_t>(seed));                         \
+    run.x1 = SET1(static_cast<uint32_t>(pb));                                                                  \
+    run.x2_key = SET1(c3 ^ static_cast<uint32_t>(seed >> 32));                                                 \
+    int64_t k = 0;                                                                                             \
+    for (; k + LANES * REGISTERS <= n; k += LANES * REGISTERS)                                                 \
+      philox_block_##SUFFIX<REGISTERS>(run, lo + static_cast<uint32_t>(k), r0 + k, r1 + k, r2 + k);            \
+    for (; k + LANES <= n; k += LANES)                                                                         \
+      philox_block_##SUFFIX<1>(run, lo + static_cast<uint32_t>(k), r0 + k, r1 + k, r2 + k);                    \
+    if (k < n) philox_run_scalar(seed, lo + static_cast<uint32_t>(k), hi, c2, c3, n - k, r0 + k, r1 + k, r2 + k); \
   }
 
 ZF_TARGET_AVX512 inline __m512i xor3_512(__m512i a, __m512i b, __m512i c) {
   return _mm512_ternarylogic_epi64(a, b, c, 0x96);
 }
-
-// kGroups groups of 16 counters (2 registers of 8) per pass.
-template <int kGroups>
-ZF_TARGET_AVX512 inline void philox_block_avx512(uint64_t seed, uint32_t lo, uint32_t hi,
-                                                                    uint32_t c2, uint32_t c3, uint32_t* r0,
-                                                                    uint32_t* r1, uint32_t* r2) {
-  constexpr int kRegs = 2 * kGroups;
-  const __m512i mul_a = _mm512_set1_epi64(kPhiloxRoundA), mul_b = _mm512_set1_epi64(kPhiloxRoundB);
-  const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
-  __m512i x0[kRegs], x1[kRegs], x2[kRegs], x3[kRegs];
-  for (int q = 0; q < kRegs; ++q) {  // register q: counters lo + 16 (q / 2) + (q % 2) + 2 i
-    x0[q] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(lo) + 16 * (q / 2) + (q % 2)), even);
-    x1[q] = _mm512_set1_epi64(hi);
-    x2[q] = _mm512_set1_epi64(c2);
-    x3[q] = _mm512_set1_epi64(c3);
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  ZF_PHILOX_ROUNDS(__m512i, _mm512_mul_epu32, _mm512_srli_epi64, xor3_512, _mm512_set1_epi64)
-  for (int g = 0; g < kGroups; ++g) {
-    const __m512i *e0 = x0 + 2 * g, *e1 = x1 + 2 * g, *e2 = x2 + 2 * g;
-    _mm512_storeu_si512(r0 + 16 * g, _mm512_mask_blend_epi32(0xAAAA, e0[0], _mm512_slli_epi64(e0[1], 32)));
-    _mm512_storeu_si512(r1 + 16 * g, _mm512_mask_blend_epi32(0xAAAA, e1[0], _mm512_slli_epi64(e1[1], 32)));
-    _mm512_storeu_si512(r2 + 16 * g, _mm512_mask_blend_epi32(0xAAAA, e2[0], _mm512_slli_epi64(e2[1], 32)));
-  }
+ZF_TARGET_AVX512 inline void store_words_512(uint32_t* out, __m512i x) {  // the 8 low halves
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi64_epi32(x));
 }
-
-ZF_TARGET_AVX512 void philox_run_avx512(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2,
-                                                           uint32_t c3, int64_t n, uint32_t* r0, uint32_t* r1,
-                                                           uint32_t* r2) {
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32)  // two independent groups hide the multiply latency
-    philox_block_avx512<2>(seed, lo + static_cast<uint32_t>(k), hi, c2, c3, r0 + k, r1 + k, r2 + k);
-  for (; k + 16 <= n; k += 16)
-    philox_block_avx512<1>(seed, lo + static_cast<uint32_t>(k), hi, c2, c3, r0 + k, r1 + k, r2 + k);
-  if (k < n) philox_run_scalar(seed, lo + static_cast<uint32_t>(k), hi, c2, c3, n - k, r0 + k, r1 + k, r2 + k);
-}
-
 ZF_TARGET_AVX2 inline __m256i xor3_256(__m256i a, __m256i b, __m256i c) {
   return _mm256_xor_si256(_mm256_xor_si256(a, b), c);
 }
-
-// kGroups groups of 8 counters (2 registers of 4) per pass.
-template <int kGroups>
-ZF_TARGET_AVX2 inline void philox_block_avx2(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2,
-                                                               uint32_t c3, uint32_t* r0, uint32_t* r1,
-                                                               uint32_t* r2) {
-  constexpr int kRegs = 2 * kGroups;
-  const __m256i mul_a = _mm256_set1_epi64x(kPhiloxRoundA), mul_b = _mm256_set1_epi64x(kPhiloxRoundB);
-  const __m256i even = _mm256_setr_epi64x(0, 2, 4, 6);
-  __m256i x0[kRegs], x1[kRegs], x2[kRegs], x3[kRegs];
-  for (int q = 0; q < kRegs; ++q) {  // register q: counters lo + 8 (q / 2) + (q % 2) + 2 i
-    x0[q] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(lo) + 8 * (q / 2) + (q % 2)), even);
-    x1[q] = _mm256_set1_epi64x(hi);
-    x2[q] = _mm256_set1_epi64x(c2);
-    x3[q] = _mm256_set1_epi64x(c3);
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  ZF_PHILOX_ROUNDS(__m256i, _mm256_mul_epu32, _mm256_srli_epi64, xor3_256, _mm256_set1_epi64x)
-  for (int g = 0; g < kGroups; ++g) {
-    const __m256i *e0 = x0 + 2 * g, *e1 = x1 + 2 * g, *e2 = x2 + 2 * g;
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(r0 + 8 * g),
-                        _mm256_blend_epi32(e0[0], _mm256_slli_epi64(e0[1], 32), 0xAA));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(r1 + 8 * g),
-                        _mm256_blend_epi32(e1[0], _mm256_slli_epi64(e1[1], 32), 0xAA));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(r2 + 8 * g),
-                        _mm256_blend_epi32(e2[0], _mm256_slli_epi64(e2[1], 32), 0xAA));
-  }
+ZF_TARGET_AVX2 inline void store_words_256(uint32_t* out, __m256i x) {  // the 4 low halves
+  const __m256i low_halves = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(x, low_halves)));
 }
+ZF_TARGET_AVX512 inline __m512i set1_512(long long v) { return _mm512_set1_epi64(v); }
+ZF_TARGET_AVX2 inline __m256i set1_256(long long v) { return _mm256_set1_epi64x(v); }
 
-ZF_TARGET_AVX2 void philox_run_avx2(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2,
-                                                     uint32_t c3, int64_t n, uint32_t* r0, uint32_t* r1,
-                                                     uint32_t* r2) {
-  // One group a pass: two hold 16 words plus 4 constants, more than AVX2's 16 registers, and spilled
-  // (42.5 ns per 16 counters, one group 36.5; AVX-512's two groups: 10.9).
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    philox_block_avx2<1>(seed, lo + static_cast<uint32_t>(k), hi, c2, c3, r0 + k, r1 + k, r2 + k);
-  if (k < n) philox_run_scalar(seed, lo + static_cast<uint32_t>(k), hi, c2, c3, n - k, r0 + k, r1 + k, r2 + k);
-}
-#undef ZF_PHILOX_ROUNDS
+ZF_PHILOX_KERNELS(avx512, ZF_TARGET_AVX512, __m512i, 8, 4, set1_512, _mm512_add_epi64, _mm512_mul_epu32,
+                  _mm512_srli_epi64, _mm512_xor_si512, xor3_512, _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
+                  store_words_512)
+ZF_PHILOX_KERNELS(avx2, ZF_TARGET_AVX2, __m256i, 4, 3, set1_256, _mm256_add_epi64, _mm256_mul_epu32,
+                  _mm256_srli_epi64, _mm256_xor_si256, xor3_256, _mm256_setr_epi64x(0, 1, 2, 3), store_words_256)
+#undef ZF_PHILOX_KERNELS
 
 #endif
 // Words of counters (first + k, c2, c3), k < n, with `run` for the carry-free part.
