@@ -124,7 +124,7 @@ struct MaskChunk {
 // Why: the header's scalar Philox, even auto-vectorized by GCC, cost ~7 ns per element and
 // was most of forward_row_f32 / backward_row_f32 (22% of a 1-thread fwd+bwd at B=64, H=128).
 // Each round needs mulhi and mullo of the same 32x32 product; vpmuludq gives both from one
-// 64-bit product (even lanes, and odd lanes shifted down), so no vpmulld. The header stays
+// 64-bit product (each word in a 64-bit lane, below), so no vpmulld. The header stays
 // the definition: the scalar path below calls it for the tail, for counters whose low word
 // would carry into the high word inside a run, and on CPUs without AVX2 / non-x86 builds.
 // Bit-identity is checked by tests/test_cpu.py::test_philox_words_match_header (through the
