@@ -156,16 +156,22 @@ constexpr uint32_t kPhiloxRoundA = 0xD2511F53u, kPhiloxRoundB = 0xCD9E8D57u;
 // B=64 T=50 H=128 fwd+bwd): scalar/auto-vectorized header Philox ~22% of the run; a first AVX-512
 // version blending full 32-bit lanes each round 6.9%; this form 3.7%.
 // A run's counters differ only in their first word, so round 0's product of the third word and
-// its key terms are the same for all (PhiloxRun); the round keys are made once per run, and read
-// from memory by the rounds, which leaves the registers to the words: AVX2 then keeps 3 registers
-// of counters in flight, 12 words and temporaries in its 16 registers (30.4 ns per 16 counters
-// against 35.5 for 2 registers, whose 6-cycle chains of multiply, shift and two xors left the
-// pipes idle; 4 spilled). AVX-512 (32 registers) runs 4 registers, bound by its multiplies
-// (11.7 ns per 16 counters, either way).
+// its key terms are the same for all (PhiloxRun); the round keys are made ahead, and read from
+// memory by the rounds, which leaves the registers to the words: AVX2 then keeps 3 registers of
+// counters in flight, 12 words and temporaries in its 16 registers (30.4 ns per 16 counters against
+// 35.5 for 2 registers, whose 6-cycle chains of multiply, shift and two xors left the pipes idle; 4
+// spilled). AVX-512 (32 registers) runs 4 registers, bound by its multiplies (11.7 ns per 16
+// counters, either way). These constants depend on the key and the counters' other words only, so
+// each thread keeps the last ones it made (remade when a call brings a new seed, layer or
+// direction), as word_bounds keeps its bounds: made per run (per example row), they cost 1.5-2% of
+// a B=32 T=50 H=64 or B=64 T=50 H=128 forward.
 template <typename V>
 struct PhiloxRun {
   V keys[20];        // round r: keys[2r], keys[2r + 1]
   V x0, x1, x2_key;  // after round 0: words 0 and 1, and what word 2 takes besides mulhi(c0 A)
+  uint64_t seed = 0;
+  uint32_t hi = 0, c2 = 0, c3 = 0;
+  bool made = false;
 };
 
 #define ZF_PHILOX_KERNELS(SUFFIX, TARGET, V, LANES, REGISTERS, SET1, ADD, MUL, SRL, XOR, XOR3, COUNTING, STORE)    \
@@ -199,16 +205,23 @@ struct PhiloxRun {
                                                                                                                \
   TARGET void philox_run_##SUFFIX(uint64_t seed, uint32_t lo, uint32_t hi, uint32_t c2, uint32_t c3, int64_t n, \
                                   uint32_t* r0, uint32_t* r1, uint32_t* r2) {                                  \
-    PhiloxRun<V> run;                                                                                          \
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);                         \
-    for (int round = 0; round < 10; ++round, k0 += kPhiloxKeyA, k1 += kPhiloxKeyB) {                           \
-      run.keys[2 * round] = SET1(k0);                                                                          \
-      run.keys[2 * round + 1] = SET1(k1);                                                                      \
+    thread_local PhiloxRun<V> run;                                                                             \
+    if (!run.made || run.seed != seed || run.hi != hi || run.c2 != c2 || run.c3 != c3) {                       \
+      uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);                       \
+      for (int round = 0; round < 10; ++round, k0 += kPhiloxKeyA, k1 += kPhiloxKeyB) {                         \
+        run.keys[2 * round] = SET1(k0);                                                                        \
+        run.keys[2 * round + 1] = SET1(k1);                                                                    \
+      }                                                                                                        \
+      const uint64_t pb = static_cast<uint64_t>(c2) * kPhiloxRoundB;                                           \
+      run.x0 = SET1(static_cast<uint32_t>(pb >> 32) ^ hi ^ static_cast<uint32_t>(seed));                       \
+      run.x1 = SET1(static_cast<uint32_t>(pb));                                                                \
+      run.x2_key = SET1(c3 ^ static_cast<uint32_t>(seed >> 32));                                               \
+      run.seed = seed;                                                                                         \
+      run.hi = hi;                                                                                             \
+      run.c2 = c2;                                                                                             \
+      run.c3 = c3;                                                                                             \
+      run.made = true;                                                                                         \
     }                                                                                                          \
-    const uint64_t pb = static_cast<uint64_t>(c2) * kPhiloxRoundB;                                             \
-    run.x0 = SET1(static_cast<uint32_t>(pb >> 32) ^ hi ^ static_cast<uint32_t>(seed));                         \
-    run.x1 = SET1(static_cast<uint32_t>(pb));                                                                  \
-    run.x2_key = SET1(c3 ^ static_cast<uint32_t>(seed >> 32));                                                 \
     int64_t k = 0;                                                                                             \
     for (; k + LANES * REGISTERS <= n; k += LANES * REGISTERS)                                                 \
       philox_block_##SUFFIX<REGISTERS>(run, lo + static_cast<uint32_t>(k), r0 + k, r1 + k, r2 + k);            \
