@@ -23,7 +23,11 @@ namespace zoneout_cpu {
 #if defined(ZF_X86_PHILOX)
 
 // The operations the math needs, per instruction set: arithmetic, fused multiply-adds, min / max,
-// rounding to the nearest integer, 2^n of such integers, sign manipulation.
+// rounding to the nearest integer, 2^n of such integers, sign manipulation; and the masks' select by
+// Philox word. For that: uint32_to_uniform (zoneout_lstm.h) scales the word "folded" (its bits
+// inverted when the top bit is set), an integer in [0, 2^31), by converting and multiplying, two
+// roundings that never decrease, so u < z holds exactly for the folded words up to one bound
+// (last_word_below, lstm_cpu.cpp): the vector rows compare integers instead of forming each uniform.
 struct F32x16 {
   static constexpr int kLanes = 16;
   __m512 v;
@@ -59,7 +63,7 @@ struct F32x16 {
                                                          _mm512_castps_si512(sign.v), _mm512_set1_epi32(INT32_MAX),
                                                          0xE4));  // (c & a) | (~c & b): bitwise select by c
   }
-  // Per lane: if_true where the Philox word's folded value (see fold_word) is at most `last`, else if_false.
+  // Per lane: if_true where the Philox word's folded value (above) is at most `last`, else if_false.
   static ZF_TARGET_AVX512 F32x16 select_by_word(const uint32_t* words, int32_t last, F32x16 if_true,
                                                 F32x16 if_false) {
     const __m512i r = _mm512_loadu_si512(words);
@@ -104,10 +108,6 @@ struct F32x8 {
   }
 };
 
-// The integer uint32_to_uniform (zoneout_lstm.h) scales: the word, bits inverted when its top bit is
-// set, in [0, 2^31). The uniform is that integer converted and multiplied, two roundings that never
-// decrease, so u < z holds exactly for the folded words up to one bound (last_word_below, lstm_cpu.cpp):
-// the vector rows compare integers instead of converting and multiplying each word.
 template <typename V>
 inline constexpr bool kIsVector = std::is_same_v<V, F32x16> || std::is_same_v<V, F32x8>;
 
