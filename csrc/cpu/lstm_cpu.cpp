@@ -1209,8 +1209,13 @@ constexpr int64_t kPackedRowsBytes = 256 << 10;
 // input gradient: a = the pre-activation gradients (a_row G*H, a_depth 1), b = W_ih.
 Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& runs, int64_t n, int64_t a_row,
                      int64_t a_depth, int64_t cols, int64_t ldb, int64_t max_vectors = kMaxTileVectors) {
-  Tensor out = at::zeros({n, cols}, at::TensorOptions().dtype(at::kFloat));
+  TORCH_CHECK(!runs.empty() && runs.front().count > 0, "tiled_product: the first run is empty");
+  // Not zero-filled: each tile's first chunk starts its sums from zeros (`start`) rather than from out,
+  // so out is written once, by the thread that owns its rows (a fill first cost 0.47 ms a call for
+  // an encoder's [3200, 512] input gradient, written and read back from memory).
+  Tensor out = at::empty({n, cols}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
+  alignas(64) static const float zero_start[kMaxTileVectors * kMaxTileLanes] = {};
   // Column tiles of up to max_vectors vectors; narrower where all of out is (I = 32 in 2 vectors of 16
   // rather than 4 half-zero ones).
   const int64_t lanes = tiles.lanes, vectors = std::min<int64_t>(max_vectors, (cols + lanes - 1) / lanes);
@@ -1252,6 +1257,7 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
     for (const GradientRun& run : runs) {
       for (int64_t k0 = 0; k0 < run.count; k0 += chunk) {
         const int64_t depth = std::min(chunk, run.count - k0);
+        const bool first_chunk = &run == &runs.front() && k0 == 0;
         const bool pack = may_pack && thread_rows * depth * int64_t(sizeof(float)) > tiles.pack_rows_bytes;
         const int64_t group = pack ? group_blocks : std::max<int64_t>(1, last - first);
         for (int64_t g0 = first; g0 < last; g0 += group) {
@@ -1277,7 +1283,7 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
             for (int64_t block = g0; block < g1; ++block) {
               const int64_t r0 = blocks.start(block), rows = blocks.rows(block);
               TileOperands op{run.a + k0 * a_depth + r0 * a_row, a_row, a_depth, panel, ldp, o + r0 * cols + c0,
-                              cols, lanes};
+                              cols, lanes, first_chunk ? zero_start : nullptr};
               if (pack) {
                 op.a = packed + (r0 - group_r0);
                 op.ldk = ld_packed;
@@ -1287,7 +1293,9 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
                 continue;
               }
               std::fill_n(tile_copy, rows * width, 0.0f);
-              for (int64_t r = 0; r < rows; ++r) std::copy_n(op.c + r * cols, valid, tile_copy + r * width);
+              if (!first_chunk) {
+                for (int64_t r = 0; r < rows; ++r) std::copy_n(op.c + r * cols, valid, tile_copy + r * width);
+              }
               op.c = tile_copy;
               op.ldc_row = width;
               tiles.get(vectors, rows)(op, depth);
