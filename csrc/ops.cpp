@@ -209,6 +209,27 @@ Tensor cpu_vector_math(const Tensor& x, int64_t function, int64_t isa) {
   return out;
 }
 
+// Test hook (tests/test_cpu.py): float32 [n], 1 where the CPU mask rows of instruction set isa (0
+// scalar, 1 AVX2, 2 AVX-512) keep a unit of probability z whose Philox word is words[k] (int64
+// holding uint32 values), else 0; an empty tensor where that instruction set has none here.
+Tensor cpu_keep_by_word(const Tensor& words, double z, int64_t isa) {
+  TORCH_CHECK(words.scalar_type() == at::kLong && words.dim() == 1, "words must be a 1-D int64 tensor");
+  TORCH_CHECK(words.numel() % 16 == 0, "words.numel() must be a multiple of 16");
+  const Tensor values = words.contiguous();
+  const int64_t n = values.numel();
+  std::vector<uint32_t> w(static_cast<size_t>(n));
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t v = values.data_ptr<int64_t>()[k];
+    TORCH_CHECK(v >= 0 && v <= 0xFFFFFFFFll, "words must hold uint32 values, got ", v);
+    w[k] = static_cast<uint32_t>(v);
+  }
+  Tensor out = at::empty({n}, values.options().dtype(at::kFloat));
+  if (!zoneout_cpu::keep_by_word_test_hook(w.data(), out.data_ptr<float>(), n, z, isa)) {
+    return at::empty({0}, out.options());
+  }
+  return out;
+}
+
 // Test hook (tests/test_cpu.py): int64 [2, 3, n] holding uint32 words r0, r1, r2 of Philox
 // counters (first + k, c2, c3): [0] from the CPU kernels' draw path of instruction set isa
 // (-1 the active one, 0 scalar, 1 AVX2, 2 AVX-512; an empty tensor if unavailable here), [1]
@@ -265,7 +286,7 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
       "Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");
   m.def("_philox_words_cpu(int seed, int first, int c2, int c3, int n, int isa=-1) -> Tensor");
   m.def("_cpu_vector_math(Tensor x, int function, int isa) -> Tensor");
-  m.def("_cpu_last_word_below(float z) -> int");
+  m.def("_cpu_keep_by_word(Tensor words, float z, int isa) -> Tensor");
   // The CPU kernels' instruction set (zoneout_fused.cpu_isa wraps these).
   m.def("_cpu_isa_supported(int isa) -> bool");
   m.def("_cpu_isa() -> int");
@@ -288,6 +309,7 @@ TORCH_LIBRARY_IMPL(zoneout_fused, CPU, m) {
   m.impl("cpu_gru_rnn_layer_forward", &cpu_gru_rnn_layer_forward);
   m.impl("cpu_gru_rnn_layer_backward", &cpu_gru_rnn_layer_backward);
   m.impl("_cpu_vector_math", &cpu_vector_math);
+  m.impl("_cpu_keep_by_word", &cpu_keep_by_word);
 }
 
 TORCH_LIBRARY_IMPL(zoneout_fused, AutogradCPU, m) {
@@ -299,7 +321,6 @@ TORCH_LIBRARY_IMPL(zoneout_fused, AutogradCPU, m) {
 // No tensor arguments: registered for every dispatch key.
 TORCH_LIBRARY_IMPL(zoneout_fused, CompositeExplicitAutograd, m) {
   m.impl("_philox_words_cpu", &philox_words_cpu);
-  m.impl("_cpu_last_word_below", &zoneout_cpu::last_word_below_test_hook);
   m.impl("_cpu_isa_supported", &zoneout_cpu::cpu_isa_supported);
   m.impl("_cpu_isa", &zoneout_cpu::cpu_isa);
   m.impl("_set_cpu_isa", &zoneout_cpu::set_cpu_isa);

@@ -943,18 +943,40 @@ def test_pooled_outputs_save_load_and_copy(tmp_path):
     assert y.numpy().ctypes.data == y.data_ptr()
 
 
+def _last_folded_word_below(z32: torch.Tensor) -> int:
+    """The largest folded word x in [0, 2^31) with the oracle's uint32_to_uniform(x) < z32, -1 if
+    none: a bisection on the oracle itself (its uniform never decreases in x)."""
+    below = lambda x: bool(masks.uint32_to_uniform(torch.tensor([x]))[0] < z32)  # noqa: E731
+    if not below(0):
+        return -1
+    lo, hi = 0, 2**31
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if below(mid) else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 @pytest.mark.parametrize("z", [0.0, 1e-9, 0.05, 0.1, 0.15, 0.3, 0.4, 0.5, 0.9, 0.999999, 1.0, 1.5])
-def test_vector_rows_word_bound_is_exact(z):
-    """The vector rows keep a unit where its folded Philox word is at most a bound found once per
-    call, instead of forming each uniform (lstm_cpu.cpp, last_word_below): the bound must be the
-    exact edge of the oracle's uniform < z, or masks at the edge would flip (too rarely for the
-    random-mask tests to see)."""
-    bound = torch.ops.zoneout_fused._cpu_last_word_below(z)
+def test_mask_words_keep_exactly_below_z(isa, z):
+    """The CPU mask rows keep a unit where its folded Philox word is at most a bound found once per
+    call, instead of forming each uniform (lstm_cpu.cpp, folded_word_at_most; select_by_word on
+    vectors). At the edge of the oracle's uniform < z, both words of each side (top bit clear, and
+    set: the same folded value) must come out as the oracle says: an off-by-one in the bound or the
+    compare, or a wrong fold, flips masks too rarely for the random-mask tests to see."""
+    if isa not in cpu_isa.supported_cpu_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
     z32 = torch.tensor(z, dtype=torch.float32)
-    edge = torch.tensor([bound, bound + 1], dtype=torch.int64).clamp(0, 2**31 - 1)
-    uniform = masks.uint32_to_uniform(edge)
-    if bound >= 0:
-        assert uniform[0] < z32
-    if bound < 2**31 - 1:
-        assert uniform[1] >= z32
-    assert (bound == -1) == (z == 0.0)
+    edge = _last_folded_word_below(z32)
+    folded = [x for x in (edge - 1, edge, edge + 1, edge + 2, 0, 1, 2**31 - 1) if 0 <= x < 2**31]
+    words = torch.tensor(folded + [2**32 - 1 - x for x in folded], dtype=torch.int64)  # x and ~x
+    g = torch.Generator().manual_seed(0)
+    words = torch.cat([words, torch.randint(0, 2**32, (64,), generator=g, dtype=torch.int64)])
+    words = torch.cat([words, words[: (-words.numel()) % 16]])  # a whole number of vectors
+    got = torch.ops.zoneout_fused._cpu_keep_by_word(words, z, cpu_isa.CPU_ISAS.index(isa))
+    expected = (masks.uint32_to_uniform(words) < z32).float()
+    assert torch.equal(got, expected), words[got != expected].tolist()
+    if 0.0 < z < 1.0:  # both sides of the edge are among the words
+        assert expected.min() == 0.0 and expected.max() == 1.0
+
+

@@ -290,8 +290,9 @@ ZF_ALWAYS_INLINE void draw_masks(MaskChunk<scalar_t>& out, const ZoneoutParams& 
 }
 
 // Independent / shared modes (the default): the counters of a chunk are consecutive
-// (n_elem = (t B + b) H + j, stream 0), so the words come from philox_words; the rest is
-// zoneout::element_masks' mapping from words to masks for these two modes, unchanged.
+// (n_elem = (t B + b) H + j, stream 0), so the words come from philox_words; the masks from them
+// by zoneout::element_masks' rule for these two modes (word 0: c, word 1 or 0: h, word 2: dropout),
+// each u < z compared as a folded word against its bound (below).
 inline void stream0_words(const ZoneoutParams& p, int64_t t, int64_t b, int64_t j0, int64_t n, uint32_t* w0,
                           uint32_t* w1, uint32_t* w2, PhiloxRunFn run) {
   const uint32_t key2 = static_cast<uint32_t>(2 * p.layer + p.direction);
@@ -299,22 +300,59 @@ inline void stream0_words(const ZoneoutParams& p, int64_t t, int64_t b, int64_t 
   philox_words(p.seed, first, key2, 0u, n, w0, w1, w2, run);
 }
 
+// The header maps a Philox word to a uniform u = uint32_to_uniform(word) and keeps a unit where
+// u < z. That conversion scales the word "folded" (its bits inverted when the top bit is set), an
+// integer in [0, 2^31), by two roundings that never decrease, so u < z holds exactly for the folded
+// words up to one bound: the CPU rows compare folded words with it (folded_word_at_most here, and
+// select_by_word in vector_math.h on vectors) rather than forming each uniform.
+inline bool folded_word_at_most(uint32_t word, int32_t last) {
+  const int32_t x = static_cast<int32_t>(word);
+  return (x ^ (x >> 31)) <= last;
+}
+
+// That bound for z: the largest folded word whose uniform is below z, -1 where there is none; a
+// bisection over [0, 2^31) with the header's own uint32_to_uniform.
+ZF_NOINLINE int32_t last_word_below(float z) {
+  const auto below = [z](int64_t x) { return zoneout::uint32_to_uniform(static_cast<uint32_t>(x)) < z; };
+  if (!below(0)) return -1;
+  int64_t lo = 0, hi = int64_t(1) << 31;  // below(lo); hi: past the last word or not below
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    (below(mid) ? lo : hi) = mid;
+  }
+  return static_cast<int32_t>(lo);
+}
+
+// The bounds of a call's probabilities (rounded to float, as the header compares them), kept per
+// thread for the last probabilities seen: the bisections run once per layer call and thread, not per row.
+struct WordBounds {
+  float z_cell = -1.0f, z_hidden = -1.0f, p_drop = -1.0f;
+  int32_t cell = -1, hidden = -1, dropout = -1;
+};
+
+inline const WordBounds& word_bounds(const ZoneoutParams& p) {
+  thread_local WordBounds bounds;
+  const float z_cell = static_cast<float>(p.zoneout_cell), z_hidden = static_cast<float>(p.zoneout_hidden);
+  const float p_drop = static_cast<float>(p.recurrent_dropout);
+  if (z_cell != bounds.z_cell || z_hidden != bounds.z_hidden || p_drop != bounds.p_drop) {
+    bounds = {z_cell, z_hidden, p_drop, last_word_below(z_cell), last_word_below(z_hidden), last_word_below(p_drop)};
+  }
+  return bounds;
+}
+
 template <typename scalar_t, int kMode>
 ZF_ALWAYS_INLINE void draw_masks_stream0(MaskChunk<scalar_t>& out, const ZoneoutParams& p, int64_t t, int64_t b,
                                          int64_t j0, int64_t n, PhiloxRunFn run) {
   uint32_t w0[kChunk], w1[kChunk], w2[kChunk];
   stream0_words(p, t, b, j0, n, w0, w1, w2, run);
-  const float z_cell = static_cast<float>(p.zoneout_cell), z_hidden = static_cast<float>(p.zoneout_hidden);
-  const float p_drop = static_cast<float>(p.recurrent_dropout);
+  const WordBounds& bound = word_bounds(p);
+  const uint32_t* hidden_words = kMode == zoneout::kIndependent ? w1 : w0;
   const bool dropout = p.recurrent_dropout > 0.0;
   const scalar_t kept_scale = zoneout::kept_update_scale<scalar_t>(p.recurrent_dropout);
   for (int64_t k = 0; k < n; ++k) {
-    const float u_cell = zoneout::uint32_to_uniform(w0[k]);
-    const float u_hidden = kMode == zoneout::kIndependent ? zoneout::uint32_to_uniform(w1[k]) : u_cell;
-    const float u_drop = zoneout::uint32_to_uniform(w2[k]);
-    out.keep_cell[k] = u_cell < z_cell ? scalar_t(1) : scalar_t(0);
-    out.keep_hidden[k] = u_hidden < z_hidden ? scalar_t(1) : scalar_t(0);
-    out.update_scale[k] = (dropout && !(u_drop >= p_drop)) ? scalar_t(0) : kept_scale;
+    out.keep_cell[k] = folded_word_at_most(w0[k], bound.cell) ? scalar_t(1) : scalar_t(0);
+    out.keep_hidden[k] = folded_word_at_most(hidden_words[k], bound.hidden) ? scalar_t(1) : scalar_t(0);
+    out.update_scale[k] = dropout && folded_word_at_most(w2[k], bound.dropout) ? scalar_t(0) : kept_scale;
   }
 }
 
@@ -396,36 +434,6 @@ ZF_ALWAYS_INLINE void backward_row(const scalar_t* __restrict g, const scalar_t*
   }
 }
 
-// The largest folded Philox word (vector_math.h, select_by_word) whose uniform is below z, -1 where
-// there is none: a bisection over [0, 2^31) with the header's own uint32_to_uniform.
-ZF_NOINLINE int32_t last_word_below(float z) {
-  const auto below = [z](int64_t x) { return zoneout::uint32_to_uniform(static_cast<uint32_t>(x)) < z; };
-  if (!below(0)) return -1;
-  int64_t lo = 0, hi = int64_t(1) << 31;  // below(lo); hi: past the last word or not below
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    (below(mid) ? lo : hi) = mid;
-  }
-  return static_cast<int32_t>(lo);
-}
-
-// The bounds of a call's probabilities (as draw_masks_stream0 rounds them, to float), kept per thread
-// for the last probabilities seen: the bisections run once per layer call and thread, not per row.
-struct WordBounds {
-  float z_cell = -1.0f, z_hidden = -1.0f, p_drop = -1.0f;
-  int32_t cell = -1, hidden = -1, dropout = -1;
-};
-
-inline const WordBounds& word_bounds(const ZoneoutParams& p) {
-  thread_local WordBounds bounds;
-  const float z_cell = static_cast<float>(p.zoneout_cell), z_hidden = static_cast<float>(p.zoneout_hidden);
-  const float p_drop = static_cast<float>(p.recurrent_dropout);
-  if (z_cell != bounds.z_cell || z_hidden != bounds.z_hidden || p_drop != bounds.p_drop) {
-    bounds = {z_cell, z_hidden, p_drop, last_word_below(z_cell), last_word_below(z_hidden), last_word_below(p_drop)};
-  }
-  return bounds;
-}
-
 #if defined(ZF_X86_PHILOX)
 // The vector rows (below) cover units [j0, end) of a row's [j0, j1) in whole vectors; the units
 // past `end` take the scalar rows: H % lanes of them, the same units for any thread count (each
@@ -443,9 +451,9 @@ template <typename V, typename Body>
 ZF_ALWAYS_INLINE void for_unit_vectors(const ZoneoutParams& p, int64_t t, int64_t b, int64_t j0, int64_t end,
                                        PhiloxRunFn run, const Body& body) {
   if (p.training && (p.mask_mode == zoneout::kIndependent || p.mask_mode == zoneout::kShared)) {
-    // draw_masks_stream0's mapping, in registers: an integer compare per word (see select_by_word)
-    // instead of a conversion, a multiply and a trip through the stack (B=64 T=50 H=128, 1 thread:
-    // the masks took a quarter of what zoneout adds to the forward).
+    // draw_masks_stream0's mapping, in registers (select_by_word): no trip through a mask chunk on
+    // the stack (B=64 T=50 H=128, 1 thread: with uniforms formed per word, the masks took a quarter
+    // of what zoneout adds to the forward).
     const WordBounds& bound = word_bounds(p);
     const V one(1.0f), zero(0.0f), kept(zoneout::kept_update_scale<float>(p.recurrent_dropout));
     const bool dropout = p.recurrent_dropout > 0.0;
@@ -1656,7 +1664,6 @@ int64_t set_cpu_loop(int64_t loop) {
   return previous;
 }
 
-int64_t last_word_below_test_hook(double z) { return last_word_below(static_cast<float>(z)); }
 
 bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
                             uint32_t* r1, uint32_t* r2, int64_t isa) {
@@ -1686,6 +1693,37 @@ ZF_TARGET_AVX2_FMA ZF_FLATTEN void vector_math_avx2(const float* x, float* out, 
   vector_math<F32x8>(x, out, n, f);
 }
 #endif
+
+#if defined(ZF_X86_PHILOX)
+// out[k] = 1 where the mask rows keep a unit whose Philox word is words[k], else 0, by select_by_word.
+template <typename V>
+ZF_ALWAYS_INLINE void keep_by_word(const uint32_t* words, float* out, int64_t n, int32_t last) {
+  for (int64_t k = 0; k < n; k += V::kLanes) V::select_by_word(words + k, last, V(1.0f), V(0.0f)).store(out + k);
+}
+ZF_TARGET_AVX512 ZF_FLATTEN void keep_by_word_avx512(const uint32_t* words, float* out, int64_t n, int32_t last) {
+  keep_by_word<F32x16>(words, out, n, last);
+}
+ZF_TARGET_AVX2_FMA ZF_FLATTEN void keep_by_word_avx2(const uint32_t* words, float* out, int64_t n, int32_t last) {
+  keep_by_word<F32x8>(words, out, n, last);
+}
+#endif
+
+bool keep_by_word_test_hook(const uint32_t* words, float* out, int64_t n, double z, int64_t isa) {
+  if (!isa_supported(isa) || n % 16 != 0) return false;
+  const int32_t last = last_word_below(static_cast<float>(z));
+#if defined(ZF_X86_PHILOX)
+  if (isa == kIsaAvx512) {
+    keep_by_word_avx512(words, out, n, last);
+    return true;
+  }
+  if (isa == kIsaAvx2) {
+    keep_by_word_avx2(words, out, n, last);
+    return true;
+  }
+#endif
+  for (int64_t k = 0; k < n; ++k) out[k] = folded_word_at_most(words[k], last) ? 1.0f : 0.0f;
+  return true;
+}
 
 bool vector_math_test_hook(const float* x, float* out, int64_t n, int64_t function, int64_t isa) {
 #if defined(ZF_X86_PHILOX)

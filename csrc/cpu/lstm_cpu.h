@@ -72,9 +72,11 @@ void empty_cache();
 // instruction set is unavailable on this CPU or build.
 bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
                             uint32_t* r1, uint32_t* r2, int64_t isa);
-// Test hook: the largest folded Philox word whose uniform is below float(z), -1 if none (the bound
-// the vector rows compare words with instead of forming the uniforms; lstm_cpu.cpp, last_word_below).
-int64_t last_word_below_test_hook(double z);
+// Test hook: out[k] = 1 where the CPU mask rows of instruction set isa (0 scalar, 1 AVX2, 2
+// AVX-512) keep a unit of probability z whose Philox word is words[k] (the header's
+// uint32_to_uniform(word) < float(z), there an integer compare: lstm_cpu.cpp, folded_word_at_most),
+// else 0; n a multiple of 16. False where that instruction set is unavailable here.
+bool keep_by_word_test_hook(const uint32_t* words, float* out, int64_t n, double z, int64_t isa);
 // Test hook: out[k] = f(x[k]), k < n (a multiple of 16), by the element kernels' vector math
 // (vector_math.h) of instruction set isa (1 AVX2, 2 AVX-512); f: 0 exp, 1 tanh, 2 sigmoid. False
 // where that instruction set has no vector math here.

@@ -24,10 +24,8 @@ namespace zoneout_cpu {
 
 // The operations the math needs, per instruction set: arithmetic, fused multiply-adds, min / max,
 // rounding to the nearest integer, 2^n of such integers, sign manipulation; and the masks' select by
-// Philox word. For that: uint32_to_uniform (zoneout_lstm.h) scales the word "folded" (its bits
-// inverted when the top bit is set), an integer in [0, 2^31), by converting and multiplying, two
-// roundings that never decrease, so u < z holds exactly for the folded words up to one bound
-// (last_word_below, lstm_cpu.cpp): the vector rows compare integers instead of forming each uniform.
+// Philox word: the vector form of lstm_cpu.cpp's folded_word_at_most (u < z as an integer compare
+// of the folded word with its bound, last_word_below; why that is exact is told there).
 struct F32x16 {
   static constexpr int kLanes = 16;
   __m512 v;
@@ -63,7 +61,7 @@ struct F32x16 {
                                                          _mm512_castps_si512(sign.v), _mm512_set1_epi32(INT32_MAX),
                                                          0xE4));  // (c & a) | (~c & b): bitwise select by c
   }
-  // Per lane: if_true where the Philox word's folded value (above) is at most `last`, else if_false.
+  // Per lane: if_true where folded_word_at_most(word, last) (lstm_cpu.cpp), else if_false.
   static ZF_TARGET_AVX512 F32x16 select_by_word(const uint32_t* words, int32_t last, F32x16 if_true,
                                                 F32x16 if_false) {
     const __m512i r = _mm512_loadu_si512(words);
