@@ -1208,6 +1208,63 @@ constexpr int64_t kL2PanelChunkBytes = 256 << 10;
 // bytes, each reused from L2 across every column tile.
 constexpr int64_t kPackedRowsBytes = 256 << 10;
 
+// A depth chunk of a tiled_product: its first step's a and b, its steps, and whether it is the
+// product's first (whose sums start from zeros rather than from out).
+struct DepthChunk {
+  const float* a;
+  const float* b;
+  int64_t depth;
+  bool from_zeros;
+};
+
+// The runs cut into chunks of at most `chunk` depth steps, in order.
+std::vector<DepthChunk> depth_chunks(const std::vector<GradientRun>& runs, int64_t chunk, int64_t a_depth,
+                                     int64_t ldb) {
+  std::vector<DepthChunk> chunks;
+  for (const GradientRun& run : runs) {
+    for (int64_t k0 = 0; k0 < run.count; k0 += chunk) {
+      chunks.push_back({run.a + k0 * a_depth, run.b + k0 * ldb, std::min(chunk, run.count - k0), chunks.empty()});
+    }
+  }
+  return chunks;
+}
+
+// The panel of one column tile (`depth` rows of b from `panel`, `valid` of its `width` columns) as
+// the tile kernels read it, with its row stride: in place, or copied adjacent into panel_copy where
+// `copy` or where the tile is narrower than `width` (then zero-padded).
+inline std::pair<const float*, int64_t> column_tile_panel(const float* panel, int64_t ldb, int64_t depth,
+                                                          int64_t width, int64_t valid, bool copy,
+                                                          float* panel_copy) {
+  if (valid == width && !copy) return {panel, ldb};
+  if (valid < width) std::fill_n(panel_copy, depth * width, 0.0f);
+  for (int64_t k = 0; k < depth; ++k) std::copy_n(panel + k * ldb, valid, panel_copy + k * width);
+  return {panel_copy, width};
+}
+
+// One row block's tile (op.c: `rows` rows, `valid` of `width` columns) over a depth chunk: its
+// sums from zeros where `from_zeros`, else added to op.c; a tile narrower than `width` (the last
+// column tile) is formed in tile_copy, zero-padded, and copied back.
+inline void multiply_tile(const TileKernels& tiles, int64_t vectors, int64_t rows, TileOperands op, int64_t depth,
+                          int64_t width, int64_t valid, bool from_zeros, float* tile_copy) {
+  alignas(64) static const float zero_start[kMaxTileVectors * kMaxTileLanes] = {};
+  if (from_zeros) op.start = zero_start;
+  const TileProductFn product = tiles.get(vectors, rows);
+  if (valid == width) {
+    product(op, depth);
+    return;
+  }
+  float* const c = op.c;
+  const int64_t ldc = op.ldc_row;
+  std::fill_n(tile_copy, rows * width, 0.0f);
+  if (!from_zeros) {
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(c + r * ldc, valid, tile_copy + r * width);
+  }
+  op.c = tile_copy;
+  op.ldc_row = width;
+  product(op, depth);
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(tile_copy + r * width, valid, c + r * ldc);
+}
+
 // out [N, C] = the sum over the runs' depth steps m, in order, of a[:, m] b[m]^T (an outer
 // product), formed by the tile kernels in parallel over blocks of N (each output one FMA chain: the
 // same bits for any thread count). Weight gradients: a = the pre-activation gradients read as
@@ -1217,13 +1274,11 @@ constexpr int64_t kPackedRowsBytes = 256 << 10;
 // input gradient: a = the pre-activation gradients (a_row G*H, a_depth 1), b = W_ih.
 Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& runs, int64_t n, int64_t a_row,
                      int64_t a_depth, int64_t cols, int64_t ldb, int64_t max_vectors = kMaxTileVectors) {
-  TORCH_CHECK(!runs.empty() && runs.front().count > 0, "tiled_product: the first run is empty");
-  // Not zero-filled: each tile's first chunk starts its sums from zeros (`start`) rather than from out,
-  // so out is written once, by the thread that owns its rows (a fill first cost 0.47 ms a call for
-  // an encoder's [3200, 512] input gradient, written and read back from memory).
+  // Not zero-filled: each tile's first chunk starts its sums from zeros rather than from out, so
+  // out is written once, by the thread that owns its rows (a fill first cost 0.47 ms a call for an
+  // encoder's [3200, 512] input gradient, written and read back from memory).
   Tensor out = at::empty({n, cols}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  alignas(64) static const float zero_start[kMaxTileVectors * kMaxTileLanes] = {};
   // Column tiles of up to max_vectors vectors; narrower where all of out is (I = 32 in 2 vectors of 16
   // rather than 4 half-zero ones).
   const int64_t lanes = tiles.lanes, vectors = std::min<int64_t>(max_vectors, (cols + lanes - 1) / lanes);
@@ -1253,62 +1308,44 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   const Tensor packs = may_pack ? pooled_empty({fused_region_threads(), packed_floats},
                                                 at::TensorOptions().dtype(at::kFloat))
                                 : Tensor();
+  const std::vector<DepthChunk> chunks = depth_chunks(runs, chunk, a_depth, ldb);
+  if (chunks.empty()) return out.zero_();  // no depth steps: a sum of nothing
   fused_region(blocks.count, [&](int64_t first, int64_t last) {
-    // The last column tile's panel rows, zero-padded to `width` (on the stack: nothing inside the
-    // parallel region allocates, or may throw).
+    // The last column tile's panel rows, zero-padded to `width`, and its tiles (on the stack: nothing
+    // inside the parallel region allocates, or may throw).
     alignas(64) float panel_copy[kPanelChunkBytes / sizeof(float)];
     alignas(64) float tile_copy[kMaxTileRows * kMaxTileVectors * kMaxTileLanes];
     const int64_t thread_rows = blocks.start(last) - blocks.start(first);
     float* const packed = may_pack ? packs.data_ptr<float>() + region_thread() * packed_floats : nullptr;
     // A chunk of depth steps, then every column tile: a's part in the chunk is read from memory once
     // and from the caches for the other column tiles.
-    for (const GradientRun& run : runs) {
-      for (int64_t k0 = 0; k0 < run.count; k0 += chunk) {
-        const int64_t depth = std::min(chunk, run.count - k0);
-        const bool first_chunk = &run == &runs.front() && k0 == 0;
-        const bool pack = may_pack && thread_rows * depth * int64_t(sizeof(float)) > tiles.pack_rows_bytes;
-        const int64_t group = pack ? group_blocks : std::max<int64_t>(1, last - first);
-        for (int64_t g0 = first; g0 < last; g0 += group) {
-          const int64_t g1 = std::min(last, g0 + group), group_r0 = blocks.start(g0);
-          // ld_packed: an odd number of cache lines, so that a block's depth steps spread over all of
-          // L1's sets.
-          const int64_t group_rows = blocks.start(g1) - group_r0;
-          const int64_t ld_packed = ((group_rows + 15) / 16 | 1) * 16;
-          if (pack) {
-            const float* a_k = run.a + k0 * a_depth + group_r0;
-            for (int64_t k = 0; k < depth; ++k) std::copy_n(a_k + k * a_depth, group_rows, packed + k * ld_packed);
+    for (const DepthChunk& step : chunks) {
+      const bool pack = may_pack && thread_rows * step.depth * int64_t(sizeof(float)) > tiles.pack_rows_bytes;
+      const int64_t group = pack ? group_blocks : std::max<int64_t>(1, last - first);
+      for (int64_t g0 = first; g0 < last; g0 += group) {
+        const int64_t g1 = std::min(last, g0 + group), group_r0 = blocks.start(g0);
+        const int64_t group_rows = blocks.start(g1) - group_r0;
+        // ld_packed: an odd number of cache lines, so that a block's depth steps spread over all of
+        // L1's sets.
+        const int64_t ld_packed = ((group_rows + 15) / 16 | 1) * 16;
+        if (pack) {
+          for (int64_t k = 0; k < step.depth; ++k) {
+            std::copy_n(step.a + k * a_depth + group_r0, group_rows, packed + k * ld_packed);
           }
-          for (int64_t c0 = 0; c0 < cols; c0 += width) {
-            const int64_t valid = std::min(width, cols - c0);
-            const float* panel = run.b + k0 * ldb + c0;
-            int64_t ldp = ldb;
-            if (valid < width || copy_panels) {
-              if (valid < width) std::fill_n(panel_copy, depth * width, 0.0f);
-              for (int64_t k = 0; k < depth; ++k) std::copy_n(panel + k * ldb, valid, panel_copy + k * width);
-              panel = panel_copy;
-              ldp = width;
+        }
+        for (int64_t c0 = 0; c0 < cols; c0 += width) {
+          const int64_t valid = std::min(width, cols - c0);
+          const auto [panel, ldp] =
+              column_tile_panel(step.b + c0, ldb, step.depth, width, valid, copy_panels, panel_copy);
+          for (int64_t block = g0; block < g1; ++block) {
+            const int64_t r0 = blocks.start(block);
+            TileOperands op{step.a + r0 * a_row, a_row, a_depth, panel, ldp, o + r0 * cols + c0, cols, lanes};
+            if (pack) {
+              op.a = packed + (r0 - group_r0);
+              op.ldk = ld_packed;
             }
-            for (int64_t block = g0; block < g1; ++block) {
-              const int64_t r0 = blocks.start(block), rows = blocks.rows(block);
-              TileOperands op{run.a + k0 * a_depth + r0 * a_row, a_row, a_depth, panel, ldp, o + r0 * cols + c0,
-                              cols, lanes, first_chunk ? zero_start : nullptr};
-              if (pack) {
-                op.a = packed + (r0 - group_r0);
-                op.ldk = ld_packed;
-              }
-              if (valid == width) {
-                tiles.get(vectors, rows)(op, depth);
-                continue;
-              }
-              std::fill_n(tile_copy, rows * width, 0.0f);
-              if (!first_chunk) {
-                for (int64_t r = 0; r < rows; ++r) std::copy_n(op.c + r * cols, valid, tile_copy + r * width);
-              }
-              op.c = tile_copy;
-              op.ldc_row = width;
-              tiles.get(vectors, rows)(op, depth);
-              for (int64_t r = 0; r < rows; ++r) std::copy_n(tile_copy + r * width, valid, o + (r0 + r) * cols + c0);
-            }
+            multiply_tile(tiles, vectors, blocks.rows(block), op, step.depth, width, valid, step.from_zeros,
+                          tile_copy);
           }
         }
       }
