@@ -1729,9 +1729,7 @@ ZF_TARGET_AVX512 ZF_FLATTEN void vector_math_avx512(const float* x, float* out, 
 ZF_TARGET_AVX2_FMA ZF_FLATTEN void vector_math_avx2(const float* x, float* out, int64_t n, int64_t f) {
   vector_math<F32x8>(x, out, n, f);
 }
-#endif
 
-#if defined(ZF_X86_PHILOX)
 // out[k] = 1 where the mask rows keep a unit whose Philox word is words[k], else 0, by select_by_word.
 template <typename V>
 ZF_ALWAYS_INLINE void keep_by_word(const uint32_t* words, float* out, int64_t n, int32_t last) {
@@ -1743,20 +1741,22 @@ ZF_TARGET_AVX512 ZF_FLATTEN void keep_by_word_avx512(const uint32_t* words, floa
 ZF_TARGET_AVX2_FMA ZF_FLATTEN void keep_by_word_avx2(const uint32_t* words, float* out, int64_t n, int32_t last) {
   keep_by_word<F32x8>(words, out, n, last);
 }
+
+// A test hook's vector form for isa (its AVX-512 or AVX2 copy) called with args; false where isa
+// has none here.
+template <typename... Args>
+bool call_vector_form(int64_t isa, void (*avx512)(Args...), void (*avx2)(Args...), Args... args) {
+  if (!isa_supported(isa) || (isa != kIsaAvx512 && isa != kIsaAvx2)) return false;
+  (isa == kIsaAvx512 ? avx512 : avx2)(args...);
+  return true;
+}
 #endif
 
 bool keep_by_word_test_hook(const uint32_t* words, float* out, int64_t n, double z, int64_t isa) {
   if (!isa_supported(isa) || n % 16 != 0) return false;
   const int32_t last = last_word_below(static_cast<float>(z));
 #if defined(ZF_X86_PHILOX)
-  if (isa == kIsaAvx512) {
-    keep_by_word_avx512(words, out, n, last);
-    return true;
-  }
-  if (isa == kIsaAvx2) {
-    keep_by_word_avx2(words, out, n, last);
-    return true;
-  }
+  if (call_vector_form(isa, keep_by_word_avx512, keep_by_word_avx2, words, out, n, last)) return true;
 #endif
   for (int64_t k = 0; k < n; ++k) out[k] = folded_word_at_most(words[k], last) ? 1.0f : 0.0f;
   return true;
@@ -1764,17 +1764,10 @@ bool keep_by_word_test_hook(const uint32_t* words, float* out, int64_t n, double
 
 bool vector_math_test_hook(const float* x, float* out, int64_t n, int64_t function, int64_t isa) {
 #if defined(ZF_X86_PHILOX)
-  if (!isa_supported(isa) || n % 16 != 0) return false;
-  if (isa == kIsaAvx512) {
-    vector_math_avx512(x, out, n, function);
-    return true;
-  }
-  if (isa == kIsaAvx2) {
-    vector_math_avx2(x, out, n, function);
-    return true;
-  }
-#endif
+  return n % 16 == 0 && call_vector_form(isa, vector_math_avx512, vector_math_avx2, x, out, n, function);
+#else
   return false;
+#endif
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
