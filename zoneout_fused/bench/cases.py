@@ -70,10 +70,13 @@ CONFIGS: dict[str, tuple[Case, ...]] = {
                 Case("encoder-2x256-bi", batch=32, steps=100, input_size=256, hidden_size=256, num_layers=2,
                      bidirectional=True, zoneout_cell=0.1, zoneout_hidden=0.1)),
     # Autoregressive decoding (Tacotron 2's decoder cell: I=512 from the prenet and attention
-    # context, H=1024, zoneout 0.1 on c and h): ZoneoutLSTMCell called once per frame.
+    # context, H=1024, zoneout 0.1 on c and h): ZoneoutLSTMCell called once per frame; and a cell
+    # so small (B=1, I=H=16) that its time is the fixed cost of a call (checks, seed, dispatch).
     "decode": tuple(Case(f"decode-b{b}", batch=b, steps=20, input_size=512, hidden_size=1024, zoneout_cell=0.1,
                          zoneout_hidden=0.1, cell=True, note="Tacotron 2 decoder cell")
-                    for b in (1, 32)),
+                    for b in (1, 32))
+              + (Case("decode-fixed-cost", batch=1, steps=20, input_size=16, hidden_size=16, zoneout_cell=0.1,
+                      zoneout_hidden=0.1, cell=True, note="a call's fixed cost"),),
 }
 PAPER_CONFIGS = ("char-ptb", "word-ptb", "text8", "pmnist")
 PUBLIC_CONFIGS = ("small",) + PAPER_CONFIGS + ("sweep", "encoder", "decode", "all")
