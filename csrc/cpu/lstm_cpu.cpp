@@ -1319,8 +1319,8 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
     float* const packed = may_pack ? packs.data_ptr<float>() + region_thread() * packed_floats : nullptr;
     // A chunk of depth steps, then every column tile: a's part in the chunk is read from memory once
     // and from the caches for the other column tiles.
-    for (const DepthChunk& step : chunks) {
-      const bool pack = may_pack && thread_rows * step.depth * int64_t(sizeof(float)) > tiles.pack_rows_bytes;
+    for (const DepthChunk& part : chunks) {
+      const bool pack = may_pack && thread_rows * part.depth * int64_t(sizeof(float)) > tiles.pack_rows_bytes;
       const int64_t group = pack ? group_blocks : std::max<int64_t>(1, last - first);
       for (int64_t g0 = first; g0 < last; g0 += group) {
         const int64_t g1 = std::min(last, g0 + group), group_r0 = blocks.start(g0);
@@ -1329,22 +1329,22 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
         // L1's sets.
         const int64_t ld_packed = ((group_rows + 15) / 16 | 1) * 16;
         if (pack) {
-          for (int64_t k = 0; k < step.depth; ++k) {
-            std::copy_n(step.a + k * a_depth + group_r0, group_rows, packed + k * ld_packed);
+          for (int64_t k = 0; k < part.depth; ++k) {
+            std::copy_n(part.a + k * a_depth + group_r0, group_rows, packed + k * ld_packed);
           }
         }
         for (int64_t c0 = 0; c0 < cols; c0 += width) {
           const int64_t valid = std::min(width, cols - c0);
           const auto [panel, ldp] =
-              column_tile_panel(step.b + c0, ldb, step.depth, width, valid, copy_panels, panel_copy);
+              column_tile_panel(part.b + c0, ldb, part.depth, width, valid, copy_panels, panel_copy);
           for (int64_t block = g0; block < g1; ++block) {
             const int64_t r0 = blocks.start(block);
-            TileOperands op{step.a + r0 * a_row, a_row, a_depth, panel, ldp, o + r0 * cols + c0, cols, lanes};
+            TileOperands op{part.a + r0 * a_row, a_row, a_depth, panel, ldp, o + r0 * cols + c0, cols, lanes};
             if (pack) {
               op.a = packed + (r0 - group_r0);
               op.ldk = ld_packed;
             }
-            multiply_tile(tiles, vectors, blocks.rows(block), op, step.depth, width, valid, step.from_zeros,
+            multiply_tile(tiles, vectors, blocks.rows(block), op, part.depth, width, valid, part.from_zeros,
                           tile_copy);
           }
         }
