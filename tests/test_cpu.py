@@ -421,6 +421,25 @@ def test_vector_math_accuracy(isa):
     assert tanh[6:].eq(0).all() and sigmoid[6:].eq(0.5).all()
 
 
+def test_vector_operations_are_inlined():
+    """The element kernels' vector types (vector_math.h: F32x16, F32x8) are meant to inline into the
+    kernels compiled for their instruction set. Where the compiler leaves one out of line (a lambda
+    or helper without the target attribute between them did), each operation becomes a call passing
+    its vectors through memory: 3.5x slower, or wrong where a caller built for the baseline passes a
+    512-bit vector. An out-of-line copy leaves its symbol in the extension; there must be none."""
+    import importlib
+    import shutil
+    import subprocess
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed: the extension was not built here")
+    path = importlib.import_module("zoneout_fused._C").__file__
+    symbols = subprocess.run([nm, "-C", path], capture_output=True, text=True, check=True).stdout
+    outlined = [line for line in symbols.splitlines() if "zoneout_cpu::F32x" in line]
+    assert not outlined, outlined[:5]
+
+
 @pytest.mark.parametrize("path", ["active"] + list(cpu_isa.CPU_ISAS))
 def test_philox_words_match_header(path):
     """The CPU mask loop's vectorized Philox (AVX-512 / AVX2 specialisations of the header's
