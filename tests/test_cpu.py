@@ -997,5 +997,3 @@ def test_mask_words_keep_exactly_below_z(isa, z):
     assert torch.equal(got, expected), words[got != expected].tolist()
     if 0.0 < z < 1.0:  # both sides of the edge are among the words
         assert expected.min() == 0.0 and expected.max() == 1.0
-
-

@@ -1295,13 +1295,13 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   // apart) are copied to be adjacent first, per chunk: a chunk's rows 1 KB apart (H = 256) fell into a
   // quarter of L1's sets, too few ways to keep the chunk there while the row blocks reuse it.
   const bool copy_panels = chunk == l1_chunk && ldb != width;
-  const RowBlocks blocks(n, tiles.max_rows[vectors - 1]);
+  const int64_t max_rows = tiles.max_rows[vectors - 1];
+  const RowBlocks blocks(n, max_rows);
   // Where a is read across its rows (a_row 1: the weight gradients, a the pre-activation gradients,
   // rows G*H floats apart) and a thread's rows of a chunk exceed TileKernels::pack_rows_bytes, they
   // are copied first, a group of row blocks at a time, each depth step's rows ld_packed floats apart:
   // read in place, a block's depth steps lay 4-8 KB apart (H >= 256), in one or two of L1's sets, and
   // a thread's chunk of them did not stay in L2 for the next column tile.
-  const int64_t max_rows = tiles.max_rows[vectors - 1];
   const int64_t group_blocks = std::max<int64_t>(1, kPackedRowsBytes / (chunk * max_rows * int64_t(sizeof(float))));
   const bool may_pack = a_row == 1 && a_depth > 1 && n * chunk * int64_t(sizeof(float)) > tiles.pack_rows_bytes;
   const int64_t packed_floats = (group_blocks * max_rows + 32) * chunk;  // ld_packed's rounding included
@@ -1700,7 +1700,6 @@ int64_t set_cpu_loop(int64_t loop) {
   active_loop.store(loop);
   return previous;
 }
-
 
 bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
                             uint32_t* r1, uint32_t* r2, int64_t isa) {
