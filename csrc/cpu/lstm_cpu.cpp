@@ -1287,14 +1287,17 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   // its rows (a_depth 1: the input gradient, b the small weight), a chunk may fill L2 instead, so that
   // each row of a streams through in long runs: in L1 chunks (128 steps) they were read 512 bytes at a
   // time, one chunk after another (B=32 T=100 H=256, 2 threads: 1.14-1.49 ms, L2 chunks 0.95-1.12).
-  // A zero-padded last column tile keeps L1 chunks (its copy is on the stack).
-  const int64_t l1_chunk = kPanelChunkBytes / (width * int64_t(sizeof(float)));
-  const int64_t chunk = a_depth == 1 && cols % width == 0 ? kL2PanelChunkBytes / (width * int64_t(sizeof(float)))
-                                                          : l1_chunk;
+  // Also where I is no multiple of the width, the last tile's panel zero-padded in its copy (below):
+  // char-PTB's fwd+bwd (B=32 T=20 I=H=1000, interleaved) 1.8-2.4% faster than in L1 chunks.
+  const int64_t chunk = (a_depth == 1 ? kL2PanelChunkBytes : kPanelChunkBytes) / (width * int64_t(sizeof(float)));
   // Panel rows further apart than the panel is wide (the weight gradients' h and x rows, H or I floats
   // apart) are copied to be adjacent first, per chunk: a chunk's rows 1 KB apart (H = 256) fell into a
   // quarter of L1's sets, too few ways to keep the chunk there while the row blocks reuse it.
-  const bool copy_panels = chunk == l1_chunk && ldb != width;
+  // So are an L2 chunk's (the input gradient's W_ih, I > width): read in place, a column tile's
+  // rows lay I floats apart, 1024 of them over 2 MB at I = 512, a new page every two rows for each
+  // row block (B=32 T=100 I=512 H=256, interleaved: backward 24.3 ms against 25.2, the input
+  // gradient 7.1-7.3 against 7.6-8.1; the bidirectional encoder's fwd+bwd 2.1-2.6% faster).
+  const bool copy_panels = ldb != width;
   const int64_t max_rows = tiles.max_rows[vectors - 1];
   const RowBlocks blocks(n, max_rows);
   // Where a is read across its rows (a_row 1: the weight gradients, a the pre-activation gradients,
@@ -1308,13 +1311,22 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   const Tensor packs = may_pack ? pooled_empty({fused_region_threads(), packed_floats},
                                                 at::TensorOptions().dtype(at::kFloat))
                                 : Tensor();
+  // Each thread's copied panels: an L1 chunk's fit on its stack, an L2 chunk's are made here.
+  const int64_t panel_floats = chunk * width;
+  const bool large_panels = panel_floats > int64_t(kPanelChunkBytes / sizeof(float));
+  const Tensor panels = large_panels && copy_panels ? pooled_empty({fused_region_threads(), panel_floats},
+                                                                   at::TensorOptions().dtype(at::kFloat))
+                                                    : Tensor();
   const std::vector<DepthChunk> chunks = depth_chunks(runs, chunk, a_depth, ldb);
   if (chunks.empty()) return out.zero_();  // no depth steps: a sum of nothing
   fused_region(blocks.count, [&](int64_t first, int64_t last) {
-    // The last column tile's panel rows, zero-padded to `width`, and its tiles (on the stack: nothing
-    // inside the parallel region allocates, or may throw).
-    alignas(64) float panel_copy[kPanelChunkBytes / sizeof(float)];
+    // Copied panels (an L1 chunk's on the stack, an L2 chunk's in this thread's part of `panels`),
+    // and the last column tile's tiles, zero-padded to `width` (on the stack: nothing inside the
+    // parallel region allocates, or may throw).
+    alignas(64) float small_panel_copy[kPanelChunkBytes / sizeof(float)];
     alignas(64) float tile_copy[kMaxTileRows * kMaxTileVectors * kMaxTileLanes];
+    float* const panel_copy = panels.defined() ? panels.data_ptr<float>() + region_thread() * panel_floats
+                                               : small_panel_copy;
     const int64_t thread_rows = blocks.start(last) - blocks.start(first);
     float* const packed = may_pack ? packs.data_ptr<float>() + region_thread() * packed_floats : nullptr;
     // A chunk of depth steps, then every column tile: a's part in the chunk is read from memory once
