@@ -148,8 +148,9 @@ def test_packed_gradient_rows_match_reference(isa):
     """Weight gradients with 4H = 2080 rows and T*B = 320: on 1 and 2 threads a thread's rows of a
     depth chunk (128 to 512 steps) pass both instruction sets' TileKernels::pack_rows_bytes, so
     tiled_product packs them, in several groups, while the h0 run's 40-step chunk is read in place;
-    a padded last column tile (H = 520, I = 5). The same bits on 1 and 2 threads, and the three-way
-    rule against the reference."""
+    a padded last column tile (H = 520, I = 5). On 1 thread grad W_hh (4.3 MB) is past
+    kCachedOutputBytes, so formed in deeper chunks (each run in one). The same bits on 1 and 2
+    threads, and the three-way rule against the reference."""
     tensors = make_inputs(8, 40, 5, 520, torch.float32)
     results = run_with_thread_counts(lambda: _flat(run(cpu_layer, tensors, zoneout_cell=0.5, zoneout_hidden=0.05)))
     for name, one, two in zip(RESULT_NAMES, *results):

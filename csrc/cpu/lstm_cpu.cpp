@@ -1204,6 +1204,9 @@ struct GradientRun {
 // all of a thread's row blocks, so the chunk stays in L1 while it is reused.
 constexpr int64_t kPanelChunkBytes = 32 << 10;
 constexpr int64_t kL2PanelChunkBytes = 256 << 10;
+// A thread's part of a tiled_product's output of at most this many bytes is taken to stay in its caches
+// from one depth chunk to the next (see tiled_product).
+constexpr int64_t kCachedOutputBytes = 4 << 20;
 // Where a thread's rows of a in a chunk are packed (see tiled_product), in groups of at most this many
 // bytes, each reused from L2 across every column tile.
 constexpr int64_t kPackedRowsBytes = 256 << 10;
@@ -1289,7 +1292,14 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   // time, one chunk after another (B=32 T=100 H=256, 2 threads: 1.14-1.49 ms, L2 chunks 0.95-1.12).
   // Also where I is no multiple of the width, the last tile's panel zero-padded in its copy (below):
   // char-PTB's fwd+bwd (B=32 T=20 I=H=1000, interleaved) 1.8-2.4% faster than in L1 chunks.
-  const int64_t chunk = (a_depth == 1 ? kL2PanelChunkBytes : kPanelChunkBytes) / (width * int64_t(sizeof(float)));
+  // And where a thread's part of out is too large to stay in the caches between chunks (the weight
+  // gradients at large H: each chunk reads and writes all of out), so that it is read fewer times.
+  // fwd+bwd, interleaved: B=20 T=35 I=H=1500 (word-PTB's layer) 209.9 ms against 224.1 in L1 chunks,
+  // two such layers 406 against 438, B=64 T=20 I=H=2000 612 against 687; char-PTB (8 MB a thread)
+  // level; where out stays in L2 (B=32 T=50 H=512, 2 MB a thread) L2 chunks were 1-2% slower.
+  const bool large_out = n * cols * int64_t(sizeof(float)) > kCachedOutputBytes * fused_region_threads();
+  const int64_t chunk =
+      (a_depth == 1 || large_out ? kL2PanelChunkBytes : kPanelChunkBytes) / (width * int64_t(sizeof(float)));
   // Panel rows further apart than the panel is wide (the weight gradients' h and x rows, H or I floats
   // apart) are copied to be adjacent first, per chunk: a chunk's rows 1 KB apart (H = 256) fell into a
   // quarter of L1's sets, too few ways to keep the chunk there while the row blocks reuse it.
