@@ -1109,6 +1109,29 @@ struct PanelLayout {
   int64_t vector_first_unit(int64_t q, int64_t lanes) const { return gate_rows ? 0 : q * lanes; }
 };
 
+// Sums over a long depth are formed as partial sums, each one FMA chain, added in order: in one chain
+// each, the sums of 4H = 6000 products at H = 1500 (word-PTB's size) erred past the three-way rule
+// against the float32 reference (the input gradient by 3.50e-6 against a bound of 3.19e-6 in the
+// bench's check; tests/test_cpu.py's gradient of h0, from the fused backward's per-step products, by
+// 2.2e-5 against 1.3e-5). The fused loop's products add one every kSumSteps steps (so at H <= 512
+// the forward's stay single chains and the backward's are 2-4 parts), tiled_product one a depth
+// chunk (at most kMaxChunkSteps steps).
+constexpr int64_t kSumSteps = 512;
+constexpr int64_t kMaxChunkSteps = 1024;
+
+// The tile product o (`rows` rows, `vectors` vectors) over `depth` steps: its first kSumSteps steps
+// as o says, each further kSumSteps formed apart and added (TileKernels::product_add).
+inline void product_in_sums(const TileKernels& tiles, int64_t vectors, int64_t rows, const TileOperands& o,
+                            int64_t depth) {
+  tiles.get(vectors, rows)(o, std::min(depth, kSumSteps));
+  for (int64_t k0 = kSumSteps; k0 < depth; k0 += kSumSteps) {
+    TileOperands part = o;
+    part.a += k0 * o.ldk;
+    part.panel += k0 * o.ldp;
+    tiles.get(vectors, rows, /*add=*/true)(part, std::min(kSumSteps, depth - k0));
+  }
+}
+
 // dst[b * row_stride + ...] += a[b] times the panels [first, last), for every row b < batch: the
 // recurrent product's columns of those panels' units. Panels whose units all lie below H are
 // accumulated in place; the last one, past H, through a zero-padded copy. With `start` (one
@@ -1130,14 +1153,14 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
     const int64_t j0 = u * units;
     for (int64_t i = 0; i < blocks.count; ++i) {  // the panel is reused across row blocks (L1 or L2)
       const int64_t b0 = blocks.start(i), rows = blocks.rows(i);
-      const TileProductFn product = tiles.get(part, rows);
       float* out = dst + b0 * row_stride + j0;
       if (j0 + units <= hidden) {
         for (int64_t h = 0; h < split; ++h) {
           const int64_t v0 = h * part;
-          product({a + b0 * lda, lda, 1, panel + v0 * lanes, vectors * lanes, out + v0 * ldc_vector, row_stride,
-                   ldc_vector, start != nullptr ? start + j0 + v0 * ldc_vector : nullptr},
-                  depth);
+          product_in_sums(tiles, part, rows,
+                          {a + b0 * lda, lda, 1, panel + v0 * lanes, vectors * lanes, out + v0 * ldc_vector,
+                           row_stride, ldc_vector, start != nullptr ? start + j0 + v0 * ldc_vector : nullptr},
+                          depth);
         }
         continue;
       }
@@ -1151,8 +1174,10 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
         }
       for (int64_t h = 0; h < split; ++h) {
         const int64_t v0 = h * part;
-        product({a + b0 * lda, lda, 1, panel + v0 * lanes, vectors * lanes, padded + v0 * lanes, vectors * lanes, lanes},
-                depth);
+        product_in_sums(tiles, part, rows,
+                        {a + b0 * lda, lda, 1, panel + v0 * lanes, vectors * lanes, padded + v0 * lanes,
+                         vectors * lanes, lanes},
+                        depth);
       }
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t q = 0; q < vectors; ++q) {
@@ -1204,15 +1229,16 @@ struct GradientRun {
 // all of a thread's row blocks, so the chunk stays in L1 while it is reused.
 constexpr int64_t kPanelChunkBytes = 32 << 10;
 constexpr int64_t kL2PanelChunkBytes = 256 << 10;
-// A thread's part of a tiled_product's output of at most this many bytes is taken to stay in its caches
-// from one depth chunk to the next (see tiled_product).
-constexpr int64_t kCachedOutputBytes = 4 << 20;
+// A tiled_product's output of at most this many bytes is taken to stay in the caches from one depth
+// chunk to the next (see tiled_product; all threads' parts together, so that the chunks, and the
+// sums' bits, do not depend on the thread count).
+constexpr int64_t kCachedOutputBytes = 8 << 20;
 // Where a thread's rows of a in a chunk are packed (see tiled_product), in groups of at most this many
 // bytes, each reused from L2 across every column tile.
 constexpr int64_t kPackedRowsBytes = 256 << 10;
 
 // A depth chunk of a tiled_product: its first step's a and b, its steps, and whether it is the
-// product's first (whose sums start from zeros rather than from out).
+// product's first (whose sums are stored in out rather than added to it).
 struct DepthChunk {
   const float* a;
   const float* b;
@@ -1245,13 +1271,13 @@ inline std::pair<const float*, int64_t> column_tile_panel(const float* panel, in
 }
 
 // One row block's tile (op.c: `rows` rows, `valid` of `width` columns) over a depth chunk: its
-// sums from zeros where `from_zeros`, else added to op.c; a tile narrower than `width` (the last
-// column tile) is formed in tile_copy, zero-padded, and copied back.
+// sums, one chain each from zero, stored in op.c where `from_zeros`, else added to it; a tile
+// narrower than `width` (the last column tile) is formed in tile_copy, zero-padded, and copied back.
 inline void multiply_tile(const TileKernels& tiles, int64_t vectors, int64_t rows, TileOperands op, int64_t depth,
                           int64_t width, int64_t valid, bool from_zeros, float* tile_copy) {
   alignas(64) static const float zero_start[kMaxTileVectors * kMaxTileLanes] = {};
   if (from_zeros) op.start = zero_start;
-  const TileProductFn product = tiles.get(vectors, rows);
+  const TileProductFn product = tiles.get(vectors, rows, /*add=*/!from_zeros);
   if (valid == width) {
     product(op, depth);
     return;
@@ -1269,15 +1295,16 @@ inline void multiply_tile(const TileKernels& tiles, int64_t vectors, int64_t row
 }
 
 // out [N, C] = the sum over the runs' depth steps m, in order, of a[:, m] b[m]^T (an outer
-// product), formed by the tile kernels in parallel over blocks of N (each output one FMA chain: the
-// same bits for any thread count). Weight gradients: a = the pre-activation gradients read as
+// product), formed by the tile kernels in parallel over blocks of N: each output the sum, in order,
+// of one FMA chain per depth chunk (see kSumSteps; the chunks, and so the bits, are the same for any
+// thread count). Weight gradients: a = the pre-activation gradients read as
 // their transpose (a_row 1, a_depth G*H), b = the layer's inputs or previous states; oneDNN forms
 // those from a copy of b transposed, made per call (x^T and h^T: ~0.1-0.3 ms of a B=32 T=50 H=128
 // fwd+bwd), the tile kernels broadcast a's columns, read in place or from a packed copy (below). The
 // input gradient: a = the pre-activation gradients (a_row G*H, a_depth 1), b = W_ih.
 Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& runs, int64_t n, int64_t a_row,
                      int64_t a_depth, int64_t cols, int64_t ldb, int64_t max_vectors = kMaxTileVectors) {
-  // Not zero-filled: each tile's first chunk starts its sums from zeros rather than from out, so
+  // Not zero-filled: each tile's first chunk stores its sums rather than adding them to out, so
   // out is written once, by the thread that owns its rows (a fill first cost 0.47 ms a call for an
   // encoder's [3200, 512] input gradient, written and read back from memory).
   Tensor out = at::empty({n, cols}, at::TensorOptions().dtype(at::kFloat));
@@ -1292,14 +1319,14 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   // time, one chunk after another (B=32 T=100 H=256, 2 threads: 1.14-1.49 ms, L2 chunks 0.95-1.12).
   // Also where I is no multiple of the width, the last tile's panel zero-padded in its copy (below):
   // char-PTB's fwd+bwd (B=32 T=20 I=H=1000, interleaved) 1.8-2.4% faster than in L1 chunks.
-  // And where a thread's part of out is too large to stay in the caches between chunks (the weight
-  // gradients at large H: each chunk reads and writes all of out), so that it is read fewer times.
-  // fwd+bwd, interleaved: B=20 T=35 I=H=1500 (word-PTB's layer) 209.9 ms against 224.1 in L1 chunks,
-  // two such layers 406 against 438, B=64 T=20 I=H=2000 612 against 687; char-PTB (8 MB a thread)
-  // level; where out stays in L2 (B=32 T=50 H=512, 2 MB a thread) L2 chunks were 1-2% slower.
-  const bool large_out = n * cols * int64_t(sizeof(float)) > kCachedOutputBytes * fused_region_threads();
-  const int64_t chunk =
-      (a_depth == 1 || large_out ? kL2PanelChunkBytes : kPanelChunkBytes) / (width * int64_t(sizeof(float)));
+  // And where out is too large to stay in the caches between chunks (the weight gradients at large
+  // H: each chunk reads and writes all of out), so that it is read fewer times. fwd+bwd, interleaved,
+  // 2 threads: B=20 T=35 I=H=1500 (word-PTB's layer) 209.9 ms against 224.1 in L1 chunks, two such
+  // layers 406 against 438, B=64 T=20 I=H=2000 612 against 687; char-PTB (16 MB) level; where out
+  // stays in L2 (B=32 T=50 H=512, 4 MB) L2 chunks were 1-2% slower. At most kMaxChunkSteps steps.
+  const bool large_out = n * cols * int64_t(sizeof(float)) > kCachedOutputBytes;
+  const int64_t chunk_bytes = a_depth == 1 || large_out ? kL2PanelChunkBytes : kPanelChunkBytes;
+  const int64_t chunk = std::min(kMaxChunkSteps, chunk_bytes / (width * int64_t(sizeof(float))));
   // Panel rows further apart than the panel is wide (the weight gradients' h and x rows, H or I floats
   // apart) are copied to be adjacent first, per chunk: a chunk's rows 1 KB apart (H = 256) fell into a
   // quarter of L1's sets, too few ways to keep the chunk there while the row blocks reuse it.

@@ -62,7 +62,9 @@ struct TileOperands {
 };
 
 // c[r][v][l] = (start ? start[v][l] : c[r][v][l]) + the sum over k < depth, in order (one FMA
-// chain), of a[r][k] * panel[k][v][l], for r < rows, v < V, l < lanes.
+// chain), of a[r][k] * panel[k][v][l], for r < rows, v < V, l < lanes. The adding form (TileKernels::
+// product_add) forms the sum from zero and then adds it to c[r][v][l] (`start` unread): a partial sum,
+// so that a long sum is not one chain (see lstm_cpu.cpp's kSumSteps).
 using TileProductFn = void (*)(const TileOperands& o, int64_t depth);
 
 // dst[k * ldd + v] = src[v * lds + k] for v, k < lanes: a square block of a weight turned into
@@ -90,22 +92,34 @@ struct TileKernels {
   // H=512, so never.
   int64_t split_panel_bytes = 0;
   int64_t max_rows[kMaxTileVectors] = {};  // [V - 1]: tile_rows for this register file
-  // product[V - 1][rows - 1]: V = 1..kMaxTileVectors, rows = 1..max_rows[V - 1].
+  // product[V - 1][rows - 1]: V = 1..kMaxTileVectors, rows = 1..max_rows[V - 1]; product_add: the
+  // adding form.
   TileProductFn product[kMaxTileVectors][kMaxTileRows] = {};
-  TileProductFn get(int64_t vectors, int64_t rows) const { return product[vectors - 1][rows - 1]; }
+  TileProductFn product_add[kMaxTileVectors][kMaxTileRows] = {};
+  TileProductFn get(int64_t vectors, int64_t rows, bool add = false) const {
+    return (add ? product_add : product)[vectors - 1][rows - 1];
+  }
 };
 
 #if defined(ZF_X86_PHILOX)
 // One body for both instruction sets; the vector type and intrinsics and the target differ.
-#define ZF_TILE_PRODUCT(NAME, TARGET, V, LANES, REGISTERS, SET1, LOAD, FMA, STORE)                         \
-  template <int kRows, int kVectors>                                                                      \
+// (kAdd, the adding form, is a template argument: a run-time choice between the two starts and ends
+// left GCC keeping the accumulators or the panel vectors on the stack inside the depth loop.)
+#define ZF_TILE_PRODUCT(NAME, TARGET, V, LANES, REGISTERS, SET1, ZERO, LOAD, FMA, ADD, STORE)              \
+  template <int kRows, int kVectors, bool kAdd>                                                           \
   TARGET void NAME(const TileOperands& o, int64_t depth) {                                                \
     constexpr bool kPin = pin_panel(REGISTERS, kRows, kVectors);                                          \
     V acc[kRows][kVectors];                                                                               \
     const float* c0 = o.start != nullptr ? o.start : o.c;                                                 \
     const int64_t ldc0 = o.start != nullptr ? 0 : o.ldc_row;                                              \
     for (int r = 0; r < kRows; ++r)                                                                       \
-      for (int v = 0; v < kVectors; ++v) acc[r][v] = LOAD(c0 + r * ldc0 + v * o.ldc_vector);              \
+      for (int v = 0; v < kVectors; ++v) {                                                                \
+        if constexpr (kAdd) {                                                                             \
+          acc[r][v] = ZERO();                                                                             \
+        } else {                                                                                          \
+          acc[r][v] = LOAD(c0 + r * ldc0 + v * o.ldc_vector);                                             \
+        }                                                                                                 \
+      }                                                                                                   \
     const float* a_k = o.a;                                                                               \
     const float* w_k = o.panel;                                                                           \
     for (int64_t k = 0; k < depth; ++k, a_k += o.ldk, w_k += o.ldp) {                                    \
@@ -120,13 +134,20 @@ struct TileKernels {
       }                                                                                                   \
     }                                                                                                     \
     for (int r = 0; r < kRows; ++r)                                                                       \
-      for (int v = 0; v < kVectors; ++v) STORE(o.c + r * o.ldc_row + v * o.ldc_vector, acc[r][v]);        \
+      for (int v = 0; v < kVectors; ++v) {                                                                \
+        float* c = o.c + r * o.ldc_row + v * o.ldc_vector;                                                \
+        if constexpr (kAdd) {                                                                             \
+          STORE(c, ADD(LOAD(c), acc[r][v]));                                                              \
+        } else {                                                                                          \
+          STORE(c, acc[r][v]);                                                                            \
+        }                                                                                                 \
+      }                                                                                                   \
   }
 
-ZF_TILE_PRODUCT(tile_product_avx512, ZF_TARGET_AVX512, __m512, 16, 32, _mm512_set1_ps, _mm512_loadu_ps,
-                _mm512_fmadd_ps, _mm512_storeu_ps)
-ZF_TILE_PRODUCT(tile_product_avx2, ZF_TARGET_AVX2_FMA, __m256, 8, 16, _mm256_set1_ps, _mm256_loadu_ps,
-                _mm256_fmadd_ps, _mm256_storeu_ps)
+ZF_TILE_PRODUCT(tile_product_avx512, ZF_TARGET_AVX512, __m512, 16, 32, _mm512_set1_ps, _mm512_setzero_ps,
+                _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_storeu_ps)
+ZF_TILE_PRODUCT(tile_product_avx2, ZF_TARGET_AVX2_FMA, __m256, 8, 16, _mm256_set1_ps, _mm256_setzero_ps,
+                _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_add_ps, _mm256_storeu_ps)
 #undef ZF_TILE_PRODUCT
 
 // 16 x 16: pairs of rows interleaved by 1, 2, then 4 and 8 floats (128-bit lanes).
@@ -178,7 +199,8 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
   template <int kVectors, int... kRowsMinus1>                                                       \
   void NAME##_fill(TileKernels& t, std::integer_sequence<int, kRowsMinus1...>) {                    \
     t.max_rows[kVectors - 1] = sizeof...(kRowsMinus1);                                              \
-    ((t.product[kVectors - 1][kRowsMinus1] = &FN<kRowsMinus1 + 1, kVectors>), ...);                 \
+    ((t.product[kVectors - 1][kRowsMinus1] = &FN<kRowsMinus1 + 1, kVectors, false>), ...);          \
+    ((t.product_add[kVectors - 1][kRowsMinus1] = &FN<kRowsMinus1 + 1, kVectors, true>), ...);       \
   }                                                                                                 \
   inline TileKernels NAME() {                                                                       \
     TileKernels t;                                                                                  \
