@@ -7,8 +7,9 @@
 // product is tens of microseconds, and an ATen or oneDNN call around it (dispatch, a fresh output,
 // the accumulation pass, a fork/join of threads) costs as much again; here each thread forms only
 // the columns of its own units, straight into the buffer its element pass reads next, inside one
-// parallel region for the whole sequence. Every output is one FMA chain over the depth in order,
-// so results do not depend on the thread count or the tiling.
+// parallel region for the whole sequence. Every output is one FMA chain over the depth in order, or
+// over a long depth partial sums of fixed spans added in order (lstm_cpu.cpp's kSumSteps), so
+// results do not depend on the thread count.
 #pragma once
 
 #include <cstdint>
