@@ -298,6 +298,8 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
   // The CPU kernels' time loop (zoneout_fused.cpu_isa wraps these).
   m.def("_cpu_loop() -> int");
   m.def("_set_cpu_loop(int loop) -> int");
+  m.def("_cpu_split() -> int");
+  m.def("_set_cpu_split(int split) -> int");
   // Test hook: the bytes of freed forward outputs kept for reuse.
   m.def("_cpu_pooled_bytes() -> int");
   m.def("_cpu_empty_cache() -> ()");
@@ -329,6 +331,8 @@ TORCH_LIBRARY_IMPL(zoneout_fused, CompositeExplicitAutograd, m) {
   m.impl("_set_cpu_gemm", &zoneout_cpu::set_cpu_gemm);
   m.impl("_cpu_loop", &zoneout_cpu::cpu_loop);
   m.impl("_set_cpu_loop", &zoneout_cpu::set_cpu_loop);
+  m.impl("_cpu_split", &zoneout_cpu::cpu_split);
+  m.impl("_set_cpu_split", &zoneout_cpu::set_cpu_split);
   m.impl("_cpu_pooled_bytes", &zoneout_cpu::pooled_bytes);
   m.impl("_cpu_empty_cache", &zoneout_cpu::empty_cache);
 }

@@ -169,21 +169,36 @@ def loop(request):
         yield request.param
 
 
-def run_with_thread_counts(run, counts=(1, 2)) -> list:
-    """run() under each of torch's thread counts, the fused CPU time loop chosen; the thread count
-    is restored after."""
+# The fused CPU loop's layouts of a step's work: (torch threads, how a step is shared between them,
+# zoneout_fused.cpu_isa.CPU_SPLITS). One thread by units is the plain serial loop; two by units meet
+# at a barrier each step; two by rows run their example rows apart; one by rows takes every row.
+LOOP_LAYOUTS = ((1, "units"), (2, "units"), (2, "rows"), (1, "rows"))
+
+
+def run_with_loop_layouts(run, layouts=LOOP_LAYOUTS) -> dict:
+    """{layout: run()} for each layout, the fused CPU time loop chosen; the thread count and the
+    split are restored after. The results must be the same bits whatever the layout."""
     from zoneout_fused import cpu_isa
 
     threads = torch.get_num_threads()
-    results = []
+    results = {}
     try:
-        for count in counts:
+        for count, split in layouts:
             torch.set_num_threads(count)
-            with cpu_isa.use_cpu_loop("fused"):
-                results.append(run())
+            with cpu_isa.use_cpu_loop("fused"), cpu_isa.use_cpu_split(split):
+                results[(count, split)] = run()
     finally:
         torch.set_num_threads(threads)
     return results
+
+
+def assert_same_bits(names, results: dict) -> None:
+    """Every run in `results` ({layout: list of tensors or None, named by `names`}) equals the first,
+    bit for bit."""
+    (first_layout, first), *others = results.items()
+    for layout, result in others:
+        for name, a, b in zip(names, first, result):
+            assert (a is None and b is None) or torch.equal(a, b), (name, first_layout, layout)
 
 
 def pytest_terminal_summary(terminalreporter):

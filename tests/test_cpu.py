@@ -18,7 +18,8 @@ from torch import nn
 import zoneout_fused as zf
 from zoneout_fused import cpu_isa, masks, ops, reference
 from zoneout_fused.testing import assert_all_three_way, three_way_error
-from conftest import assert_close, isa_param, loop_param, reference_mismatch, run_with_thread_counts
+from conftest import (assert_close, assert_same_bits, isa_param, loop_param, reference_mismatch,
+                      run_with_loop_layouts)
 
 # CI always builds the extension: a missing build is a failure, not a skip.
 _UNAVAILABLE = ops.BACKENDS["cpu"].unavailable_reason(torch.device("cpu"))
@@ -162,9 +163,9 @@ def test_packed_gradient_rows_match_reference(isa):
     a padded last column tile (H = 520, I = 5). The same bits on 1 and 2 threads, and the three-way
     rule against the reference."""
     tensors = make_inputs(8, 40, 5, 520, torch.float32)
-    results = run_with_thread_counts(lambda: _flat(run(cpu_layer, tensors, zoneout_cell=0.5, zoneout_hidden=0.05)))
-    for name, one, two in zip(RESULT_NAMES, *results):
-        assert torch.equal(one, two), name
+    results = run_with_loop_layouts(lambda: _flat(run(cpu_layer, tensors, zoneout_cell=0.5, zoneout_hidden=0.05)),
+                                    layouts=((1, "units"), (2, "units")))
+    assert_same_bits(RESULT_NAMES, results)
     with cpu_isa.use_cpu_loop("fused"):
         assert_same_as_reference(tensors, torch.float32, zoneout_cell=0.5, zoneout_hidden=0.05, mask_mode=0)
 
@@ -750,16 +751,20 @@ def test_auto_loop_above_the_forward_limit_matches_reference():
 
 
 @pytest.mark.parametrize("direction", [0, 1])
-def test_fused_loop_is_independent_of_the_thread_count(direction):
-    """Each output of a tile product is one FMA chain over the depth, whichever thread forms it:
-    one and two threads give the same bits (H = 100: a partial tile and a partial backward panel)."""
+@pytest.mark.parametrize("shape, lengths", [((9, 14, 6, 100), None), ((6, 5, 3, 37), [6, 2, 5, 1, 4])], ids=str)
+def test_fused_loop_is_independent_of_the_layout(shape, lengths, direction):
+    """Each output of a tile product is one FMA chain over the depth, whichever thread forms it: one
+    and two threads, a step shared by units or by example rows, give the same bits (H = 100: a
+    partial tile and a partial backward panel; H = 37 with lengths: rows that stop early, and the
+    bias gradient's step sums, which a split by rows forms after the loop)."""
     if not _fused_loop_runs():
         pytest.skip("the fused loop needs the avx2 or avx512 kernels")
-    tensors = make_inputs(9, 14, 6, 100, torch.float32)
-    results = run_with_thread_counts(lambda: _flat(run(cpu_layer, tensors, direction=direction, zoneout_cell=0.5,
-                                                       zoneout_hidden=0.05, recurrent_dropout=0.1)))
-    for name, one, two in zip(RESULT_NAMES, *results):
-        assert torch.equal(one, two), name
+    tensors = make_inputs(*shape, torch.float32)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    results = run_with_loop_layouts(lambda: _flat(run(cpu_layer, tensors, lengths=lengths, direction=direction,
+                                                      zoneout_cell=0.5, zoneout_hidden=0.05,
+                                                      recurrent_dropout=0.1)))
+    assert_same_bits(RESULT_NAMES, results)
 
 
 def test_loop_choice_is_checked_and_restored():
@@ -770,6 +775,23 @@ def test_loop_choice_is_checked_and_restored():
     with cpu_isa.use_cpu_loop("steps"):
         assert cpu_isa.cpu_loop() == "steps"
     assert cpu_isa.cpu_loop() == before
+
+
+def test_split_choice_is_checked_and_restored():
+    before = cpu_isa.cpu_split()
+    assert before == "auto"  # the default
+    with pytest.raises(ValueError, match="split"):
+        cpu_isa.set_cpu_split("columns")
+    with cpu_isa.use_cpu_split("rows"):
+        assert cpu_isa.cpu_split() == "rows"
+    assert cpu_isa.cpu_split() == before
+
+
+def test_split_from_the_environment():
+    code = "from zoneout_fused import cpu_isa; print(cpu_isa.cpu_split())"
+    _assert_setting_from_environment(code, "ZONEOUT_FUSED_CPU_SPLIT",
+                                     {"units": "units", "rows": "rows", "auto": "auto", "": "auto"}, "columns",
+                                     "ZONEOUT_FUSED_CPU_SPLIT must be auto, units or rows")
 
 
 def test_loop_from_the_environment():

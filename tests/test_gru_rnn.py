@@ -15,7 +15,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import zoneout_fused as zf
 from zoneout_fused import masks, ops, reference
-from conftest import assert_close, isa_param, loop_param, reference_mismatch, run_with_thread_counts
+from conftest import (assert_close, assert_same_bits, isa_param, loop_param, reference_mismatch,
+                      run_with_loop_layouts)
 
 REQUIRED = {name for name in os.environ.get("ZONEOUT_FUSED_REQUIRE_BACKENDS", "").split(",") if name}
 CELLS = {"gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
@@ -119,18 +120,20 @@ def test_cpu_float32_lengths_and_no_bias_match_reference(cell, direction, loop):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_cpu_fused_loop_is_independent_of_the_thread_count(cell):
-    """Every output of the fused loop's products is one FMA chain, whichever thread forms it."""
+def test_cpu_fused_loop_is_independent_of_the_layout(cell):
+    """Every output of the fused loop's products is one FMA chain, whichever thread forms it: one and
+    two threads, a step shared by units or by example rows (rows that stop early included)."""
     _backend_or_skip("cpu")
     from zoneout_fused import cpu_isa
 
     if cpu_isa.cpu_isa() == "scalar":
         pytest.skip("the fused loop needs the avx2 or avx512 kernels")
     tensors = make_inputs(cell, 7, 9, 5, 100, torch.float32)
-    results = run_with_thread_counts(lambda: run(ops.BACKENDS["cpu"].gru_rnn_layer, cell, tensors,
-                                                 zoneout_hidden=0.2))
-    for name, one, two in zip(RESULT_NAMES, *results):
-        assert (one is None and two is None) or torch.equal(one, two), name
+    lengths = torch.tensor([7, 3, 7, 1, 5, 6, 2, 7, 4])
+    for lens in (None, lengths):
+        results = run_with_loop_layouts(lambda: run(ops.BACKENDS["cpu"].gru_rnn_layer, cell, tensors, lengths=lens,
+                                                    zoneout_hidden=0.2))
+        assert_same_bits(RESULT_NAMES, results)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 1, 2, 65), (2, 7, 1, 3)], ids=str)

@@ -98,7 +98,7 @@ def use_cpu_gemm(engine: str) -> contextlib.AbstractContextManager:
 
 
 # The time loop of float32 sequences (csrc/cpu/lstm_cpu.h): "fused" (one parallel region for the
-# whole sequence, each thread forming its units' columns of the recurrent product with the
+# whole sequence, each thread forming its part of the recurrent product (see CPU_SPLITS) with the
 # extension's own AVX2/AVX-512 tile kernels straight into its element pass; in backward the weight
 # gradients by the same kernels), "steps" (per step, one oneDNN / ATen product, then a parallel
 # element pass: what float64, the scalar instruction set and single-step calls always run) or
@@ -120,6 +120,29 @@ def set_cpu_loop(loop: str) -> str:
 def use_cpu_loop(loop: str) -> contextlib.AbstractContextManager:
     """Runs the block's CPU sequences with the `loop` time loop, then restores the previous choice."""
     return _using(set_cpu_loop, loop)
+
+
+# How the fused loop shares each step between threads (csrc/cpu/lstm_cpu.h): "units" (each thread
+# forms its units' columns for every example row; a barrier per step), "rows" (each thread runs its own
+# example rows through every step, every unit; no barrier, but each thread reads all of the weights
+# each step) or "auto" (the default: rows where the weights are small beside a thread's rows). The
+# results are the same bits either way. The environment variable ZONEOUT_FUSED_CPU_SPLIT (auto, units,
+# rows) is read at first use.
+CPU_SPLITS = ("units", "rows", "auto")
+
+
+def cpu_split() -> str:
+    return CPU_SPLITS[_ops()._cpu_split()]
+
+
+def set_cpu_split(split: str) -> str:
+    """Makes the fused loop share its steps between threads by `split`; returns the previous choice."""
+    return CPU_SPLITS[_ops()._set_cpu_split(_code("split", CPU_SPLITS, split))]
+
+
+def use_cpu_split(split: str) -> contextlib.AbstractContextManager:
+    """Runs the block's fused loops with `split`, then restores the previous choice."""
+    return _using(set_cpu_split, split)
 
 
 def empty_cache() -> None:

@@ -8,7 +8,8 @@
 // passes (zoneout_lstm.h), never stored. Two time loops (lstm_cpu.h, cpu_loop): "steps" forms each
 // step's product through oneDNN / ATen and runs the element pass with at::parallel_for; "fused"
 // (float32) runs the whole sequence in one parallel region, each thread forming its own units'
-// columns with the tile kernels (recurrent_tiles.h) and passing one barrier per step; its loops
+// columns with the tile kernels (recurrent_tiles.h) and passing one barrier per step, or running its
+// own example rows through every step with no barrier (LoopSplit); its loops
 // (fused_forward_loop / fused_backward_loop) serve the LSTM, the GRU and the RNN. There the LSTM's
 // step forms its input part too, just before the recurrent one (the same FMA chains as a
 // projection of all steps, without writing [T, B, 4H] out and reading it back).
@@ -963,13 +964,15 @@ void backward_pointwise(const scalar_t* grad_y_t, const scalar_t* gates_t, const
 
 // ---------------------------------------------------------------------------------------
 // The fused time loop (float32, avx2 / avx512): one parallel region for the whole sequence.
-// Each thread owns a range of units, in tiles of one vector of units; per step it forms the
-// recurrent product's columns of its units (recurrent_tiles.h, from a weight packed once per
-// call) straight into the buffer its element pass then reads, so a step costs one barrier
+// Split by units, each thread owns a range of units, in tiles of one vector of units; per step it
+// forms the recurrent product's columns of its units (recurrent_tiles.h, from a weight packed once
+// per call) straight into the buffer its element pass then reads, so a step costs one barrier
 // instead of an ATen/oneDNN call, an accumulation pass and two fork/joins. Forward, step t:
 // products (read all of h_{t-1}) -> element pass (writes the thread's units of h_t) -> barrier.
 // Backward, step t: element pass (writes the thread's units of d_pre_t) -> barrier -> products
 // (read all of d_pre_t, write the thread's units of dh); the next element pass reads only those.
+// Split by rows, each thread takes the same steps for its example rows and every unit, and reads
+// and writes only its rows: no barrier (LoopSplit, loop_split).
 // ---------------------------------------------------------------------------------------
 const TileKernels& tile_kernels(int64_t isa) {
 #if defined(ZF_X86_PHILOX)
@@ -1096,6 +1099,66 @@ inline void step_barrier() {
 #if defined(_OPENMP)
 #pragma omp barrier
 #endif
+}
+
+// What one thread of a fused time loop owns of the [B, H] state: rows [b0, b1) x units [j0, j1), the
+// units being tiles [first, last) of the loop's panels (`units` units each).
+struct LoopPart {
+  int64_t b0, b1, j0, j1, first, last;
+  int64_t rows() const { return b1 - b0; }
+};
+
+// How a fused time loop shares a step between threads (lstm_cpu.h, kSplit*). By units: each thread
+// forms its units' columns for every example row, and a barrier per step makes h_t (or the step's
+// gradients) whole before any thread's next products read it. By rows: each thread runs its own
+// example rows through every step, all units; rows never meet inside a recurrence, so there is no
+// barrier and nothing crosses cores, but each thread reads every panel each step. Either way each
+// output is the same FMA chains, so the bits do not depend on the split.
+enum class LoopSplit { kUnits, kRows };
+
+int64_t split_from_environment() {
+  const char* value = std::getenv("ZONEOUT_FUSED_CPU_SPLIT");
+  const std::string name = value == nullptr ? "auto" : value;
+  if (name == "units") return kSplitUnits;
+  if (name == "rows") return kSplitRows;
+  TORCH_CHECK(name == "auto" || name.empty(), "ZONEOUT_FUSED_CPU_SPLIT must be auto, units or rows, got ", name);
+  return kSplitAuto;
+}
+
+std::atomic<int64_t> active_split{-1};  // -1: not read from the environment yet
+
+int64_t split_choice() { return lazy_setting(active_split, split_from_environment); }
+
+// "auto" splits by rows where the loop's panels (`panel_bytes`, all of them) come to at most
+// TileKernels::row_split_bytes per row of a thread, and each thread has at least 2 rows; one thread
+// runs by units (no barrier to save, and the backward's bias sums stay inside its loop). 2 threads,
+// B=32 T=50 I=64, interleaved with nn.LSTM, ratios to it by rows / by units, fwd+bwd: AVX-512 H=64
+// 1.21-1.22 / 1.08-1.15, H=512 0.98-0.99 / 0.96-0.97; B=64 T=50 I=32 H=128 fwd 0.93-0.95 / 0.89-0.91,
+// B=32 T=100 I=64 H=256 fwd+bwd 1.00-1.02 / 0.98-0.99; AVX2 B=32 T=50 H=128 1.05-1.07 / 0.91 and
+// B=32 T=100 H=256 0.95-0.99 / 0.90-0.97. Where a thread has few rows for large panels the split by
+// units is faster: AVX-512 B=12 T=50 H=512 fwd+bwd 11.2-11.6 ms against 11.8, B=20 T=35 I=H=1500 3%,
+// B=4 H=256 1.22 against 1.73; AVX2 (whose 4-vector tiles hold 3 rows, so the panels are read twice
+// as often) B=32 T=100 H=256 forward 2-4%, hence its lower bound.
+LoopSplit loop_split(const TileKernels& tiles, int64_t batch, int64_t panel_bytes) {
+  const int64_t choice = split_choice();
+  if (choice != kSplitAuto) return choice == kSplitRows ? LoopSplit::kRows : LoopSplit::kUnits;
+  const int64_t threads = fused_region_threads(), rows = batch / threads;
+  return threads > 1 && rows >= 2 && panel_bytes <= rows * tiles.row_split_bytes ? LoopSplit::kRows
+                                                                                 : LoopSplit::kUnits;
+}
+
+// Runs body(part) on each thread of one parallel region: the `tiles` tiles of `units` units split
+// evenly by units, or the `batch` rows by rows. Only a split by units may call step_barrier().
+template <typename Body>
+void fused_loop_region(LoopSplit split, int64_t batch, int64_t hidden, int64_t units, const Body& body) {
+  const int64_t tiles = (hidden + units - 1) / units;
+  if (split == LoopSplit::kRows) {
+    fused_region(batch, [&](int64_t b0, int64_t b1) { body(LoopPart{b0, b1, 0, hidden, 0, tiles}); });
+    return;
+  }
+  fused_region(tiles, [&](int64_t first, int64_t last) {
+    body(LoopPart{0, batch, std::min(hidden, first * units), std::min(hidden, last * units), first, last});
+  });
 }
 
 // How the V vectors of a panel's columns map to a row of the products' destination: the forward
@@ -1453,12 +1516,12 @@ Tensor input_gradient(const TileKernels* tiles, const Tensor& d_in, const Tensor
 // projection, the activations saved for backward), fetched while this step's products run. A
 // thread's runs are short (its units of each row), so the hardware prefetchers miss them: before,
 // backward's element pass stalled on its first loads of each row.
-inline void prefetch_units(const float* base, int64_t rows, int64_t row_stride, int64_t blocks, int64_t hidden,
-                           int64_t j0, int64_t j1) {
+inline void prefetch_units(const float* base, const LoopPart& part, int64_t row_stride, int64_t blocks,
+                           int64_t hidden) {
   constexpr int64_t kLine = 64 / sizeof(float);
-  for (int64_t b = 0; b < rows; ++b)
+  for (int64_t b = part.b0; b < part.b1; ++b)
     for (int64_t q = 0; q < blocks; ++q)
-      for (int64_t j = j0; j < j1; j += kLine) __builtin_prefetch(base + b * row_stride + q * hidden + j);
+      for (int64_t j = part.j0; j < part.j1; j += kLine) __builtin_prefetch(base + b * row_stride + q * hidden + j);
 }
 
 // The input part x_t W_ih^T + bias of a step, formed in the fused loop just before the recurrent
@@ -1471,16 +1534,18 @@ struct StepInput {
   const float* bias;  // [G*H] or null
 };
 
-// The fused forward of a recurrent cell with G gate rows: per step, the thread's units' columns of
-// h_{t-1} W_hh^T added to destination(s, t) (rows `row_stride` apart: the input projection, or b_hh;
-// with `input`, whatever it holds is replaced by the step's input part first), then
-// element(t, h_prev, j0, j1) on the thread's units [j0, j1), then one barrier (h_t complete before
+// The fused forward of a recurrent cell with G gate rows: per step, the thread's part (rows x units)
+// of h_{t-1} W_hh^T added to destination(s, t, part) (rows `row_stride` apart: the input projection, or
+// b_hh; with `input`, whatever it holds is replaced by the step's input part first), then
+// element(s, t, h_prev, part) on the same part; split by units, then one barrier (h_t complete before
 // any thread's next products read it).
 template <typename Destination, typename Element>
 void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t gate_rows, int64_t steps,
                         const ZoneoutParams& p, const float* h0, const float* y, int64_t row_stride,
                         const Destination& destination, const Element& element, const StepInput* input = nullptr) {
   const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden, lanes = tiles.lanes;
+  const int64_t depth = hidden + (input != nullptr ? input->w_ih->size(1) : 0);
+  const LoopSplit split = loop_split(tiles, batch, gate_rows * hidden * depth * int64_t(sizeof(float)));
   const Tensor panels = forward_panels(w_hh, gate_rows, tiles);
   const float* panels_p = panels.data_ptr<float>();
   const Tensor input_panels = input != nullptr ? forward_panels(*input->w_ih, gate_rows, tiles, kScratchInputPanels)
@@ -1490,18 +1555,19 @@ void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t ga
   std::vector<float> zeros;
   const float* start = input != nullptr ? bias_or_zeros(input->bias, gate_rows * hidden, zeros) : nullptr;
   const PanelLayout layout{gate_rows, true};
-  fused_region((hidden + lanes - 1) / lanes, [&](int64_t first, int64_t last) {
-    const int64_t j0 = std::min(hidden, first * lanes), j1 = std::min(hidden, last * lanes);
+  fused_loop_region(split, batch, hidden, lanes, [&](const LoopPart& part) {
+    const int64_t b0 = part.b0;
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = step_position(s, steps, p.direction);
       const float* hp = s == 0 ? h0 : y + step_position(s - 1, steps, p.direction) * state;
-      float* dst = destination(s, t, j0, j1);
+      float* dst = destination(s, t, part) + b0 * row_stride;
       if (input != nullptr)  // the step's input part first: the same FMA chain as a projection of all steps
-        tile_products(tiles, input->x + t * batch * input_size, input_size, input_size, input_panels_p, first, last,
-                      layout, hidden, batch, dst, row_stride, start);
-      tile_products(tiles, hp, hidden, hidden, panels_p, first, last, layout, hidden, batch, dst, row_stride);
-      if (j0 < j1) element(s, t, hp, j0, j1);
-      step_barrier();
+        tile_products(tiles, input->x + (t * batch + b0) * input_size, input_size, input_size, input_panels_p,
+                      part.first, part.last, layout, hidden, part.rows(), dst, row_stride, start);
+      tile_products(tiles, hp + b0 * hidden, hidden, hidden, panels_p, part.first, part.last, layout, hidden,
+                    part.rows(), dst, row_stride);
+      if (part.j0 < part.j1) element(s, t, hp, part);
+      if (split == LoopSplit::kUnits) step_barrier();
     }
   });
 }
@@ -1545,26 +1611,31 @@ Tensor input_projection(const TileKernels* tiles, const Tensor& x, const Tensor&
 // FMA, so the products were bound by loads.
 constexpr int64_t kBackwardPanelVectors = 2;
 
-// The fused backward of a recurrent cell: per processed step, last first, element(s, t, j0, j1) on
-// the thread's units (it writes their gradients of h_{t-1} W_hh^T's pre-activations into
-// d_rec(t), rows `row_stride` apart, and leaves in dh the direct part of the gradient reaching
-// h_{t-1}), one barrier (d_rec(t) complete), then dh[:, thread's units] += d_rec(t) W_hh.
+// The split of a fused backward loop, whose panels are W_hh's.
+LoopSplit backward_split(const TileKernels& tiles, int64_t batch, const Tensor& w_hh) {
+  return loop_split(tiles, batch, w_hh.numel() * int64_t(sizeof(float)));
+}
+
+// The fused backward of a recurrent cell: per processed step, last first, element(s, t, part) on the
+// thread's part (it writes its gradients of h_{t-1} W_hh^T's pre-activations into d_rec(t), rows
+// `row_stride` apart, and leaves in dh the direct part of the gradient reaching h_{t-1}); split by
+// units one barrier (d_rec(t) complete); then dh[part] += d_rec(t)[part's rows] W_hh[:, part's units].
 template <typename Gradients, typename Element>
 void fused_backward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t steps, const ZoneoutParams& p,
-                         float* dh, int64_t row_stride, const Gradients& d_rec, const Element& element) {
+                         LoopSplit split, float* dh, int64_t row_stride, const Gradients& d_rec,
+                         const Element& element) {
   const int64_t batch = p.batch, hidden = p.hidden, lanes = tiles.lanes;
   const PanelLayout layout{kBackwardPanelVectors, false};
   const int64_t units = layout.units(lanes);
   const Tensor panels = backward_panels(w_hh, units);
   const float* panels_p = panels.data_ptr<float>();
-  fused_region((hidden + units - 1) / units, [&](int64_t first, int64_t last) {
-    const int64_t j0 = std::min(hidden, first * units), j1 = std::min(hidden, last * units);
+  fused_loop_region(split, batch, hidden, units, [&](const LoopPart& part) {
     for (int64_t s = steps - 1; s >= 0; --s) {
       const int64_t t = step_position(s, steps, p.direction);
-      if (j0 < j1) element(s, t, j0, j1);
-      step_barrier();
-      tile_products(tiles, d_rec(t), row_stride, row_stride, panels_p, first, last, layout, hidden, batch, dh,
-                    hidden);
+      if (part.j0 < part.j1) element(s, t, part);
+      if (split == LoopSplit::kUnits) step_barrier();
+      tile_products(tiles, d_rec(t) + part.b0 * row_stride, row_stride, row_stride, panels_p, part.first, part.last,
+                    layout, hidden, part.rows(), dh + part.b0 * hidden, hidden);
     }
   });
 }
@@ -1576,13 +1647,14 @@ void fused_forward(const TileKernels& tiles, float* gates, float* y, float* c_se
   const auto row = kernels.f32.lstm_forward;
   fused_forward_loop(
       tiles, w_hh, 4, steps, p, h0, y, 4 * hidden,
-      [&](int64_t, int64_t t, int64_t, int64_t) { return gates + t * 4 * state; },
-      [&](int64_t s, int64_t t, const float* hp, int64_t j0, int64_t j1) {
+      [&](int64_t, int64_t t, const LoopPart&) { return gates + t * 4 * state; },
+      [&](int64_t s, int64_t t, const float* hp, const LoopPart& part) {
+        const int64_t j0 = part.j0, j1 = part.j1;
         const float* cp = s == 0 ? c0 : c_seq + step_position(s - 1, steps, p.direction) * state;
         float* g_t = gates + t * 4 * state;
         float* y_t = y + t * state;
         float* c_t = c_seq + t * state;
-        for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t b = part.b0; b < part.b1; ++b) {
           const int64_t bh = b * hidden;
           if (zoneout::step_active(t, lengths, b)) {
             row(g_t + 4 * bh, hp + bh, cp + bh, y_t + bh, c_t + bh, t, b, j0, j1, p);
@@ -1601,21 +1673,33 @@ void fused_forward(const TileKernels& tiles, float* gates, float* y, float* c_se
 // memory again: 0.34 ms of a 12 ms backward at B=32 T=100 H=256, 2 threads); per unit in one order
 // whatever the thread count. Each step's rows are summed apart first, then added: one chain over all
 // T*B rows lost too much (B=32 T=100 H=256: 12-14x the float32 reference's error, past the bench's
-// three-way check; a chain of B, then one of T: 1.8-3.4x over 5 seeds).
+// three-way check; a chain of B, then one of T: 1.8-3.4x over 5 seeds). Split by rows no thread has a
+// step's every row, so there the same sums are formed after the loop, in the same order.
 void fused_backward(const TileKernels& tiles, const float* grad_y, const float* gates, const float* c_seq,
                     const float* c0, float* dh, float* dc, float* d_pre, float* grad_bias, const Tensor& w_hh,
                     const int64_t* lengths, int64_t steps, const ZoneoutParams& p, const CpuKernels& kernels) {
   const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden;
   const auto row = kernels.f32.lstm_backward;
   std::vector<float> step_sums(4 * hidden);  // each thread its units' columns
+  const LoopSplit split = backward_split(tiles, batch, w_hh);
+  // grad_bias's part from the step's d_pre, units [j0, j1): its rows summed apart, then added.
+  const auto add_step_sums = [&](const float* dp_t, int64_t j0, int64_t j1) {
+    for (int64_t q = 0; q < 4; ++q) {
+      float* sums = step_sums.data() + q * hidden;
+      std::fill(sums + j0, sums + j1, 0.0f);
+      add_column_sums(tiles, dp_t + q * hidden, batch, 4 * hidden, j0, j1, sums);
+      for (int64_t j = j0; j < j1; ++j) grad_bias[q * hidden + j] += sums[j];
+    }
+  };
   fused_backward_loop(
-      tiles, w_hh, steps, p, dh, 4 * hidden, [&](int64_t t) { return d_pre + t * 4 * state; },
-      [&](int64_t s, int64_t t, int64_t j0, int64_t j1) {
+      tiles, w_hh, steps, p, split, dh, 4 * hidden, [&](int64_t t) { return d_pre + t * 4 * state; },
+      [&](int64_t s, int64_t t, const LoopPart& part) {
+        const int64_t j0 = part.j0, j1 = part.j1;
         const float* cp = s == 0 ? c0 : c_seq + step_position(s - 1, steps, p.direction) * state;
         const float* gy_t = grad_y + t * state;
         const float* g_t = gates + t * 4 * state;
         float* dp_t = d_pre + t * 4 * state;
-        for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t b = part.b0; b < part.b1; ++b) {
           const int64_t bh = b * hidden;
           if (zoneout::step_active(t, lengths, b)) {
             row(g_t + 4 * bh, gy_t + bh, cp + bh, dh + bh, dc + bh, dp_t + 4 * bh, t, b, j0, j1, p);
@@ -1624,20 +1708,23 @@ void fused_backward(const TileKernels& tiles, const float* grad_y, const float* 
             zero_columns(dp_t + 4 * bh, 4, hidden, j0, j1);
           }
         }
-        for (int64_t q = 0; q < 4; ++q) {
-          float* sums = step_sums.data() + q * hidden;
-          std::fill(sums + j0, sums + j1, 0.0f);
-          add_column_sums(tiles, dp_t + q * hidden, batch, 4 * hidden, j0, j1, sums);
-          for (int64_t j = j0; j < j1; ++j) grad_bias[q * hidden + j] += sums[j];
-        }
+        if (split == LoopSplit::kUnits) add_step_sums(dp_t, j0, j1);
         if (s > 0) {  // what the next element pass reads, fetched during the barrier and the products
           const int64_t t_next = step_position(s - 1, steps, p.direction);
-          prefetch_units(gates + t_next * 4 * state, batch, 4 * hidden, 4, hidden, j0, j1);
-          prefetch_units(grad_y + t_next * state, batch, hidden, 1, hidden, j0, j1);
-          if (s > 1)
-            prefetch_units(c_seq + step_position(s - 2, steps, p.direction) * state, batch, hidden, 1, hidden, j0, j1);
+          prefetch_units(gates + t_next * 4 * state, part, 4 * hidden, 4, hidden);
+          prefetch_units(grad_y + t_next * state, part, hidden, 1, hidden);
+          if (s > 1) prefetch_units(c_seq + step_position(s - 2, steps, p.direction) * state, part, hidden, 1, hidden);
         }
       });
+  if (split == LoopSplit::kRows) {  // no thread had a step's every row: the same sums, after the loop
+    const int64_t lanes = tiles.lanes, vectors = (hidden + lanes - 1) / lanes;
+    at::parallel_for(0, vectors, 1, [&](int64_t first, int64_t last) {
+      const int64_t j0 = first * lanes, j1 = std::min(hidden, last * lanes);
+      for (int64_t s = steps - 1; s >= 0; --s) {
+        add_step_sums(d_pre + step_position(s, steps, p.direction) * 4 * state, j0, j1);
+      }
+    });
+  }
 }
 
 // The GRU's and the RNN's fused loops (their per-step paths: gru_rnn_layer_forward/_backward).
@@ -1658,24 +1745,25 @@ void fused_gru_rnn_forward(const TileKernels& tiles, int64_t cell, const float* 
   const auto rnn_row = row.rnn_forward[cell == zoneout::kRnnRelu ? 1 : 0];
   fused_forward_loop(
       tiles, w_hh, gate_rows, steps, p, h0, y, rows,
-      [&](int64_t, int64_t t, int64_t j0, int64_t j1) {
+      [&](int64_t, int64_t t, const LoopPart& part) {
         if (!gru) return gates + t * state;  // the RNN's products add to its pre-activations
-        for (int64_t b = 0; b < batch; ++b)
+        for (int64_t b = part.b0; b < part.b1; ++b)
           for (int64_t q = 0; q < gate_rows; ++q) {
             float* dst = hh + b * rows + q * hidden;
             if (bias != nullptr) {
-              std::copy(bias + q * hidden + j0, bias + q * hidden + j1, dst + j0);
+              std::copy(bias + q * hidden + part.j0, bias + q * hidden + part.j1, dst + part.j0);
             } else {
-              std::fill(dst + j0, dst + j1, 0.0f);
+              std::fill(dst + part.j0, dst + part.j1, 0.0f);
             }
           }
         return hh;
       },
-      [&](int64_t, int64_t t, const float* hp, int64_t j0, int64_t j1) {
+      [&](int64_t, int64_t t, const float* hp, const LoopPart& part) {
+        const int64_t j0 = part.j0, j1 = part.j1;
         float* y_t = y + t * state;
         float* g_t = gates + t * batch * saved;
         const float* xp_t = x_proj + t * batch * rows;
-        for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t b = part.b0; b < part.b1; ++b) {
           const int64_t bh = b * hidden;
           if (!zoneout::step_active(t, lengths, b)) {
             copy_row(y_t + bh, hp + bh, j0, j1);
@@ -1700,14 +1788,16 @@ void fused_gru_rnn_backward(const TileKernels& tiles, int64_t cell, const float*
   const auto& row = kernels.f32;
   const auto rnn_row = row.rnn_backward[cell == zoneout::kRnnRelu ? 1 : 0];
   fused_backward_loop(
-      tiles, w_hh, steps, p, dh, rows, [&](int64_t t) { return d_h + t * batch * rows; },
-      [&](int64_t s, int64_t t, int64_t j0, int64_t j1) {
+      tiles, w_hh, steps, p, backward_split(tiles, batch, w_hh), dh, rows,
+      [&](int64_t t) { return d_h + t * batch * rows; },
+      [&](int64_t s, int64_t t, const LoopPart& part) {
+        const int64_t j0 = part.j0, j1 = part.j1;
         const float* hp = s == 0 ? h0 : y + step_position(s - 1, steps, p.direction) * state;
         const float* gy_t = grad_y + t * state;
         const float* g_t = gates + t * batch * saved;
         float* dx_t = d_x + t * batch * rows;
         float* dhh_t = d_h + t * batch * rows;
-        for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t b = part.b0; b < part.b1; ++b) {
           const int64_t bh = b * hidden;
           if (!zoneout::step_active(t, lengths, b)) {
             add_row(dh + bh, gy_t + bh, j0, j1);
@@ -1745,6 +1835,16 @@ int64_t set_cpu_isa(int64_t isa) {
 }
 
 int64_t cpu_loop() { return loop_choice(); }
+
+int64_t cpu_split() { return split_choice(); }
+
+int64_t set_cpu_split(int64_t split) {
+  TORCH_CHECK(split == kSplitUnits || split == kSplitRows || split == kSplitAuto,
+              "split must be 0 (units), 1 (rows) or 2 (auto), got ", split);
+  const int64_t previous = split_choice();
+  active_split.store(split);
+  return previous;
+}
 
 int64_t set_cpu_loop(int64_t loop) {
   TORCH_CHECK(loop == kLoopSteps || loop == kLoopFused || loop == kLoopAuto,

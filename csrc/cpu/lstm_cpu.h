@@ -60,6 +60,16 @@ int64_t cpu_loop();
 // Makes `loop` the active one; returns the previous one.
 int64_t set_cpu_loop(int64_t loop);
 
+// How the fused loop shares each step between threads: "units" (each thread its units' columns of
+// every example row, a barrier a step), "rows" (each thread its example rows, every unit, no barrier)
+// or "auto" (the default: rows where the weights' panels are small beside a thread's rows; lstm_cpu.cpp,
+// loop_split). The results are the same bits either way. ZONEOUT_FUSED_CPU_SPLIT = auto | units | rows,
+// or set_cpu_split.
+constexpr int64_t kSplitUnits = 0, kSplitRows = 1, kSplitAuto = 2;
+int64_t cpu_split();
+// Makes `split` the active one; returns the previous one.
+int64_t set_cpu_split(int64_t split);
+
 // Test hook: the bytes of freed forward outputs the CPU kernels keep for reuse (pooled_empty).
 int64_t pooled_bytes();
 // Frees what the kernels keep between calls: the pooled forward outputs and the calling thread's

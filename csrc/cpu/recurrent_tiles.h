@@ -6,10 +6,10 @@
 // Why our own products: at a sequence layer's per-step shapes (e.g. [32,128]x[128,512]) the
 // product is tens of microseconds, and an ATen or oneDNN call around it (dispatch, a fresh output,
 // the accumulation pass, a fork/join of threads) costs as much again; here each thread forms only
-// the columns of its own units, straight into the buffer its element pass reads next, inside one
-// parallel region for the whole sequence. Every output is one FMA chain over the depth in order, or
-// over a long depth partial sums of fixed spans added in order (lstm_cpu.cpp's kSumSteps), so
-// results do not depend on the thread count.
+// its part (its units' columns, or its example rows), straight into the buffer its element pass reads
+// next, inside one parallel region for the whole sequence. Every output is one FMA chain over the
+// depth in order, or over a long depth partial sums of fixed spans added in order (lstm_cpu.cpp's
+// kSumSteps), so results do not depend on the thread count or the part.
 #pragma once
 
 #include <cstdint>
@@ -92,6 +92,9 @@ struct TileKernels {
   // at H=256 (64 KB) and below no faster. AVX2 (6-row half tiles): 19.7-19.8 against 19.0-19.3 at
   // H=512, so never.
   int64_t split_panel_bytes = 0;
+  // A fused time loop splits a step between threads by example rows rather than by units (lstm_cpu.cpp,
+  // LoopSplit) where its panels come to at most this many bytes per row of a thread.
+  int64_t row_split_bytes = 0;
   int64_t max_rows[kMaxTileVectors] = {};  // [V - 1]: tile_rows for this register file
   // product[V - 1][rows - 1]: V = 1..kMaxTileVectors, rows = 1..max_rows[V - 1]; product_add: the
   // adding form.
@@ -196,7 +199,8 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
 }
 
 // The table of one instruction set's instantiations.
-#define ZF_TILE_TABLE(NAME, FN, TRANSPOSE, PACK_ROWS_BYTES, INPUT_GRADIENT_VECTORS, SPLIT_PANEL_BYTES, LANES, REGISTERS) \
+#define ZF_TILE_TABLE(NAME, FN, TRANSPOSE, PACK_ROWS_BYTES, INPUT_GRADIENT_VECTORS, SPLIT_PANEL_BYTES,    \
+                      ROW_SPLIT_BYTES, LANES, REGISTERS)                                                \
   template <int kVectors, int... kRowsMinus1>                                                       \
   void NAME##_fill(TileKernels& t, std::integer_sequence<int, kRowsMinus1...>) {                    \
     t.max_rows[kVectors - 1] = sizeof...(kRowsMinus1);                                              \
@@ -210,14 +214,15 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
     t.pack_rows_bytes = PACK_ROWS_BYTES;                                                            \
     t.input_gradient_vectors = INPUT_GRADIENT_VECTORS;                                              \
     t.split_panel_bytes = SPLIT_PANEL_BYTES;                                                        \
+    t.row_split_bytes = ROW_SPLIT_BYTES;                                                            \
     NAME##_fill<1>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 1)>());                  \
     NAME##_fill<2>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 2)>());                  \
     NAME##_fill<3>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 3)>());                  \
     NAME##_fill<4>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 4)>());                  \
     return t;                                                                                       \
   }
-ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, 512 << 10, 4, 128 << 10, 16, 32)
-ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, 256 << 10, 2, 0, 8, 16)
+ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, 512 << 10, 4, 128 << 10, 192 << 10, 16, 32)
+ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, 256 << 10, 2, 0, 64 << 10, 8, 16)
 #undef ZF_TILE_TABLE
 #endif
 
