@@ -751,12 +751,12 @@ def test_auto_loop_above_the_forward_limit_matches_reference():
 
 
 @pytest.mark.parametrize("direction", [0, 1])
-@pytest.mark.parametrize("shape, lengths", [((9, 14, 6, 100), None), ((6, 5, 3, 37), [6, 2, 5, 1, 4])], ids=str)
+@pytest.mark.parametrize("shape, lengths", [((9, 20, 6, 100), None), ((6, 5, 3, 37), [6, 2, 5, 1, 4])], ids=str)
 def test_fused_loop_is_independent_of_the_layout(shape, lengths, direction):
     """Each output of a tile product is one FMA chain over the depth, whichever thread forms it: one
     and two threads, a step shared by units or by example rows, give the same bits (H = 100: a
-    partial tile and a partial backward panel; H = 37 with lengths: rows that stop early, and the
-    bias gradient's step sums, which a split by rows forms after the loop)."""
+    partial tile and a partial backward panel; the bias gradient's step sums, which a split by rows
+    forms after the loop; H = 37 with lengths: rows that stop early)."""
     if not _fused_loop_runs():
         pytest.skip("the fused loop needs the avx2 or avx512 kernels")
     tensors = make_inputs(*shape, torch.float32)
