@@ -767,38 +767,32 @@ def test_fused_loop_is_independent_of_the_layout(shape, lengths, direction):
     assert_same_bits(RESULT_NAMES, results)
 
 
-def test_loop_choice_is_checked_and_restored():
-    before = cpu_isa.cpu_loop()
+# The named settings of the fused loop (csrc/cpu/setting.h, NamedSetting): (name, its choices, an
+# invalid one, its environment variable).
+NAMED_SETTINGS = [("loop", cpu_isa.CPU_LOOPS, "unrolled", "ZONEOUT_FUSED_CPU_LOOP"),
+                  ("split", cpu_isa.CPU_SPLITS, "columns", "ZONEOUT_FUSED_CPU_SPLIT")]
+
+
+@pytest.mark.parametrize("name, choices, invalid, variable", NAMED_SETTINGS, ids=[s[0] for s in NAMED_SETTINGS])
+def test_named_setting_is_checked_and_restored(name, choices, invalid, variable):
+    get, set_, use = (getattr(cpu_isa, f"{verb}cpu_{name}") for verb in ("", "set_", "use_"))
+    before = get()
     assert before == "auto"  # the default
-    with pytest.raises(ValueError, match="loop"):
-        cpu_isa.set_cpu_loop("unrolled")
-    with cpu_isa.use_cpu_loop("steps"):
-        assert cpu_isa.cpu_loop() == "steps"
-    assert cpu_isa.cpu_loop() == before
+    with pytest.raises(ValueError, match=name):
+        set_(invalid)
+    with pytest.raises(RuntimeError, match=f"{name} must be one of 0 \\({choices[0]}\\)"):
+        getattr(torch.ops.zoneout_fused, f"_set_cpu_{name}")(len(choices))  # past the extension's own check
+    for choice in choices:
+        with use(choice):
+            assert get() == choice
+        assert get() == before
 
 
-def test_split_choice_is_checked_and_restored():
-    before = cpu_isa.cpu_split()
-    assert before == "auto"  # the default
-    with pytest.raises(ValueError, match="split"):
-        cpu_isa.set_cpu_split("columns")
-    with cpu_isa.use_cpu_split("rows"):
-        assert cpu_isa.cpu_split() == "rows"
-    assert cpu_isa.cpu_split() == before
-
-
-def test_split_from_the_environment():
-    code = "from zoneout_fused import cpu_isa; print(cpu_isa.cpu_split())"
-    _assert_setting_from_environment(code, "ZONEOUT_FUSED_CPU_SPLIT",
-                                     {"units": "units", "rows": "rows", "auto": "auto", "": "auto"}, "columns",
-                                     "ZONEOUT_FUSED_CPU_SPLIT must be auto, units or rows")
-
-
-def test_loop_from_the_environment():
-    code = "from zoneout_fused import cpu_isa; print(cpu_isa.cpu_loop())"
-    _assert_setting_from_environment(code, "ZONEOUT_FUSED_CPU_LOOP",
-                                     {"steps": "steps", "auto": "auto", "fused": "fused", "": "auto"}, "unrolled",
-                                     "ZONEOUT_FUSED_CPU_LOOP must be auto, fused or steps")
+@pytest.mark.parametrize("name, choices, invalid, variable", NAMED_SETTINGS, ids=[s[0] for s in NAMED_SETTINGS])
+def test_named_setting_from_the_environment(name, choices, invalid, variable):
+    code = f"from zoneout_fused import cpu_isa; print(cpu_isa.cpu_{name}())"
+    _assert_setting_from_environment(code, variable, {**{choice: choice for choice in choices}, "": "auto"}, invalid,
+                                     f"{variable} must be one of {', '.join(choices)}")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

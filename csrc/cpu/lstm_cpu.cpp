@@ -984,18 +984,9 @@ const TileKernels& tile_kernels(int64_t isa) {
   return none;
 }
 
-int64_t loop_from_environment() {
-  const char* value = std::getenv("ZONEOUT_FUSED_CPU_LOOP");
-  const std::string name = value == nullptr ? "auto" : value;
-  if (name == "steps") return kLoopSteps;
-  if (name == "fused") return kLoopFused;
-  TORCH_CHECK(name == "auto" || name.empty(), "ZONEOUT_FUSED_CPU_LOOP must be auto, fused or steps, got ", name);
-  return kLoopAuto;
-}
+NamedSetting<3> loop_setting("ZONEOUT_FUSED_CPU_LOOP", "loop", {"steps", "fused", "auto"});  // kLoop*
 
-std::atomic<int64_t> active_loop{-1};  // -1: not read from the environment yet
-
-int64_t loop_choice() { return lazy_setting(active_loop, loop_from_environment); }
+int64_t loop_choice() { return loop_setting.get(); }
 
 // Above this hidden size "auto" runs the per-step forward: there oneDNN's products beat the tile
 // kernels' (measured, 2 threads, AVX-512, T=30 I=256, forward ms fused / steps: B=32 H=512 8.9 /
@@ -1116,18 +1107,9 @@ struct LoopPart {
 // output is the same FMA chains, so the bits do not depend on the split.
 enum class LoopSplit { kUnits, kRows };
 
-int64_t split_from_environment() {
-  const char* value = std::getenv("ZONEOUT_FUSED_CPU_SPLIT");
-  const std::string name = value == nullptr ? "auto" : value;
-  if (name == "units") return kSplitUnits;
-  if (name == "rows") return kSplitRows;
-  TORCH_CHECK(name == "auto" || name.empty(), "ZONEOUT_FUSED_CPU_SPLIT must be auto, units or rows, got ", name);
-  return kSplitAuto;
-}
+NamedSetting<3> split_setting("ZONEOUT_FUSED_CPU_SPLIT", "split", {"units", "rows", "auto"});  // kSplit*
 
-std::atomic<int64_t> active_split{-1};  // -1: not read from the environment yet
-
-int64_t split_choice() { return lazy_setting(active_split, split_from_environment); }
+int64_t split_choice() { return split_setting.get(); }
 
 // "auto" splits by rows where the loop's panels (`panel_bytes`, all of them) come to at most
 // TileKernels::row_split_bytes per row of a thread, and each thread has at least 2 rows; one thread
@@ -1838,21 +1820,9 @@ int64_t cpu_loop() { return loop_choice(); }
 
 int64_t cpu_split() { return split_choice(); }
 
-int64_t set_cpu_split(int64_t split) {
-  TORCH_CHECK(split == kSplitUnits || split == kSplitRows || split == kSplitAuto,
-              "split must be 0 (units), 1 (rows) or 2 (auto), got ", split);
-  const int64_t previous = split_choice();
-  active_split.store(split);
-  return previous;
-}
+int64_t set_cpu_split(int64_t split) { return split_setting.set(split); }
 
-int64_t set_cpu_loop(int64_t loop) {
-  TORCH_CHECK(loop == kLoopSteps || loop == kLoopFused || loop == kLoopAuto,
-              "loop must be 0 (steps), 1 (fused) or 2 (auto), got ", loop);
-  const int64_t previous = loop_choice();
-  active_loop.store(loop);
-  return previous;
-}
+int64_t set_cpu_loop(int64_t loop) { return loop_setting.set(loop); }
 
 bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
                             uint32_t* r1, uint32_t* r2, int64_t isa) {
