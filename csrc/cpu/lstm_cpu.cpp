@@ -1057,8 +1057,8 @@ Tensor backward_panels(const Tensor& w, int64_t units) {
   return panels;
 }
 
-// Runs body(first_tile, last_tile) on each thread of one parallel region, the `tiles` unit
-// tiles split evenly; body may call step_barrier() (every thread the same number of times).
+// Runs body(first, last) on each thread of one parallel region, `tiles` items (unit tiles, row blocks,
+// example rows) split evenly; body may call step_barrier() (every thread the same number of times).
 template <typename Body>
 void fused_region(int64_t tiles, const Body& body) {
 #if defined(_OPENMP)
@@ -1818,11 +1818,11 @@ int64_t set_cpu_isa(int64_t isa) {
 
 int64_t cpu_loop() { return loop_choice(); }
 
+int64_t set_cpu_loop(int64_t loop) { return loop_setting.set(loop); }
+
 int64_t cpu_split() { return split_choice(); }
 
 int64_t set_cpu_split(int64_t split) { return split_setting.set(split); }
-
-int64_t set_cpu_loop(int64_t loop) { return loop_setting.set(loop); }
 
 bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
                             uint32_t* r1, uint32_t* r2, int64_t isa) {
