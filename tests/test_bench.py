@@ -78,6 +78,15 @@ def test_bench_records_and_check(tmp_path):
             assert record["speedup_vs_reference"] > 0 and record["speedup_vs_nn_lstm"] > 0
             assert record["speedup_vs_plain_loop"] > 0 and record["baseline"] == "nn.LSTM"
             assert 0 < record["floor_ms"] and record["floor_fraction"] == record["floor_ms"] / record["median_ms"]
+            # Round by round against nn.LSTM: the two calls of each repeat paired (2 rounds here).
+            rounds = record["speedup_vs_nn_lstm_rounds"]
+            lstm_times = by_key[("nn.LSTM", mode)]["times_ms"]
+            low, high = sorted(lstm / ours for lstm, ours in zip(lstm_times, record["times_ms"]))
+            rounding = 1e-4 / min(lstm_times + record["times_ms"])  # times_ms: 4 decimals; rounds: exact times
+            assert rounds == pytest.approx([(3 * low + high) / 4, (low + high) / 2, (low + 3 * high) / 4],
+                                           rel=rounding)
+    assert by_key[("nn.LSTM", "fwd")]["speedup_vs_nn_lstm_rounds"] == [1.0, 1.0, 1.0]
+    assert by_key[("wrong-masks", "fwd")]["speedup_vs_nn_lstm_rounds"] is None  # not timed
     assert by_key[("reference", "fwd+bwd")]["speedup_vs_reference"] == 1.0
     assert by_key[("plain-loop", "fwd+bwd")]["speedup_vs_plain_loop"] == 1.0
     assert by_key[("reference", "fwd")]["floor_ms"] < by_key[("reference", "fwd+bwd")]["floor_ms"]
@@ -100,6 +109,22 @@ def test_bench_records_and_check(tmp_path):
     markdown = table.read_text()
     assert "| backend |" in markdown and "wrong-masks" in markdown and "**tiny**" in markdown
     assert "instruction sets: zoneout_fused" in markdown
+    rounds = by_key[("reference", "fwd")]["speedup_vs_nn_lstm_rounds"]
+    assert f"reference fwd {rounds[0]:.2f}-{rounds[2]:.2f}" in markdown and "round by round" in markdown
+
+
+def test_paired_quartiles_pair_the_rounds():
+    """The per-round speedup's quartiles pair index r of both lists (the same round), not sorted
+    times; nothing where the rounds do not pair."""
+    from zoneout_fused.bench.runner import paired_quartiles
+
+    peer = [10.0, 20.0, 10.0, 20.0, 10.0]
+    ours = [5.0, 20.0, 10.0, 10.0, 20.0]  # ratios 2, 1, 1, 2, 0.5
+    assert paired_quartiles(peer, ours) == [1.0, 1.0, 2.0]
+    # Sorted separately (medians 15 and 15) the ratio would read 1 whatever the pairing.
+    assert paired_quartiles([10.0, 20.0], [20.0, 10.0]) == [0.5 + 0.25 * 1.5, 1.25, 2.0 - 0.25 * 1.5]
+    assert paired_quartiles(peer, ours[:4]) is None  # a peer failed part-way
+    assert paired_quartiles([1.0], [1.0]) is None
 
 
 def test_decode_steps_the_cell_api(tmp_path):

@@ -72,6 +72,23 @@ def floor_line(records: list[dict]) -> str:
     return ("matrix-product floor (the case's products on the fastest engine here, torch.mm or oneDNN, same run): " + ", ".join(parts)) if parts else ""
 
 
+def rounds_line(records: list[dict]) -> str:
+    """Per backend and mode, the quartiles of the baseline's time / the row's time round by round
+    (speedup_vs_nn_lstm_rounds): how far the speedup column moves with the machine's phases."""
+    baseline = next((r.get("baseline") for r in records if r.get("baseline")), "nn.LSTM")
+    by_backend: "OrderedDict[str, list]" = OrderedDict()
+    for record in records:
+        rounds = record.get("speedup_vs_nn_lstm_rounds")
+        if rounds and record["backend"] != baseline:
+            by_backend.setdefault(record["backend"], []).append(
+                (MODE_ORDER.index(record["mode"]), f"{SHORT[record['mode']]} {rounds[0]:.2f}-{rounds[2]:.2f}"))
+    if not by_backend:
+        return ""
+    parts = [f"{backend} " + ", ".join(text for _, text in sorted(modes)) for backend, modes in by_backend.items()]
+    return (f"vs {baseline}, round by round (its time / the row's, both timed in the same round; lower to upper "
+            "quartile): " + "; ".join(parts))
+
+
 def notes(records: list[dict]) -> list[str]:
     seen, out = set(), []
     for record in records:
@@ -93,7 +110,7 @@ def text_table(case, dtype_name: str, records: list[dict], zoneout_kwargs: dict)
     z = ", ".join(f"{k}={v}" for k, v in zoneout_kwargs.items())
     lines = [f"\n== {case.describe()}  {dtype_name}  [{z}]", fmt(head), fmt(["-" * w for w in widths])]
     lines += [fmt(row) for row in body]
-    lines += ["  " + line for line in [floor_line(records)] + notes(records) if line]
+    lines += ["  " + line for line in [floor_line(records), rounds_line(records)] + notes(records) if line]
     return "\n".join(lines)
 
 
@@ -131,8 +148,8 @@ def markdown(records: list[dict]) -> str:
                   "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
         lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows(group)]
         errors = [n for n in notes(group) if ": check " not in n]
-        floor = floor_line(group)
-        lines += [""] + [f"- {n}" for n in ([floor] if floor else []) + errors] + [""]
+        summary = [line for line in (floor_line(group), rounds_line(group)) if line]
+        lines += [""] + [f"- {n}" for n in summary + errors] + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -721,6 +721,17 @@ def environment(device: torch.device, memory: PeakMemory, heap: Optional[str] = 
                 timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
+def paired_quartiles(peer_times: list[float], times: list[float]) -> Optional[list[float]]:
+    """[lower quartile, median, upper quartile] of peer_times[r] / times[r] over the rounds r, or None.
+
+    The repeats are interleaved, so index r of two peers' times is the same round: a slow phase of
+    the machine slows both calls of a round, and the spread of these ratios shows what is left.
+    Lists of different lengths (a peer failed part-way) have no pairing."""
+    if len(times) < 2 or len(peer_times) != len(times) or min(times) <= 0:
+        return None
+    return statistics.quantiles([p / t for p, t in zip(peer_times, times)], n=4, method="inclusive")
+
+
 def case_records(case: Case, group: str, dtype_name: str, states: list[PeerState], env: dict, opts,
                  floors: Optional[dict] = None) -> list[dict]:
     """One record per (peer, mode). speedup_vs_nn_lstm is against the case's no-zoneout ceiling
@@ -740,6 +751,8 @@ def case_records(case: Case, group: str, dtype_name: str, states: list[PeerState
             baseline = baseline_name(rnn_cell, case.cell)
             ref, lstm = medians.get(("reference", mode)), medians.get((baseline, mode))
             plain = medians.get(("plain-loop", mode))
+            baseline_times = next((b.times.get(mode, []) for b in states
+                                   if b.peer.name == baseline and (baseline, mode) in medians), [])
             floor = floors.get(mode)
             records.append(dict(
                 env, config=case.name, group=group, backend=state.peer.name, mode=mode, dtype=dtype_name,
@@ -750,6 +763,7 @@ def case_records(case: Case, group: str, dtype_name: str, states: list[PeerState
                 peak_mem_error=state.memory_errors.get(mode),
                 speedup_vs_reference=ref / median if (ref and median) else None,
                 speedup_vs_nn_lstm=lstm / median if (lstm and median) else None,
+                speedup_vs_nn_lstm_rounds=paired_quartiles(baseline_times, times) if lstm else None,
                 speedup_vs_plain_loop=plain / median if (plain and median) else None,
                 floor_ms=floor, floor_fraction=floor / median if (floor and median) else None,
                 baseline=baseline, cell=case.cell, rnn_cell=rnn_cell,
