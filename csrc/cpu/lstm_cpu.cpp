@@ -1120,8 +1120,12 @@ int64_t split_choice() { return split_setting.get(); }
 // B=32 T=100 I=64 H=256 fwd+bwd 1.00-1.02 / 0.98-0.99; AVX2 B=32 T=50 H=128 1.05-1.07 / 0.91 and
 // B=32 T=100 H=256 0.95-0.99 / 0.90-0.97. Where a thread has few rows for large panels the split by
 // units is faster: AVX-512 B=12 T=50 H=512 fwd+bwd 11.2-11.6 ms against 11.8, B=20 T=35 I=H=1500 3%,
-// B=4 H=256 1.22 against 1.73; AVX2 (whose 4-vector tiles hold 3 rows, so the panels are read twice
-// as often) B=32 T=100 H=256 forward 2-4%, hence its lower bound.
+// B=4 H=256 1.22 against 1.73, B=20 and B=24 T=50 I=64 H=512 1.5-3% (10 and 12 rows a thread); AVX2
+// (whose 4-vector tiles hold 3 rows, so the panels are read twice as often) B=32 T=100 H=256 forward
+// 2-4%, hence its lower bound (at B=32 H=512 level either way). AVX-512's bound, 320 KB, takes B=32
+// T=50 I=64 H=512 (295 KB a row forward, 256 KB backward) to rows: in one process, the split set call
+// by call, forward 1-5% and fwd+bwd 2-7% faster by rows in every one of 5 and 4 runs; B=20 H=384 and
+// B=12 H=256, which it also moves, were level (within 2%).
 LoopSplit loop_split(const TileKernels& tiles, int64_t batch, int64_t panel_bytes) {
   const int64_t choice = split_choice();
   if (choice != kSplitAuto) return choice == kSplitRows ? LoopSplit::kRows : LoopSplit::kUnits;

@@ -221,7 +221,7 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
     NAME##_fill<4>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 4)>());                  \
     return t;                                                                                       \
   }
-ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, 512 << 10, 4, 128 << 10, 192 << 10, 16, 32)
+ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, 512 << 10, 4, 128 << 10, 320 << 10, 16, 32)
 ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, 256 << 10, 2, 0, 64 << 10, 8, 16)
 #undef ZF_TILE_TABLE
 #endif
