@@ -1480,12 +1480,13 @@ std::pair<Tensor, Tensor> weight_gradients(const TileKernels* tiles, const Tenso
             recurrent_weight_grad(d_rec, y, h0, direction)};
   }
   const float* d_rec_p = d_rec.data_ptr<float>();
+  const int64_t vectors = tiles->weight_gradient_vectors;
   return {tiled_product(*tiles, {{d_in.data_ptr<float>(), x.data_ptr<float>(), steps * batch}}, rows, 1, rows, input,
-                        input),
+                        input, vectors),
           tiled_product(*tiles,
                         recurrent_gradient_runs(d_rec_p, rows, y.data_ptr<float>(), h0.data_ptr<float>(), steps, batch,
                                                 hidden, direction),
-                        rows, 1, rows, hidden, hidden)};
+                        rows, 1, rows, hidden, hidden, vectors)};
 }
 
 // grad_x [T, B, I] = d_in [T, B, G*H] W_ih: by the tile kernels where the fused loop applies
