@@ -86,9 +86,9 @@ struct TileKernels {
   // I=256 H=512's input gradient in 7.0-7.2 ms against 8.1-8.5.
   int64_t input_gradient_vectors = 0;
   // Column tiles of the weight gradients (d_pre^T x, d_pre^T h) span at most this many vectors. AVX2's
-  // 4-vector tiles, unpinned, read 15 floats or vectors per 12 FMAs (3 broadcasts, 12 panel loads folded
-  // into the FMAs), more than CPUs with two loads a cycle (Haswell to Skylake, Zen 2) serve in the 6
-  // cycles of 12 FMAs; its 3-vector tiles of 4 rows, pinned, read 7. On this Zen 5 (four loads a cycle)
+  // 4-vector tiles, unpinned, make 15 loads per 12 FMAs (3 broadcasts, and 12 panel loads folded into
+  // the FMAs), more than CPUs with two loads a cycle (Haswell to Skylake, Zen 2) serve in the 6 cycles
+  // of 12 FMAs; its 3-vector tiles of 4 rows, pinned, make 7. On this Zen 5 (four loads a cycle)
   // they measured level or a little faster: backward, in one process, the tiles set call by call, B=32
   // T=50 I=64 H=64 / H=512 4% / 1.3% less, B=32 T=100 H=256 and the 1x256 encoder 0.8-0.9%, B=64 T=50
   // H=128 0.8% more.
