@@ -1295,9 +1295,12 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
           std::copy_n(start != nullptr ? start + j0 + offset : out + r * row_stride + offset, n,
                       padded + (r * vectors + q) * lanes);
         }
+      // Where a panel's vectors are runs of units (the backward's), the last one's product spans only
+      // the vectors that hold units below H: at H = 100 the backward's last panel (32 units) had 4.
+      const int64_t used = layout.gate_rows ? part : std::min(part, (hidden - j0 + lanes - 1) / lanes);
       for (int64_t h = 0; h < split; ++h) {
         const int64_t v0 = h * part;
-        product_in_sums(tiles, part, rows,
+        product_in_sums(tiles, used, rows,
                         {a + b0 * lda, lda, 1, panel + v0 * lanes, vectors * lanes, padded + v0 * lanes,
                          vectors * lanes, lanes},
                         depth);
@@ -1356,6 +1359,16 @@ constexpr int64_t kL2PanelChunkBytes = 256 << 10;
 // chunk to the next (see tiled_product; all threads' parts together, so that the chunks, and the
 // sums' bits, do not depend on the thread count).
 constexpr int64_t kCachedOutputBytes = 8 << 20;
+// A tiled_product's output of at most this many bytes takes panel chunks of kSmallOutputChunkBytes
+// (past L1, in the thread's copied panels): a small output (the weight gradients at small H or I) is
+// a short pass per chunk, so the chunks' fixed costs (a tile call per row block and column tile, the
+// panel copy) weigh more than reading the panel from L2. Backward, AVX-512, in one process with the
+// chunk set call by call: pMNIST's layer (B=100 T=784 I=1 H=100) 79.5 ms against 85.2, B=32 T=50 I=64
+// H=64 0.62 against 0.65, B=64 T=50 I=32 H=128 3.68 against 3.79 (its W_ih gradient; with the bound
+// at 256 KB, which takes its W_hh gradient too, 3.55, but B=32 T=100 H=256's W_ih gradient, also
+// 256 KB, then lost 1.5%); AVX2 level to 3.6% less.
+constexpr int64_t kSmallOutputBytes = 128 << 10;
+constexpr int64_t kSmallOutputChunkBytes = 64 << 10;
 // Where a thread's rows of a in a chunk are packed (see tiled_product), in groups of at most this many
 // bytes, each reused from L2 across every column tile.
 constexpr int64_t kPackedRowsBytes = 256 << 10;
@@ -1448,7 +1461,10 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   // layers 406 against 438, B=64 T=20 I=H=2000 612 against 687; char-PTB (16 MB) level; where out
   // stays in L2 (B=32 T=50 H=512, 4 MB) L2 chunks were 1-2% slower. At most kMaxChunkSteps steps.
   const bool large_out = n * cols * int64_t(sizeof(float)) > kCachedOutputBytes;
-  const int64_t chunk_bytes = a_depth == 1 || large_out ? kL2PanelChunkBytes : kPanelChunkBytes;
+  const bool small_out = n * cols * int64_t(sizeof(float)) <= kSmallOutputBytes;
+  const int64_t chunk_bytes = a_depth == 1 || large_out ? kL2PanelChunkBytes
+                              : small_out                ? kSmallOutputChunkBytes
+                                                         : kPanelChunkBytes;
   const int64_t chunk = std::min(kMaxChunkSteps, chunk_bytes / (width * int64_t(sizeof(float))));
   // Panel rows further apart than the panel is wide (the weight gradients' h and x rows, H or I floats
   // apart) are copied to be adjacent first, per chunk: a chunk's rows 1 KB apart (H = 256) fell into a
