@@ -493,7 +493,7 @@ ZF_ALWAYS_INLINE void for_unit_vectors(const ZoneoutParams& p, int64_t t, int64_
 
 // body(masks) for the last units [j, j + n) of a row, fewer than a vector (n < V::kLanes): their
 // masks as one vector, lanes past n zero. The caller runs the vector element math on copies of the
-// units padded to one vector, so every unit gets the same math as in the whole vectors (before, the
+// units padded to one vector (TailAt), so every unit gets the same math as in the whole vectors (before, the
 // scalar rows ran these units with libm's expm1f and tanhf and the header's scalar Philox, slowly:
 // at pMNIST's layer, B=100 T=784 I=1 H=100 (4 units of every 100), the forward took 41.4 ms before
 // and 37.4 after, fwd+bwd 122 and 115-118; B=32 T=50 I=64 H=150 fwd+bwd 4.36 and 3.90).
@@ -508,22 +508,62 @@ ZF_ALWAYS_INLINE void for_tail_vector(const ZoneoutParams& p, int64_t t, int64_t
   body(zoneout::ElementMasks<V>{V::load(masks.keep_cell), V::load(masks.keep_hidden), V::load(masks.update_scale)});
 }
 
-// Up to a vector's worth of units of kBlocks rows (a row's gate blocks, states) copied into a zeroed
-// [kBlocks][V::kLanes] buffer and read as vectors; put stores a vector and copies its first n units out.
-template <typename V, int kBlocks>
-struct TailCopy {
-  alignas(64) float lanes[kBlocks][V::kLanes] = {};
-  ZF_ALWAYS_INLINE void gather(int block, const float* src, int64_t n) { std::copy_n(src, n, lanes[block]); }
-  ZF_ALWAYS_INLINE V load(int block) const { return V::load(lanes[block]); }
-  ZF_ALWAYS_INLINE void put(int block, const V& v, float* dst, int64_t n) {
-    v.store(lanes[block]);
-    std::copy_n(lanes[block], n, dst);
+// Where a row kernel's element math reads and writes its V::kLanes units (load(ptr) reads them from
+// the row at ptr, store(v, ptr) writes them there): at unit j of a whole vector (UnitsAt), or the
+// last n < V::kLanes units from j through a zero-padded copy (TailAt).
+template <typename V>
+struct UnitsAt {
+  int64_t j;
+  ZF_ALWAYS_INLINE V load(const float* row) const { return V::load(row + j); }
+  ZF_ALWAYS_INLINE void store(const V& v, float* row) const { v.store(row + j); }
+};
+template <typename V>
+struct TailAt {
+  int64_t j, n;
+  ZF_ALWAYS_INLINE V load(const float* row) const {
+    alignas(64) float lanes[V::kLanes] = {};
+    std::copy_n(row + j, n, lanes);
+    return V::load(lanes);
+  }
+  ZF_ALWAYS_INLINE void store(const V& v, float* row) const {
+    alignas(64) float lanes[V::kLanes];
+    v.store(lanes);
+    std::copy_n(lanes, n, row + j);
   }
 };
 
+// The LSTM's element math on the V::kLanes units `at` names (rows as in forward_row / backward_row).
+template <typename V, typename At>
+ZF_ALWAYS_INLINE void forward_units(const At& at, float* __restrict g, const float* __restrict hp,
+                                    const float* __restrict cp, float* __restrict yo, float* __restrict co,
+                                    int64_t hidden, const zoneout::ElementMasks<V>& m) {
+  const auto r = zoneout::cell_forward<V>(at.load(g), at.load(g + hidden), at.load(g + 2 * hidden),
+                                          at.load(g + 3 * hidden), at.load(cp), at.load(hp), m);
+  at.store(r.i, g);
+  at.store(r.f, g + hidden);
+  at.store(r.g, g + 2 * hidden);
+  at.store(r.o, g + 3 * hidden);
+  at.store(r.h, yo);
+  at.store(r.c, co);
+}
+
+template <typename V, typename At>
+ZF_ALWAYS_INLINE void backward_units(const At& at, const float* __restrict g, const float* __restrict gy,
+                                     const float* __restrict cp, float* __restrict dh, float* __restrict dc,
+                                     float* __restrict dp, int64_t hidden, const zoneout::ElementMasks<V>& m) {
+  const auto r = zoneout::cell_backward<V>(at.load(gy) + at.load(dh), at.load(dc), at.load(g), at.load(g + hidden),
+                                           at.load(g + 2 * hidden), at.load(g + 3 * hidden), at.load(cp), m);
+  at.store(r.d_pre_i, dp);
+  at.store(r.d_pre_f, dp + hidden);
+  at.store(r.d_pre_g, dp + 2 * hidden);
+  at.store(r.d_pre_o, dp + 3 * hidden);
+  at.store(r.dh_prev_direct, dh);
+  at.store(r.dc_prev, dc);
+}
+
 // forward_row and backward_row for float32 on the vector types of vector_math.h: the same
-// cell_forward / cell_backward, V::kLanes units at a time (the last units of a row through a
-// padded copy: for_tail_vector).
+// cell_forward / cell_backward, V::kLanes units at a time, each written once for the whole vectors and
+// the last units of a row (UnitsAt, TailAt; for_tail_vector).
 template <typename V>
 ZF_ALWAYS_INLINE void forward_row_vector(float* __restrict g, const float* __restrict hp,
                                          const float* __restrict cp, float* __restrict yo, float* __restrict co,
@@ -531,30 +571,11 @@ ZF_ALWAYS_INLINE void forward_row_vector(float* __restrict g, const float* __res
                                          PhiloxRunFn run) {
   const int64_t hidden = p.hidden, end = vector_rows_end<V>(j0, j1);
   for_unit_vectors<V>(p, t, b, j0, end, run, [&](int64_t j, const zoneout::ElementMasks<V>& m) {
-    const auto r = zoneout::cell_forward<V>(V::load(g + j), V::load(g + hidden + j), V::load(g + 2 * hidden + j),
-                                            V::load(g + 3 * hidden + j), V::load(cp + j), V::load(hp + j), m);
-    r.i.store(g + j);
-    r.f.store(g + hidden + j);
-    r.g.store(g + 2 * hidden + j);
-    r.o.store(g + 3 * hidden + j);
-    r.h.store(yo + j);
-    r.c.store(co + j);
+    forward_units(UnitsAt<V>{j}, g, hp, cp, yo, co, hidden, m);
   });
   if (end < j1) {
-    const int64_t n = j1 - end;
-    TailCopy<V, 6> in;  // g's 4 blocks, c_{t-1}, h_{t-1}
-    for (int q = 0; q < 4; ++q) in.gather(q, g + q * hidden + end, n);
-    in.gather(4, cp + end, n);
-    in.gather(5, hp + end, n);
-    for_tail_vector<V>(p, t, b, end, n, run, [&](const zoneout::ElementMasks<V>& m) {
-      const auto r = zoneout::cell_forward<V>(in.load(0), in.load(1), in.load(2), in.load(3), in.load(4), in.load(5), m);
-      TailCopy<V, 1> out;
-      out.put(0, r.i, g + end, n);
-      out.put(0, r.f, g + hidden + end, n);
-      out.put(0, r.g, g + 2 * hidden + end, n);
-      out.put(0, r.o, g + 3 * hidden + end, n);
-      out.put(0, r.h, yo + end, n);
-      out.put(0, r.c, co + end, n);
+    for_tail_vector<V>(p, t, b, end, j1 - end, run, [&](const zoneout::ElementMasks<V>& m) {
+      forward_units(TailAt<V>{end, j1 - end}, g, hp, cp, yo, co, hidden, m);
     });
   }
 }
@@ -566,34 +587,11 @@ ZF_ALWAYS_INLINE void backward_row_vector(const float* __restrict g, const float
                                           const ZoneoutParams& p, PhiloxRunFn run) {
   const int64_t hidden = p.hidden, end = vector_rows_end<V>(j0, j1);
   for_unit_vectors<V>(p, t, b, j0, end, run, [&](int64_t j, const zoneout::ElementMasks<V>& m) {
-    const auto r = zoneout::cell_backward<V>(V::load(gy + j) + V::load(dh + j), V::load(dc + j), V::load(g + j),
-                                             V::load(g + hidden + j), V::load(g + 2 * hidden + j),
-                                             V::load(g + 3 * hidden + j), V::load(cp + j), m);
-    r.d_pre_i.store(dp + j);
-    r.d_pre_f.store(dp + hidden + j);
-    r.d_pre_g.store(dp + 2 * hidden + j);
-    r.d_pre_o.store(dp + 3 * hidden + j);
-    r.dh_prev_direct.store(dh + j);
-    r.dc_prev.store(dc + j);
+    backward_units(UnitsAt<V>{j}, g, gy, cp, dh, dc, dp, hidden, m);
   });
   if (end < j1) {
-    const int64_t n = j1 - end;
-    TailCopy<V, 8> in;  // grad_y, dh, dc, g's 4 blocks, c_{t-1}
-    in.gather(0, gy + end, n);
-    in.gather(1, dh + end, n);
-    in.gather(2, dc + end, n);
-    for (int q = 0; q < 4; ++q) in.gather(3 + q, g + q * hidden + end, n);
-    in.gather(7, cp + end, n);
-    for_tail_vector<V>(p, t, b, end, n, run, [&](const zoneout::ElementMasks<V>& m) {
-      const auto r = zoneout::cell_backward<V>(in.load(0) + in.load(1), in.load(2), in.load(3), in.load(4),
-                                               in.load(5), in.load(6), in.load(7), m);
-      TailCopy<V, 1> out;
-      out.put(0, r.d_pre_i, dp + end, n);
-      out.put(0, r.d_pre_f, dp + hidden + end, n);
-      out.put(0, r.d_pre_g, dp + 2 * hidden + end, n);
-      out.put(0, r.d_pre_o, dp + 3 * hidden + end, n);
-      out.put(0, r.dh_prev_direct, dh + end, n);
-      out.put(0, r.dc_prev, dc + end, n);
+    for_tail_vector<V>(p, t, b, end, j1 - end, run, [&](const zoneout::ElementMasks<V>& m) {
+      backward_units(TailAt<V>{end, j1 - end}, g, gy, cp, dh, dc, dp, hidden, m);
     });
   }
 }
