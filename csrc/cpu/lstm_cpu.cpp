@@ -493,10 +493,10 @@ ZF_ALWAYS_INLINE void for_unit_vectors(const ZoneoutParams& p, int64_t t, int64_
 
 // body(masks) for the last units [j, j + n) of a row, fewer than a vector (n < V::kLanes): their
 // masks as one vector, lanes past n zero. The caller runs the vector element math on copies of the
-// units padded to one vector (TailAt), so every unit gets the same math as in the whole vectors (before, the
-// scalar rows ran these units with libm's expm1f and tanhf and the header's scalar Philox, slowly:
-// at pMNIST's layer, B=100 T=784 I=1 H=100 (4 units of every 100), the forward took 41.4 ms before
-// and 37.4 after, fwd+bwd 122 and 115-118; B=32 T=50 I=64 H=150 fwd+bwd 4.36 and 3.90).
+// units padded to one vector (TailAt), so every unit gets the same math as in the whole vectors.
+// Before, the scalar rows ran these units with libm's expm1f and tanhf and the header's scalar
+// Philox, slowly: at pMNIST's layer, B=100 T=784 I=1 H=100 (4 units of every 100), the forward took
+// 41.4 ms before and 37.4 after, fwd+bwd 122 and 115-118; B=32 T=50 I=64 H=150 fwd+bwd 4.36 and 3.90.
 template <typename V, typename Body>
 ZF_ALWAYS_INLINE void for_tail_vector(const ZoneoutParams& p, int64_t t, int64_t b, int64_t j, int64_t n,
                                       PhiloxRunFn run, const Body& body) {
