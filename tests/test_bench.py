@@ -127,6 +127,25 @@ def test_paired_quartiles_pair_the_rounds():
     assert paired_quartiles([1.0], [1.0]) is None
 
 
+@pytest.mark.parametrize("peers", range(1, 9))
+def test_round_order_balances_neighbours(peers):
+    """Over one period of rounds every peer runs in every position and right after every other peer
+    equally often, and the period repeats; a rotated single order (each peer always behind the same
+    one) fails the neighbour count."""
+    from collections import Counter
+
+    from zoneout_fused.bench.runner import round_order
+
+    period = 2 * peers if peers % 2 else peers
+    rows = [round_order(peers, repeat) for repeat in range(period)]
+    assert all(sorted(row) == list(range(peers)) for row in rows)
+    positions = Counter((place, peer) for row in rows for place, peer in enumerate(row))
+    assert len(positions) == peers * peers and len(set(positions.values())) == 1
+    neighbours = Counter((row[k], row[k + 1]) for row in rows for k in range(peers - 1))
+    assert len(neighbours) == peers * (peers - 1) and len(set(neighbours.values())) <= 1
+    assert [round_order(peers, repeat) for repeat in range(period, 2 * period)] == rows
+
+
 def test_decode_steps_the_cell_api(tmp_path):
     """The cell cases: eval, fwd and fwd+bwd of the cell stepped once per frame, against nn.LSTMCell."""
     fused = [name for name in ("cpu",) if name in zf.available_backends("cpu")]

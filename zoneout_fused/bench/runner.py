@@ -28,8 +28,9 @@ no implementation can beat.
 Timing: "eval" is the forward in evaluation mode without autograd; "fwd" the training-mode
 forward (masks drawn, autograd graph recorded, as in training); "fwd+bwd" adds backward from a
 fixed output gradient. The peers run round-robin, one
-call each per repeat with the order rotated, so load changes on a shared machine hit them all
-alike; the figure is the median. CPU calls are timed with time.perf_counter, CUDA calls with
+call each per repeat in an order that changes from round to round (round_order), so load changes
+on a shared machine hit them all alike and no peer always follows the same one; the figure is the
+median. CPU calls are timed with time.perf_counter, CUDA calls with
 CUDA events.
 """
 from __future__ import annotations
@@ -356,6 +357,19 @@ def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def round_order(peers: int, repeat: int) -> list[int]:
+    """The order in which round `repeat` calls the peers (indices into the list of peers).
+
+    The rounds cycle through a Williams design (a Latin square balanced for neighbours): over
+    `peers` rounds (2 * `peers` where that is odd) every peer runs in every position, and right
+    after each other peer, equally often. Rotating one order, as before, kept every peer behind the
+    same neighbour in every round."""
+    first = [0] + [(k + 1) // 2 if k % 2 else peers - k // 2 for k in range(1, peers)]  # 0, 1, n-1, 2, n-2, ...
+    row = repeat % (2 * peers if peers % 2 else max(peers, 1))
+    order = [(index + row) % peers for index in first]
+    return order[::-1] if row >= peers else order
+
+
 def make_step(module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor, mode: str):
     """(prepare, step): prepare clears gradients outside the timed region; step is one call."""
     params = list(_base_module(module).parameters())
@@ -637,8 +651,9 @@ def run_case(case: Case, dtype: torch.dtype, device: torch.device, peers: list[P
                 run_one(state, timing=False)
         done = 0
         for repeat in range(opts.repeats):
-            # Rotate the order so no peer always runs right after the same neighbour.
-            order = live[repeat % len(live):] + live[:repeat % len(live)] if live else []
+            # A round's order varies so that no peer always runs right after the same neighbour
+            # (a cell step after the reference's loop finds its caches cold).
+            order = [live[k] for k in round_order(len(live), repeat)] if live else []
             for state in order:
                 run_one(state, timing=True)
                 progress.update(1)
