@@ -568,7 +568,7 @@ def _three_way_failures(monkeypatch, **kwargs):
     tensors = make_inputs(*shape, dtype=torch.float32)
     actual = _flat(run(cpu_layer, tensors, **settings))
     for name, value in kwargs.items():
-        monkeypatch.setattr(reference, name, value, raising=False)
+        monkeypatch.setattr(reference, name, value)  # raises for a name the reference lacks
     same_dtype = _flat(run(reference.lstm_layer, tensors, **settings))
     exact = _flat(run(reference.lstm_layer, [t.double() for t in tensors], **settings))
     monkeypatch.undo()
@@ -581,16 +581,16 @@ def test_three_way_rule_passes_the_correct_kernel(monkeypatch):
 
 def test_three_way_rule_catches_one_flipped_mask_bit(monkeypatch):
     """One unit of h kept instead of updated at one step of 9 (or the other way round)."""
-    real_masks = reference.masks
+    real_masks = reference.span_masks  # the masks of positions first .. first + steps - 1
     for t_flip, which in ((0, 1), (4, 0), (8, 1)):
-        def flipped(seed, layer, direction, t, *args):
-            out = list(real_masks(seed, layer, direction, t, *args))
-            if t == t_flip:
+        def flipped(seed, layer, direction, first, steps, *args):
+            out = list(real_masks(seed, layer, direction, first, steps, *args))
+            if first <= t_flip < first + steps:
                 out[which] = out[which].clone()
-                out[which][1, 7] = ~out[which][1, 7]
+                out[which][t_flip - first, 1, 7] = ~out[which][t_flip - first, 1, 7]
             return tuple(out)
 
-        failures = _three_way_failures(monkeypatch, masks=flipped)
+        failures = _three_way_failures(monkeypatch, span_masks=flipped)
         assert failures, f"a flipped {'hc'[which]} mask bit at t={t_flip} went unnoticed"
 
 

@@ -187,3 +187,31 @@ def test_gradcheck_with_zoneout(mode, direction):
                                     0.2, masks.MASK_MODE_CODES[mode], True)
 
     assert torch.autograd.gradcheck(layer, tensors)
+
+
+@pytest.mark.parametrize("mode", [0, 2, 3])
+@pytest.mark.parametrize("direction", [0, 1])
+def test_masks_drawn_in_spans_match_one_span(monkeypatch, mode, direction):
+    """The reference draws its masks a span of steps at a time (masks.span_steps; at test sizes one
+    span covers every step). Spans of 1, 3 and 4 steps out of 10, walked forward and backward, give
+    the same bits as one span: each step gets the masks of its own position."""
+    torch.manual_seed(0)
+    steps, batch, hidden, inputs = 10, 3, 5, 4
+    x = torch.randn(steps, batch, inputs, dtype=DTYPE)
+    h0, c0 = torch.randn(batch, hidden, dtype=DTYPE), torch.randn(batch, hidden, dtype=DTYPE)
+    w_ih, w_hh = torch.randn(4 * hidden, inputs, dtype=DTYPE), torch.randn(4 * hidden, hidden, dtype=DTYPE)
+    w_gru_ih, w_gru_hh = w_ih[: 3 * hidden], w_hh[: 3 * hidden]
+    seed = masks.seed_tensor(77)
+
+    def run():
+        lstm = reference.lstm_layer(x, h0, c0, w_ih, w_hh, None, None, seed, 1, direction, 0.5, 0.3, 0.2, mode, True)
+        gru = reference.gru_rnn_layer(x, h0, w_gru_ih, w_gru_hh, None, None, None, seed, 1, 1, direction, 0.3, 0.2,
+                                      mode, True)
+        return lstm + (gru,)
+
+    assert masks.span_steps(batch, hidden) >= steps
+    whole = run()
+    for span in (1, 3, 4):
+        monkeypatch.setattr(reference, "span_steps", lambda batch, hidden, span=span: span)
+        for got, expected in zip(run(), whole):
+            assert torch.equal(got, expected), span

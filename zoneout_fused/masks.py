@@ -78,12 +78,15 @@ def uint32_to_uniform(r: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def uniforms(seed: torch.Tensor, layer: int, direction: int, t: int, batch: int, hidden: int, mode: int,
-             device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """step_uniforms with a tensor seed and a mode code (MASK_MODE_CODES): scriptable."""
+def span_uniforms(seed: torch.Tensor, layer: int, direction: int, first: int, steps: int, batch: int, hidden: int,
+                  mode: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The uniforms (u0, u1, u2), each [steps, batch, hidden] float32, of positions first .. first +
+    steps - 1, with a tensor seed and a mode code (MASK_MODE_CODES): scriptable. The counters of
+    all the steps at once: one Philox over the span instead of one per step."""
     stream = 0 if mode <= 1 else mode - 1  # independent, shared: 0; timestep: 1; static: 2
-    b = torch.arange(batch, dtype=torch.int64, device=device).unsqueeze(1)
-    j = torch.arange(hidden, dtype=torch.int64, device=device).unsqueeze(0)
+    t = torch.arange(first, first + steps, dtype=torch.int64, device=device).view(steps, 1, 1)
+    b = torch.arange(batch, dtype=torch.int64, device=device).view(1, batch, 1)
+    j = torch.arange(hidden, dtype=torch.int64, device=device).view(1, 1, hidden)
     if mode == 2:
         n = (t * batch + b) + 0 * j
     elif mode == 3:
@@ -95,13 +98,21 @@ def uniforms(seed: torch.Tensor, layer: int, direction: int, t: int, batch: int,
     return uint32_to_uniform(r0), uint32_to_uniform(r1), uint32_to_uniform(r2)
 
 
-def masks(seed: torch.Tensor, layer: int, direction: int, t: int, batch: int, hidden: int, zoneout_cell: float,
-          zoneout_hidden: float, recurrent_dropout: float, mode: int,
-          device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """step_masks with a tensor seed and a mode code: scriptable (the contract's masks, sec. 2)."""
+def uniforms(seed: torch.Tensor, layer: int, direction: int, t: int, batch: int, hidden: int, mode: int,
+             device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """step_uniforms with a tensor seed and a mode code (MASK_MODE_CODES): scriptable."""
+    u0, u1, u2 = span_uniforms(seed, layer, direction, t, 1, batch, hidden, mode, device)
+    return u0[0], u1[0], u2[0]
+
+
+def span_masks(seed: torch.Tensor, layer: int, direction: int, first: int, steps: int, batch: int, hidden: int,
+               zoneout_cell: float, zoneout_hidden: float, recurrent_dropout: float, mode: int,
+               device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(m_c, m_h, keep), each a [steps, batch, hidden] bool tensor, of positions first .. first +
+    steps - 1, with a tensor seed and a mode code: scriptable (the contract's masks, sec. 2)."""
     z_c = torch.tensor(zoneout_cell, dtype=torch.float32)
     z_h = torch.tensor(zoneout_hidden, dtype=torch.float32)
-    u0, u1, u2 = uniforms(seed, layer, direction, t, batch, hidden, mode, device)
+    u0, u1, u2 = span_uniforms(seed, layer, direction, first, steps, batch, hidden, mode, device)
     if mode == 0:
         m_c, m_h = u0 < z_c, u1 < z_h
     else:  # shared, timestep, static: one uniform for both states
@@ -109,11 +120,30 @@ def masks(seed: torch.Tensor, layer: int, direction: int, t: int, batch: int, hi
     if recurrent_dropout > 0.0:
         # Recurrent dropout always draws per (step, example, unit) from the stream-0 counter.
         if mode > 1:
-            u2 = uniforms(seed, layer, direction, t, batch, hidden, 0, device)[2]
+            u2 = span_uniforms(seed, layer, direction, first, steps, batch, hidden, 0, device)[2]
         keep = u2 >= torch.tensor(recurrent_dropout, dtype=torch.float32)
     else:
-        keep = torch.ones(batch, hidden, dtype=torch.bool, device=device)
+        keep = torch.ones(steps, batch, hidden, dtype=torch.bool, device=device)
     return m_c, m_h, keep
+
+
+def masks(seed: torch.Tensor, layer: int, direction: int, t: int, batch: int, hidden: int, zoneout_cell: float,
+          zoneout_hidden: float, recurrent_dropout: float, mode: int,
+          device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """step_masks with a tensor seed and a mode code: scriptable."""
+    m_c, m_h, keep = span_masks(seed, layer, direction, t, 1, batch, hidden, zoneout_cell, zoneout_hidden,
+                                recurrent_dropout, mode, device)
+    return m_c[0], m_h[0], keep[0]
+
+
+def span_steps(batch: int, hidden: int) -> int:
+    """Steps per span of masks the reference draws at once at this [batch, hidden] (at least one).
+
+    A span holds up to 2**20 elements (a few int64 temporaries of 8 MB; the number is a literal, as
+    TorchScript reads no module-level numbers). Under torch.compile each span is one Philox in the
+    graph, where one Philox per step made inductor's compile 2.5 times as slow (B=32 T=50 H=256
+    fwd+bwd, cold, 2 cores: 153 s against about 60 s)."""
+    return max(1, 1048576 // max(1, batch * hidden))
 
 
 def step_uniforms(seed, layer: int, direction: int, t: int, batch: int, hidden: int, mask_mode: str,

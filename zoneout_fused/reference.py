@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .masks import masks
+from .masks import span_masks, span_steps
 
 
 def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
@@ -36,6 +36,11 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
     expected_cell = torch.full((), zoneout_cell, dtype=c0.dtype, device=c0.device)
     expected_hidden = torch.full((), zoneout_hidden, dtype=h0.dtype, device=h0.device)
     no_dropout = torch.ones((), dtype=c0.dtype, device=c0.device)
+    span = span_steps(batch, hidden)
+    span_first = -1  # the masks of positions span_first .. + span - 1 (none drawn yet)
+    drawn_cell = torch.empty(0, dtype=torch.bool)
+    drawn_hidden = torch.empty(0, dtype=torch.bool)
+    drawn_keep = torch.empty(0, dtype=torch.bool)
     outputs: List[torch.Tensor] = []
     for s in range(steps):
         t = steps - 1 - s if direction == 1 else s  # the position in the input
@@ -43,8 +48,12 @@ def lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.
         pre_i, pre_f, pre_g, pre_o = pre.chunk(4, dim=1)
         i, f, g, o = torch.sigmoid(pre_i), torch.sigmoid(pre_f), torch.tanh(pre_g), torch.sigmoid(pre_o)
         if training:
-            m_c, m_h, keep = masks(seed, layer, direction, t, batch, hidden, zoneout_cell, zoneout_hidden,
-                                   recurrent_dropout, mask_mode, x.device)
+            if span_first < 0 or t // span != span_first // span:
+                span_first = t // span * span
+                drawn_cell, drawn_hidden, drawn_keep = span_masks(
+                    seed, layer, direction, span_first, min(span, steps - span_first), batch, hidden, zoneout_cell,
+                    zoneout_hidden, recurrent_dropout, mask_mode, x.device)
+            m_c, m_h, keep = drawn_cell[t - span_first], drawn_hidden[t - span_first], drawn_keep[t - span_first]
             keep_cell = m_c.to(c.dtype)
             keep_hidden = m_h[:, : h.shape[1]].to(h.dtype)
             update_scale = keep.to(c.dtype) * (1.0 / (1.0 - recurrent_dropout))
@@ -102,6 +111,10 @@ def gru_rnn_layer(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: t
     h = h0
     expected_hidden = torch.full((), zoneout_hidden, dtype=h0.dtype, device=h0.device)
     no_dropout = torch.ones((), dtype=h0.dtype, device=h0.device)
+    span = span_steps(batch, hidden)
+    span_first = -1  # the masks of positions span_first .. + span - 1 (none drawn yet)
+    drawn_hidden = torch.empty(0, dtype=torch.bool)
+    drawn_keep = torch.empty(0, dtype=torch.bool)
     outputs: List[torch.Tensor] = []
     for s in range(steps):
         t = steps - 1 - s if direction == 1 else s  # the position in the input
@@ -109,8 +122,12 @@ def gru_rnn_layer(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: t
         if b_hh is not None:
             h_projection = h_projection + b_hh
         if training:
-            _, m_h, keep = masks(seed, layer, direction, t, batch, hidden, 0.0, zoneout_hidden,
-                                 recurrent_dropout, mask_mode, x.device)
+            if span_first < 0 or t // span != span_first // span:
+                span_first = t // span * span
+                _, drawn_hidden, drawn_keep = span_masks(seed, layer, direction, span_first,
+                                                       min(span, steps - span_first), batch, hidden, 0.0,
+                                                       zoneout_hidden, recurrent_dropout, mask_mode, x.device)
+            m_h, keep = drawn_hidden[t - span_first], drawn_keep[t - span_first]
             keep_hidden = m_h.to(h.dtype)
             update_scale = keep.to(h.dtype) * (1.0 / (1.0 - recurrent_dropout))
         else:  # evaluation: the mask's expectation
