@@ -400,3 +400,34 @@ def test_cell_bias_sum_follows_every_change_of_the_biases(backend):
         cell.float()
         h, _ = cell(x.float())
         assert h.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm-cell", "gru"])
+def test_torch_compile_does_not_compile_again(monkeypatch, backend, kind):
+    """The module loads its backend's op when built (and when moved), so the first call under
+    torch.compile finds it loaded, as it does the backend caches: dynamo compiles each frame once.
+    Loaded inside the first trace, they made the guards fail and the second call compile again."""
+    if backend != "reference":
+        _backend_or_skip(backend, "cpu")
+    from torch._dynamo.testing import CompileCounter
+
+    monkeypatch.setattr(ops.BACKENDS[backend], "_layer", None)  # as in a fresh process
+    monkeypatch.setattr(ops.BACKENDS[backend], "_gru_rnn_layer", None)
+    monkeypatch.setattr(ops, "_RESOLVED", {})
+    torch.manual_seed(0)
+    options = dict(zoneout_hidden=0.1, backend=backend)
+    model = {"lstm": lambda: zf.ZoneoutLSTM(3, 5, zoneout_cell=0.5, **options),
+             "lstm-cell": lambda: zf.ZoneoutLSTMCell(3, 5, zoneout_cell=0.5, **options),
+             "gru": lambda: zf.ZoneoutGRU(3, 5, **options)}[kind]()
+    x = torch.randn(4, 2, 3) if kind != "lstm-cell" else torch.randn(2, 3)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counter)
+    compiled(x)
+    frames = counter.frame_count
+    assert frames >= 1
+    for _ in range(2):
+        compiled(x)
+    assert counter.frame_count == frames
+    torch._dynamo.reset()

@@ -59,6 +59,30 @@ class _ZoneoutOptions:
         if name in _ZoneoutOptions._OPTION_NAMES:
             value = _check_option(name, value)
         super().__setattr__(name, value)
+        if name == "backend":
+            self._load_backend_ops()
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._load_backend_ops()  # (another device or dtype may run another backend)
+        return result
+
+    def _load_backend_ops(self) -> None:
+        """Loads the layer op that a forward on the parameters' device and dtype will run, now, while
+        no compiler traces: loaded by the first forward under torch.compile, it put the extension's
+        op registration and the backend caches into dynamo's trace, whose guards then failed on the
+        second call and compiled the forward again. A backend that cannot run here is left to the
+        forward, which raises the error with its message."""
+        parameters = self.__dict__.get("_parameters", {}).values()
+        weight = next((parameter for parameter in parameters if parameter is not None), None)
+        if weight is None or torch.compiler.is_compiling():
+            return
+        cell = getattr(self, "_cell", "lstm")
+        try:
+            resolve_backend(self.backend, weight.device, weight.dtype, projection=getattr(self, "proj_size", 0) > 0,
+                            cell=cell).load(cell)
+        except (RuntimeError, TypeError, ValueError, ImportError):
+            return
 
     def _set_zoneout_options(self, zoneout_cell, zoneout_hidden, recurrent_dropout, mask_mode, backend):
         self.zoneout_cell, self.zoneout_hidden, self.recurrent_dropout = zoneout_cell, zoneout_hidden, recurrent_dropout

@@ -329,14 +329,20 @@ class Backend:
     _layer: Optional[Callable] = None
     _gru_rnn_layer: Optional[Callable] = None
 
+    def load(self, cell: str = "lstm") -> None:
+        """Loads the layer op of `cell`'s kind ("lstm", or a GRU/RNN kind) if it is not yet."""
+        if cell == "lstm":
+            if self._layer is None:
+                self._layer = self.load_layer()
+        elif self._gru_rnn_layer is None:
+            self._gru_rnn_layer = self.load_gru_rnn_layer()
+
     def layer(self, *args):
-        if self._layer is None:
-            self._layer = self.load_layer()
+        self.load("lstm")
         return self._layer(*args)
 
     def gru_rnn_layer(self, *args):
-        if self._gru_rnn_layer is None:
-            self._gru_rnn_layer = self.load_gru_rnn_layer()
+        self.load("gru")
         return self._gru_rnn_layer(*args)
 
 
