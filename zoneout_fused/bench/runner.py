@@ -371,7 +371,7 @@ def round_order(peers: int, repeat: int) -> list[int]:
     after each other peer, equally often. Rotating one order, as before, kept every peer behind the
     same neighbour in every round."""
     first = [0] + [(k + 1) // 2 if k % 2 else peers - k // 2 for k in range(1, peers)]  # 0, 1, n-1, 2, n-2, ...
-    row = repeat % (2 * peers if peers % 2 else max(peers, 1))
+    row = repeat % (2 * peers if peers % 2 else peers)
     order = [(index + row) % peers for index in first]
     return order[::-1] if row >= peers else order
 
