@@ -72,9 +72,13 @@ using TileProductFn = void (*)(const TileOperands& o, int64_t depth);
 // rows of a panel (forward_panels), in registers.
 using TransposeFn = void (*)(const float* src, int64_t lds, float* dst, int64_t ldd);
 
+// out[k] += in[k] for k < n.
+using AddFn = void (*)(float* out, const float* in, int64_t n);
+
 struct TileKernels {
   int64_t lanes = 0;  // floats per vector; 0 where this instruction set has no tile kernels
   TransposeFn transpose = nullptr;
+  AddFn add = nullptr;
   // Where a thread's rows of the pre-activation gradients in one depth chunk of the weight gradients
   // exceed this many bytes, tiled_product packs them first (lstm_cpu.cpp). fwd+bwd backward, 2
   // threads: AVX2 (256-step chunks) B=32 T=100 H=256 20.9-21.4 ms against 23.9-24.2 unpacked and
@@ -206,8 +210,18 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
   }
 }
 
+#define ZF_ADD(NAME, TARGET, LANES, LOAD, ADD, STORE)                            \
+  TARGET inline void NAME(float* out, const float* in, int64_t n) {              \
+    int64_t k = 0;                                                               \
+    for (; k + LANES <= n; k += LANES) STORE(out + k, ADD(LOAD(out + k), LOAD(in + k))); \
+    for (; k < n; ++k) out[k] += in[k];                                          \
+  }
+ZF_ADD(add_avx512, ZF_TARGET_AVX512, 16, _mm512_loadu_ps, _mm512_add_ps, _mm512_storeu_ps)
+ZF_ADD(add_avx2, ZF_TARGET_AVX2_FMA, 8, _mm256_loadu_ps, _mm256_add_ps, _mm256_storeu_ps)
+#undef ZF_ADD
+
 // The table of one instruction set's instantiations.
-#define ZF_TILE_TABLE(NAME, FN, TRANSPOSE, PACK_ROWS_BYTES, INPUT_GRADIENT_VECTORS, WEIGHT_GRADIENT_VECTORS, \
+#define ZF_TILE_TABLE(NAME, FN, TRANSPOSE, ADD_FN, PACK_ROWS_BYTES, INPUT_GRADIENT_VECTORS, WEIGHT_GRADIENT_VECTORS, \
                       SPLIT_PANEL_BYTES, ROW_SPLIT_BYTES, LANES, REGISTERS)                             \
   template <int kVectors, int... kRowsMinus1>                                                       \
   void NAME##_fill(TileKernels& t, std::integer_sequence<int, kRowsMinus1...>) {                    \
@@ -219,6 +233,7 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
     TileKernels t;                                                                                  \
     t.lanes = LANES;                                                                                \
     t.transpose = TRANSPOSE;                                                                        \
+    t.add = ADD_FN;                                                                                 \
     t.pack_rows_bytes = PACK_ROWS_BYTES;                                                            \
     t.input_gradient_vectors = INPUT_GRADIENT_VECTORS;                                              \
     t.weight_gradient_vectors = WEIGHT_GRADIENT_VECTORS;                                            \
@@ -230,8 +245,8 @@ ZF_TARGET_AVX2_FMA inline void transpose_avx2(const float* src, int64_t lds, flo
     NAME##_fill<4>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 4)>());                  \
     return t;                                                                                       \
   }
-ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, 512 << 10, 4, 4, 128 << 10, 320 << 10, 16, 32)
-ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, 256 << 10, 2, 3, 0, 64 << 10, 8, 16)
+ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, add_avx512, 512 << 10, 4, 4, 128 << 10, 320 << 10, 16, 32)
+ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, add_avx2, 256 << 10, 2, 3, 0, 64 << 10, 8, 16)
 #undef ZF_TILE_TABLE
 #endif
 
