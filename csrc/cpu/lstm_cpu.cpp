@@ -36,6 +36,10 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 #include <algorithm>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
+#if defined(__unix__)
+#include <unistd.h>  // sysconf
+#endif
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -1197,12 +1201,40 @@ int64_t split_choice() { return split_setting.get(); }
 // T=50 I=64 H=512 (295 KB a row forward, 256 KB backward) to rows: in one process, the split set call
 // by call, forward 1-5% and fwd+bwd 2-7% faster by rows in every one of 5 and 4 runs; B=20 H=384 and
 // B=12 H=256, which it also moves, were level (within 2%).
+//
+// Split by rows, every thread reads all the panels every step, from L3 where they overflow a core's L2.
+// The bounds above were measured on a Zen 5, whose L3 (within the core's CCX) fed that fast enough. An
+// Intel Xeon's mesh L3 does not. On a 2-vCPU Xeon (2 MB L2 a core), B=32 T=50 I=64, interleaved with
+// nn.LSTM in a balanced order, ratios to it by units / by rows (forward panels' size): H=512 (4.7 MB)
+// fwd 0.93-1.00 / 0.92-0.97, fwd+bwd 0.92-0.96 / 0.89-0.93; H=384 (2.75 MB) fwd 1.08-1.21 / 0.98-1.12,
+// fwd+bwd 1.03-1.05 / 0.99-1.01; H=320 (1.97 MB) fwd 1.07-1.12 / 1.03-1.06, fwd+bwd 0.97-1.02 /
+// 0.94-0.99; H=288 (1.62 MB) level; H=256 (1.31 MB) by rows ahead, fwd 1.15 against 1.06 (T=100: 1.12
+// against 1.08). So on Intel CPUs the panels must also come to at most 3/4 of a core's L2, the rest
+// left to the states and gates the loop reads beside them (row_split_panel_limit).
+int64_t row_split_panel_limit() {
+  static const int64_t limit = [] {
+    const int64_t unbounded = std::numeric_limits<int64_t>::max();
+#if defined(ZF_X86_PHILOX)
+    __builtin_cpu_init();
+    if (!__builtin_cpu_is("intel")) return unbounded;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long l2_bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);  // glibc, from cpuid; 0 or -1 where unknown
+    if (l2_bytes > 0) return int64_t(l2_bytes) * 3 / 4;
+#endif
+    return int64_t(3) << 18;  // unknown: 3/4 of the smallest L2 of the Xeons with AVX-512 (Skylake-SP, 1 MB)
+#else
+    return unbounded;
+#endif
+  }();
+  return limit;
+}
+
 LoopSplit loop_split(const TileKernels& tiles, int64_t batch, int64_t panel_bytes) {
   const int64_t choice = split_choice();
   if (choice != kSplitAuto) return choice == kSplitRows ? LoopSplit::kRows : LoopSplit::kUnits;
   const int64_t threads = fused_region_threads(), rows = batch / threads;
-  return threads > 1 && rows >= 2 && panel_bytes <= rows * tiles.row_split_bytes ? LoopSplit::kRows
-                                                                                 : LoopSplit::kUnits;
+  const bool rows_pay = panel_bytes <= rows * tiles.row_split_bytes && panel_bytes <= row_split_panel_limit();
+  return threads > 1 && rows >= 2 && rows_pay ? LoopSplit::kRows : LoopSplit::kUnits;
 }
 
 // Runs body(part) on each thread of one parallel region: the `tiles` tiles of `units` units split
