@@ -1281,6 +1281,7 @@ inline void product_in_sums(const TileKernels& tiles, int64_t vectors, int64_t r
     TileOperands part = o;
     part.a += k0 * o.ldk;
     part.panel += k0 * o.ldp;
+    part.lead.depth = 0;
     tiles.get(vectors, rows, /*add=*/true)(part, std::min(kSumSteps, depth - k0));
   }
 }
@@ -1289,9 +1290,11 @@ inline void product_in_sums(const TileKernels& tiles, int64_t vectors, int64_t r
 // recurrent product's columns of those panels' units. Panels whose units all lie below H are
 // accumulated in place; the last one, past H, through a zero-padded copy. With `start` (one
 // row laid out like dst's), dst's columns are set to start + the product: dst's contents unread.
+// With `lead` (its panel: panels laid out like `panels`, lead->depth steps each), each chain runs
+// through lead's rows times its panels first (TileOperands::lead).
 inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda, int64_t depth, const float* panels,
                           int64_t first, int64_t last, PanelLayout layout, int64_t hidden, int64_t batch, float* dst,
-                          int64_t row_stride, const float* start = nullptr) {
+                          int64_t row_stride, const float* start = nullptr, const LeadSegment* lead = nullptr) {
   const int64_t lanes = tiles.lanes, vectors = layout.vectors;
   const int64_t units = layout.units(lanes), ldc_vector = layout.vector_offset(1, lanes, hidden);
   const int64_t panel_bytes = depth * vectors * lanes * int64_t(sizeof(float));
@@ -1301,18 +1304,26 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
   const int64_t part = vectors / split;  // vectors per product: see TileKernels::split_panel_bytes
   const RowBlocks blocks(batch, tiles.max_rows[part - 1]);
   alignas(64) float padded[kMaxTileRows * kMaxTileVectors * kMaxTileLanes];
+  const int64_t lead_depth = lead != nullptr ? lead->depth : 0;
   for (int64_t u = first; u < last; ++u) {
     const float* panel = panels + u * depth * vectors * lanes;
+    const float* lead_panel = lead_depth > 0 ? lead->panel + u * lead_depth * vectors * lanes : nullptr;
     const int64_t j0 = u * units;
     for (int64_t i = 0; i < blocks.count; ++i) {  // the panel is reused across row blocks (L1 or L2)
       const int64_t b0 = blocks.start(i), rows = blocks.rows(i);
       float* out = dst + b0 * row_stride + j0;
+      // The lead segment of vectors [v0, v0 + part) of this block's rows.
+      const auto lead_of = [&](int64_t v0) {
+        return lead_depth > 0 ? LeadSegment{lead->a + b0 * lead->lda, lead->lda, lead_panel + v0 * lanes, lead_depth}
+                              : LeadSegment{nullptr, 0, nullptr, 0};
+      };
       if (j0 + units <= hidden) {
         for (int64_t h = 0; h < split; ++h) {
           const int64_t v0 = h * part;
           product_in_sums(tiles, part, rows,
                           {a + b0 * lda, lda, 1, panel + v0 * lanes, vectors * lanes, out + v0 * ldc_vector,
-                           row_stride, ldc_vector, start != nullptr ? start + j0 + v0 * ldc_vector : nullptr},
+                           row_stride, ldc_vector, start != nullptr ? start + j0 + v0 * ldc_vector : nullptr,
+                           lead_of(v0)},
                           depth);
         }
         continue;
@@ -1332,7 +1343,7 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
         const int64_t v0 = h * part;
         product_in_sums(tiles, used, rows,
                         {a + b0 * lda, lda, 1, panel + v0 * lanes, vectors * lanes, padded + v0 * lanes,
-                         vectors * lanes, lanes},
+                         vectors * lanes, lanes, nullptr, lead_of(v0)},
                         depth);
       }
       for (int64_t r = 0; r < rows; ++r)
@@ -1691,10 +1702,10 @@ inline void prefetch_step(std::initializer_list<StepRows> rows, int64_t t, const
   }
 }
 
-// The input part x_t W_ih^T + bias of a step, formed in the fused loop just before the recurrent
-// part, by the same threads on the same units. A separate projection of all steps first wrote
-// [T, B, 4H] out and the loop read it back: forward 4% slower at B=32 T=100 H=256 and at B=64
-// T=50 H=128 (same-phase A/B, 2 threads; equal at B=32 T=50 H=256).
+// The input part x_t W_ih^T + bias of a step, formed in the fused loop by the same threads on the same
+// units, in the same chains as the recurrent part, just before it (TileOperands::lead). A separate
+// projection of all steps first wrote [T, B, 4H] out and the loop read it back: forward 4% slower at
+// B=32 T=100 H=256 and at B=64 T=50 H=128 (same-phase A/B, 2 threads; equal at B=32 T=50 H=256).
 struct StepInput {
   const float* x;  // [T, B, I]
   const Tensor* w_ih;
@@ -1730,11 +1741,14 @@ void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t ga
       const int64_t t = step_position(s, steps, p.direction);
       const float* hp = s == 0 ? h0 : y + step_position(s - 1, steps, p.direction) * state;
       float* dst = destination(s, t, part) + b0 * row_stride;
-      if (input != nullptr)  // the step's input part first: the same FMA chain as a projection of all steps
-        tile_products(tiles, input->x + (t * batch + b0) * input_size, input_size, input_size, input_panels_p,
-                      part.first, part.last, layout, hidden, part.rows(), dst, row_stride, start);
-      tile_products(tiles, hp + b0 * hidden, hidden, hidden, panels_p, part.first, part.last, layout, hidden,
-                    part.rows(), dst, row_stride);
+      if (input != nullptr) {  // the step's input part first, in the same chains (TileOperands::lead)
+        const LeadSegment lead{input->x + (t * batch + b0) * input_size, input_size, input_panels_p, input_size};
+        tile_products(tiles, hp + b0 * hidden, hidden, hidden, panels_p, part.first, part.last, layout, hidden,
+                      part.rows(), dst, row_stride, start, &lead);
+      } else {
+        tile_products(tiles, hp + b0 * hidden, hidden, hidden, panels_p, part.first, part.last, layout, hidden,
+                      part.rows(), dst, row_stride);
+      }
       if (part.j0 < part.j1) {
         element(s, t, hp, part);
         if (s + 1 < steps) prefetch_step(step_rows, step_position(s + 1, steps, p.direction), part, hidden);

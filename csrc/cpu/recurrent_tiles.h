@@ -48,10 +48,21 @@ constexpr int kMaxTileVectors = 4;
 constexpr int kMaxTileRows = 16;
 constexpr int kMaxTileLanes = 16;
 
+// A segment of a product's depth that comes first, from operands of its own (TileOperands::lead).
+struct LeadSegment {
+  const float* a;      // rows lda apart, depth steps ldk apart (TileOperands' ldk)
+  int64_t lda;
+  const float* panel;  // depth steps ldp apart (TileOperands' ldp)
+  int64_t depth;
+};
+
 // The operands of one tile product: rows r < kRows of a (element k at a[r * lda + k * ldk]), a
 // panel of V vectors per depth step k (at panel[k * ldp + v * lanes]), and the destination tile
 // (c[r * ldc_row + v * ldc_vector + l]); `start`, when set, is one row (start[v * ldc_vector + l])
 // that every row's chains start from instead of c's contents (a bias: c need not be written first).
+// `lead` (depth > 0) is a segment the chains run through before a and panel: the LSTM's input part
+// x_t W_ih^T before the recurrent h_{t-1} W_hh^T, one chain through both (the bits of the two as
+// separate products, the first stored and read back, without that store and a second pass).
 struct TileOperands {
   const float* a;
   int64_t lda, ldk;
@@ -60,12 +71,14 @@ struct TileOperands {
   float* c;
   int64_t ldc_row, ldc_vector;
   const float* start = nullptr;
+  LeadSegment lead = {nullptr, 0, nullptr, 0};
 };
 
 // c[r][v][l] = (start ? start[v][l] : c[r][v][l]) + the sum over k < depth, in order (one FMA
-// chain), of a[r][k] * panel[k][v][l], for r < rows, v < V, l < lanes. The adding form (TileKernels::
-// product_add) forms the sum from zero and then adds it to c[r][v][l] (`start` unread): a partial sum,
-// so that a long sum is not one chain (see lstm_cpu.cpp's kSumSteps).
+// chain), of a[r][k] * panel[k][v][l], for r < rows, v < V, l < lanes, that chain first running
+// through lead's depth steps likewise. The adding form (TileKernels::product_add) forms the sum from
+// zero and then adds it to c[r][v][l] (`start` and `lead` unread): a partial sum, so that a long sum is
+// not one chain (see lstm_cpu.cpp's kSumSteps).
 using TileProductFn = void (*)(const TileOperands& o, int64_t depth);
 
 // dst[k * ldd + v] = src[v * lds + k] for v, k < lanes: a square block of a weight turned into
@@ -136,17 +149,21 @@ struct TileKernels {
           acc[r][v] = LOAD(c0 + r * ldc0 + v * o.ldc_vector);                                             \
         }                                                                                                 \
       }                                                                                                   \
-    const float* a_k = o.a;                                                                               \
-    const float* w_k = o.panel;                                                                           \
-    for (int64_t k = 0; k < depth; ++k, a_k += o.ldk, w_k += o.ldp) {                                    \
-      V w[kVectors];                                                                                      \
-      for (int v = 0; v < kVectors; ++v) {                                                                \
-        w[v] = LOAD(w_k + v * LANES);                                                                     \
-        if constexpr (kPin) asm("" : "+v"(w[v])); /* in a register from here: see pin_panel */            \
-      }                                                                                                   \
-      for (int r = 0; r < kRows; ++r) {                                                                   \
-        const V a_rk = SET1(a_k[r * o.lda]);                                                              \
-        for (int v = 0; v < kVectors; ++v) acc[r][v] = FMA(a_rk, w[v], acc[r][v]);                        \
+    const bool lead = !kAdd && o.lead.depth > 0;                                                          \
+    for (int segment = lead ? 0 : 1; segment < 2; ++segment) {                                            \
+      const float* a_k = segment == 0 ? o.lead.a : o.a;                                                   \
+      const float* w_k = segment == 0 ? o.lead.panel : o.panel;                                           \
+      const int64_t lda = segment == 0 ? o.lead.lda : o.lda, steps = segment == 0 ? o.lead.depth : depth; \
+      for (int64_t k = 0; k < steps; ++k, a_k += o.ldk, w_k += o.ldp) {                                  \
+        V w[kVectors];                                                                                    \
+        for (int v = 0; v < kVectors; ++v) {                                                              \
+          w[v] = LOAD(w_k + v * LANES);                                                                   \
+          if constexpr (kPin) asm("" : "+v"(w[v])); /* in a register from here: see pin_panel */          \
+        }                                                                                                 \
+        for (int r = 0; r < kRows; ++r) {                                                                 \
+          const V a_rk = SET1(a_k[r * lda]);                                                              \
+          for (int v = 0; v < kVectors; ++v) acc[r][v] = FMA(a_rk, w[v], acc[r][v]);                      \
+        }                                                                                                 \
       }                                                                                                   \
     }                                                                                                     \
     for (int r = 0; r < kRows; ++r)                                                                       \
