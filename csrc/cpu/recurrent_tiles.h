@@ -72,6 +72,10 @@ struct TileOperands {
   int64_t ldc_row, ldc_vector;
   const float* start = nullptr;
   LeadSegment lead = {nullptr, 0, nullptr, 0};
+  // Where set, a panel laid out like `panel` that the product asks L2 for as it goes, depth step k's
+  // vectors at step k (_MM_HINT_T1): the next tile's, while it comes from L3 (lstm_cpu.cpp's
+  // tile_products).
+  const float* prefetch = nullptr;
 };
 
 // c[r][v][l] = (start ? start[v][l] : c[r][v][l]) + the sum over k < depth, in order (one FMA
@@ -154,7 +158,13 @@ struct TileKernels {
       const float* a_k = segment == 0 ? o.lead.a : o.a;                                                   \
       const float* w_k = segment == 0 ? o.lead.panel : o.panel;                                           \
       const int64_t lda = segment == 0 ? o.lead.lda : o.lda, steps = segment == 0 ? o.lead.depth : depth; \
+      const float* prefetch_k = segment == 1 ? o.prefetch : nullptr;                                      \
       for (int64_t k = 0; k < steps; ++k, a_k += o.ldk, w_k += o.ldp) {                                  \
+        if (prefetch_k != nullptr) {                                                                      \
+          for (int v = 0; v < kVectors; ++v)                                                              \
+            _mm_prefetch(reinterpret_cast<const char*>(prefetch_k + v * LANES), _MM_HINT_T1);             \
+          prefetch_k += o.ldp;                                                                            \
+        }                                                                                                 \
         V w[kVectors];                                                                                    \
         for (int v = 0; v < kVectors; ++v) {                                                              \
           w[v] = LOAD(w_k + v * LANES);                                                                   \
