@@ -1213,20 +1213,28 @@ int64_t split_choice() { return split_setting.get(); }
 // left to the states and gates the loop reads beside them.
 // l2_panel_limit: the most bytes of panels a thread's loop counts on L2 keeping, past which they stream
 // from a slow L3 (unbounded where that was not seen: AMD, other CPUs).
+// Whether the CPU is Intel's: choices measured to differ there from a Zen's (l2_panel_limit,
+// pack_rows_threshold).
+bool intel_cpu() {
+#if defined(ZF_X86_PHILOX)
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") > 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
 int64_t l2_panel_limit() {
   static const int64_t limit = [] {
-    const int64_t unbounded = std::numeric_limits<int64_t>::max();
-#if defined(ZF_X86_PHILOX)
-    __builtin_cpu_init();
-    if (!__builtin_cpu_is("intel")) return unbounded;
+    if (!intel_cpu()) return std::numeric_limits<int64_t>::max();
 #if defined(_SC_LEVEL2_CACHE_SIZE)
     const long l2_bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);  // glibc, from cpuid; 0 or -1 where unknown
     if (l2_bytes > 0) return int64_t(l2_bytes) * 3 / 4;
 #endif
     return int64_t(3) << 18;  // unknown: 3/4 of the smallest L2 of the Xeons with AVX-512 (Skylake-SP, 1 MB)
-#else
-    return unbounded;
-#endif
   }();
   return limit;
 }
@@ -1459,6 +1467,16 @@ constexpr int64_t kSmallOutputChunkBytes = 64 << 10;
 // bytes, each reused from L2 across every column tile.
 constexpr int64_t kPackedRowsBytes = 256 << 10;
 
+// A thread's rows of a in a chunk are packed past this many bytes: TileKernels::pack_rows_bytes, measured
+// on a Zen 5; on Intel CPUs past 64 KB for either instruction set. On a 2-vCPU Xeon, AVX-512, backward
+// alone, alternating processes (lower quartiles), packed / as before: B=32 T=50 I=64 H=512 (512 KB a
+// thread) 42.6-43.2 ms / 44.1-45.8, B=32 T=100 H=256 (256 KB) 22.9-23.0 / 25.7-25.8, B=64 T=50 I=32
+// H=128 6.5-6.9 / 7.1-7.3, H=384 2-4% faster; B=32 T=50 H=64 (64 KB) 1.6-1.9 / 1.5-1.6, so not there.
+// AVX2 (packing past 256 KB) level at H=64 (175 KB) and H=512.
+int64_t pack_rows_threshold(const TileKernels& tiles) {
+  return intel_cpu() ? std::min<int64_t>(tiles.pack_rows_bytes, 64 << 10) : tiles.pack_rows_bytes;
+}
+
 // A depth chunk of a tiled_product: its first step's a and b, its steps, and whether it is the
 // product's first (whose sums are stored in out rather than added to it).
 struct DepthChunk {
@@ -1563,12 +1581,13 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   const int64_t max_rows = tiles.max_rows[vectors - 1];
   const RowBlocks blocks(n, max_rows);
   // Where a is read across its rows (a_row 1: the weight gradients, a the pre-activation gradients,
-  // rows G*H floats apart) and a thread's rows of a chunk exceed TileKernels::pack_rows_bytes, they
+  // rows G*H floats apart) and a thread's rows of a chunk exceed pack_rows_threshold, they
   // are copied first, a group of row blocks at a time, each depth step's rows ld_packed floats apart:
   // read in place, a block's depth steps lay 4-8 KB apart (H >= 256), in one or two of L1's sets, and
   // a thread's chunk of them did not stay in L2 for the next column tile.
   const int64_t group_blocks = std::max<int64_t>(1, kPackedRowsBytes / (chunk * max_rows * int64_t(sizeof(float))));
-  const bool may_pack = a_row == 1 && a_depth > 1 && n * chunk * int64_t(sizeof(float)) > tiles.pack_rows_bytes;
+  const int64_t pack_bytes = pack_rows_threshold(tiles);
+  const bool may_pack = a_row == 1 && a_depth > 1 && n * chunk * int64_t(sizeof(float)) > pack_bytes;
   const int64_t packed_floats = (group_blocks * max_rows + 32) * chunk;  // ld_packed's rounding included
   const Tensor packs = may_pack ? pooled_empty({fused_region_threads(), packed_floats},
                                                 at::TensorOptions().dtype(at::kFloat))
@@ -1594,7 +1613,7 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
     // A chunk of depth steps, then every column tile: a's part in the chunk is read from memory once
     // and from the caches for the other column tiles.
     for (const DepthChunk& part : chunks) {
-      const bool pack = may_pack && thread_rows * part.depth * int64_t(sizeof(float)) > tiles.pack_rows_bytes;
+      const bool pack = may_pack && thread_rows * part.depth * int64_t(sizeof(float)) > pack_bytes;
       const int64_t group = pack ? group_blocks : std::max<int64_t>(1, last - first);
       for (int64_t g0 = first; g0 < last; g0 += group) {
         const int64_t g1 = std::min(last, g0 + group), group_r0 = blocks.start(g0);
