@@ -1187,6 +1187,20 @@ NamedSetting<3> split_setting("ZONEOUT_FUSED_CPU_SPLIT", "split", {"units", "row
 
 int64_t split_choice() { return split_setting.get(); }
 
+// Whether the CPU is Intel's: choices measured to differ there from a Zen's (l2_panel_limit,
+// pack_rows_threshold).
+bool intel_cpu() {
+#if defined(ZF_X86_PHILOX)
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") > 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
 // "auto" splits by rows where the loop's panels (`panel_bytes`, all of them) come to at most
 // TileKernels::row_split_bytes per row of a thread, and each thread has at least 2 rows; one thread
 // runs by units (no barrier to save, and the backward's bias sums stay inside its loop). 2 threads,
@@ -1213,20 +1227,6 @@ int64_t split_choice() { return split_setting.get(); }
 // left to the states and gates the loop reads beside them.
 // l2_panel_limit: the most bytes of panels a thread's loop counts on L2 keeping, past which they stream
 // from a slow L3 (unbounded where that was not seen: AMD, other CPUs).
-// Whether the CPU is Intel's: choices measured to differ there from a Zen's (l2_panel_limit,
-// pack_rows_threshold).
-bool intel_cpu() {
-#if defined(ZF_X86_PHILOX)
-  static const bool intel = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("intel") > 0;
-  }();
-  return intel;
-#else
-  return false;
-#endif
-}
-
 int64_t l2_panel_limit() {
   static const int64_t limit = [] {
     if (!intel_cpu()) return std::numeric_limits<int64_t>::max();
@@ -1773,14 +1773,11 @@ void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t ga
       const int64_t t = step_position(s, steps, p.direction);
       const float* hp = s == 0 ? h0 : y + step_position(s - 1, steps, p.direction) * state;
       float* dst = destination(s, t, part) + b0 * row_stride;
-      if (input != nullptr) {  // the step's input part first, in the same chains (TileOperands::lead)
-        const LeadSegment lead{input->x + (t * batch + b0) * input_size, input_size, input_panels_p, input_size};
-        tile_products(tiles, hp + b0 * hidden, hidden, hidden, panels_p, part.first, part.last, layout, hidden,
-                      part.rows(), dst, row_stride, start, &lead);
-      } else {
-        tile_products(tiles, hp + b0 * hidden, hidden, hidden, panels_p, part.first, part.last, layout, hidden,
-                      part.rows(), dst, row_stride);
-      }
+      // The step's input part (if any) first, in the same chains (TileOperands::lead).
+      const LeadSegment lead{input != nullptr ? input->x + (t * batch + b0) * input_size : nullptr, input_size,
+                             input_panels_p, input_size};
+      tile_products(tiles, hp + b0 * hidden, hidden, hidden, panels_p, part.first, part.last, layout, hidden,
+                    part.rows(), dst, row_stride, start, input != nullptr ? &lead : nullptr);
       if (part.j0 < part.j1) {
         element(s, t, hp, part);
         if (s + 1 < steps) prefetch_step(step_rows, step_position(s + 1, steps, p.direction), part, hidden);
