@@ -1480,20 +1480,21 @@ int64_t l1_data_bytes() {
 }
 
 // A thread's rows of a in a chunk are packed past this many bytes: TileKernels::pack_rows_bytes, measured
-// on a Zen 5 (48 KB of L1 a core); on Intel CPUs, and on CPUs with at most 32 KB of L1, past 64 KB for
-// either instruction set. Read in place, a row block's depth steps lie G*H floats apart (8 KB at H = 512),
-// all in one of L1's sets, which a Zen 5's 12 ways held better than the Xeon's and a Zen 4's 8 ways.
+// on a Zen 5 (48 KB of L1 a core); past 64 KB on Intel CPUs, and for AVX-512 on CPUs with at most 32 KB
+// of L1. Read in place, a row block's depth steps lie G*H floats apart (8 KB at H = 512), in one of L1's
+// sets, which a Zen 5's 12 ways held better than the Xeon's and a Zen 4's 8 ways.
 // On a 2-vCPU Xeon, AVX-512, backward alone, alternating processes (lower quartiles), packed / as before:
 // B=32 T=50 I=64 H=512 (512 KB a thread) 42.6-43.2 ms / 44.1-45.8, B=32 T=100 H=256 (256 KB) 22.9-23.0 /
 // 25.7-25.8, B=64 T=50 I=32 H=128 6.5-6.9 / 7.1-7.3, H=384 2-4% faster; B=32 T=50 H=64 (64 KB) 1.6-1.9 /
-// 1.5-1.6, so not there. AVX2 (packing past 256 KB) level at H=64 (175 KB) and H=512. On a 2-vCPU Zen 4
-// (32 KB of L1, 8 ways), AVX-512, the packing set call by call in one process, medians of 16-20, the
-// weight gradients: H=512 24.8-25.4 ms against 26.3-27.6, B=32 T=100 H=256 13.0 against 14.7, B=32 T=50
-// H=128 2.53 against 2.69, B=64 T=50 H=128 level; AVX2 level (H=256 17.6 against 18.3, H=512 33.5 / 33.6).
+// 1.5-1.6, so not there. AVX2 (packing past 256 KB) level at H=64 (175 KB) and H=512.
+// On a 2-vCPU Zen 4 (32 KB of L1, 8 ways), the packing set call by call in one process, 40 rounds, the
+// weight gradients' time as before / packed, per round: AVX-512 B=32 T=50 I=64 H=512 1.03-1.16 (median
+// 1.07; 26.6 ms against 24.6), B=32 T=100 H=256 1.02-1.22 (1.07; 14.6 against 13.3); AVX2, whose default
+// packs past 256 KB, 0.84-1.02 (0.985) and 0.88-1.09 (0.96), so it keeps that.
 int64_t pack_rows_threshold(const TileKernels& tiles) {
   const int64_t l1 = l1_data_bytes();
-  const bool small_l1 = l1 > 0 && l1 <= (32 << 10);
-  return intel_cpu() || small_l1 ? std::min<int64_t>(tiles.pack_rows_bytes, 64 << 10) : tiles.pack_rows_bytes;
+  const bool small_l1_avx512 = tiles.lanes == 16 && l1 > 0 && l1 <= (32 << 10);
+  return intel_cpu() || small_l1_avx512 ? std::min<int64_t>(tiles.pack_rows_bytes, 64 << 10) : tiles.pack_rows_bytes;
 }
 
 // A depth chunk of a tiled_product: its first step's a and b, its steps, and whether it is the
