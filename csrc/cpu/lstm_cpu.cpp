@@ -1480,9 +1480,9 @@ int64_t l1_data_bytes() {
 }
 
 // A thread's rows of a in a chunk are packed past this many bytes: TileKernels::pack_rows_bytes, measured
-// on a Zen 5 (48 KB of L1 a core); past 64 KB on Intel CPUs, and for AVX-512 on CPUs with at most 32 KB
-// of L1. Read in place, a row block's depth steps lie G*H floats apart (8 KB at H = 512), in one of L1's
-// sets, which a Zen 5's 12 ways held better than the Xeon's and a Zen 4's 8 ways.
+// on a Zen 5 (48 KB of L1 a core, 12 ways); past 64 KB on Intel CPUs, and for AVX-512 (16-lane tiles) on
+// CPUs with at most 32 KB of L1, as a Zen 4 (8 ways). Read in place, a row block's depth steps lie G*H
+// floats apart (8 KB at H = 512), all in one of L1's sets.
 // On a 2-vCPU Xeon, AVX-512, backward alone, alternating processes (lower quartiles), packed / as before:
 // B=32 T=50 I=64 H=512 (512 KB a thread) 42.6-43.2 ms / 44.1-45.8, B=32 T=100 H=256 (256 KB) 22.9-23.0 /
 // 25.7-25.8, B=64 T=50 I=32 H=128 6.5-6.9 / 7.1-7.3, H=384 2-4% faster; B=32 T=50 H=64 (64 KB) 1.6-1.9 /
