@@ -300,6 +300,8 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
   m.def("_set_cpu_loop(int loop) -> int");
   m.def("_cpu_split() -> int");
   m.def("_set_cpu_split(int split) -> int");
+  m.def("_cpu_panels() -> int");
+  m.def("_set_cpu_panels(int panels) -> int");
   // Test hook: the bytes of freed forward outputs kept for reuse.
   m.def("_cpu_pooled_bytes() -> int");
   m.def("_cpu_empty_cache() -> ()");
@@ -333,6 +335,8 @@ TORCH_LIBRARY_IMPL(zoneout_fused, CompositeExplicitAutograd, m) {
   m.impl("_set_cpu_loop", &zoneout_cpu::set_cpu_loop);
   m.impl("_cpu_split", &zoneout_cpu::cpu_split);
   m.impl("_set_cpu_split", &zoneout_cpu::set_cpu_split);
+  m.impl("_cpu_panels", &zoneout_cpu::cpu_panels);
+  m.impl("_set_cpu_panels", &zoneout_cpu::set_cpu_panels);
   m.impl("_cpu_pooled_bytes", &zoneout_cpu::pooled_bytes);
   m.impl("_cpu_empty_cache", &zoneout_cpu::empty_cache);
 }

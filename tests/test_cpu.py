@@ -121,7 +121,7 @@ def test_lengths_match_reference(mask_mode, direction, dtype, loop):
     (63, 2, 3, 70),   # long odd T; H spans two mask chunks
     (5, 20, 3, 70),   # B*H above the parallel grain: several threads share a step
     (4, 1, 1, 1),     # H = 1, I = 1
-    (3, 13, 5, 520),  # AVX-512 fused forward: a recurrent panel past 128 KB, formed in half tiles; a padded last tile
+    (3, 13, 5, 520),  # AVX-512 fused forward: a recurrent panel past 128 KB (half tiles where "auto" takes them); a padded last tile
     (4, 6, 70, 104),  # the input gradient in column tiles of copied W_ih rows, the last zero-padded; the
                       # weight gradients' last column tiles narrower (AVX-512 grad W_hh: 64 + 40 in 3 vectors)
 ], ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
@@ -767,10 +767,29 @@ def test_fused_loop_is_independent_of_the_layout(shape, lengths, direction):
     assert_same_bits(RESULT_NAMES, results)
 
 
+@pytest.mark.parametrize("isa", ("avx2", "avx512"), indirect=True)  # the tile kernels' instruction sets
+@pytest.mark.parametrize("shape", [(6, 13, 5, 100), (3, 13, 5, 520)], ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+def test_forward_panels_whole_or_half_give_the_same_bits(shape, isa):
+    """The fused forward forms a tile's products over all its gate vectors at once, or over half of them
+    at a time in twice the example rows (cpu_panels: "auto" takes halves for large panels, on some CPUs
+    only): each output is the same FMA chain either way. H = 100: a padded last tile; H = 520: past
+    AVX-512's 128 KB panels; B = 13: a short last row block in both."""
+    tensors = make_inputs(*shape, torch.float32)
+    results = {}
+    for panels in ("whole", "half", "auto"):
+        with cpu_isa.use_cpu_loop("fused"), cpu_isa.use_cpu_panels(panels):
+            results[panels] = _flat(run(cpu_layer, tensors, zoneout_cell=0.5, zoneout_hidden=0.05,
+                                        recurrent_dropout=0.1))
+    assert_same_bits(RESULT_NAMES, results)
+    with cpu_isa.use_cpu_loop("fused"), cpu_isa.use_cpu_panels("half"):
+        assert_same_as_reference(tensors, torch.float32, zoneout_cell=0.5, zoneout_hidden=0.05)
+
+
 # The named settings of the fused loop (csrc/cpu/setting.h, NamedSetting): (name, its choices, an
 # invalid one, its environment variable).
 NAMED_SETTINGS = [("loop", cpu_isa.CPU_LOOPS, "unrolled", "ZONEOUT_FUSED_CPU_LOOP"),
-                  ("split", cpu_isa.CPU_SPLITS, "columns", "ZONEOUT_FUSED_CPU_SPLIT")]
+                  ("split", cpu_isa.CPU_SPLITS, "columns", "ZONEOUT_FUSED_CPU_SPLIT"),
+                  ("panels", cpu_isa.CPU_PANELS, "quarter", "ZONEOUT_FUSED_CPU_PANELS")]
 
 
 @pytest.mark.parametrize("name, choices, invalid, variable", NAMED_SETTINGS, ids=[s[0] for s in NAMED_SETTINGS])

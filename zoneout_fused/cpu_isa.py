@@ -146,6 +146,29 @@ def use_cpu_split(split: str) -> contextlib.AbstractContextManager:
     return _using(set_cpu_split, split)
 
 
+# How the fused forward forms the products of a tile of units whose panel (its columns of W_hh, one
+# vector a gate) is large (csrc/cpu/lstm_cpu.h): "whole" (all the tile's gate vectors at once), "half"
+# (half of them at a time, in twice the example rows; at every size, for the LSTM's four gates) or "auto"
+# (the default: halves from 128 KB of panel a tile under AVX-512, except on a Zen 4). The results are the
+# same bits either way. The environment variable ZONEOUT_FUSED_CPU_PANELS (auto, whole, half) is read at
+# first use.
+CPU_PANELS = ("whole", "half", "auto")
+
+
+def cpu_panels() -> str:
+    return CPU_PANELS[_ops()._cpu_panels()]
+
+
+def set_cpu_panels(panels: str) -> str:
+    """Makes the fused forward form its tiles' products by `panels`; returns the previous choice."""
+    return CPU_PANELS[_ops()._set_cpu_panels(_code("panels", CPU_PANELS, panels))]
+
+
+def use_cpu_panels(panels: str) -> contextlib.AbstractContextManager:
+    """Runs the block's fused forwards with `panels`, then restores the previous choice."""
+    return _using(set_cpu_panels, panels)
+
+
 def empty_cache() -> None:
     """Frees the memory the CPU kernels keep between calls (like torch.cuda.empty_cache): freed
     forward outputs kept for the next call's outputs (up to 64 MB: reused, their pages need not be

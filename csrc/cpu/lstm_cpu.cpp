@@ -50,6 +50,7 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 // is tested on any machine that can run it, whatever the best one there is. setup.py builds
 // for the baseline ISA.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define ZF_X86_PHILOX 1
 #define ZF_TARGET_AVX512 __attribute__((target("avx512f")))
@@ -1201,6 +1202,26 @@ bool intel_cpu() {
 #endif
 }
 
+// Whether the CPU is a Zen 4 (AMD family 0x19 with AVX-512; its Zen 3 siblings have none), which runs
+// AVX-512 on 256-bit units: a 16-lane FMA holds both FMA pipes, so a core's FMA peak is the same under
+// either instruction set (about 113 GFLOP/s a core on a 2-vCPU EPYC) and half a Zen 5's per cycle.
+// Choices measured to differ there (split_panel_threshold).
+bool zen4_cpu() {
+#if defined(ZF_X86_PHILOX)
+  static const bool zen4 = [] {
+    __builtin_cpu_init();
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__builtin_cpu_is("amd") <= 0 || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+    const unsigned base_family = (eax >> 8) & 0xF, family = base_family == 0xF ? base_family + ((eax >> 20) & 0xFF)
+                                                                                 : base_family;
+    return family == 0x19 && __builtin_cpu_supports("avx512f") > 0;
+  }();
+  return zen4;
+#else
+  return false;
+#endif
+}
+
 // "auto" splits by rows where the loop's panels (`panel_bytes`, all of them) come to at most
 // TileKernels::row_split_bytes per row of a thread, and each thread has at least 2 rows; one thread
 // runs by units (no barrier to save, and the backward's bias sums stay inside its loop). 2 threads,
@@ -1282,6 +1303,23 @@ struct PanelLayout {
 constexpr int64_t kSumSteps = 512;
 constexpr int64_t kMaxChunkSteps = 1024;
 
+// "auto" (lstm_cpu.h, cpu_panels): forward panels of at least TileKernels::split_panel_bytes (measured on
+// a Zen 5) are formed half their vectors at a time, but never on a Zen 4. Presumably there the half
+// tiles' relief of L2 counts for less (a 16-lane FMA holds its FMA pipes two cycles, so the panel streams
+// at half the bytes a cycle) than their extra broadcasts, one per 2 FMAs instead of per 4. Zen 4,
+// AVX-512, the split set call by call in one process, forward as split / whole, per round: B=32 T=50
+// I=64 H=512 1.04-1.09 (median 1.055; 25.7 ms against 24.1, 30 rounds), B=16 1.12 in the medians (21.3 /
+// 19.0), B=64 T=20 1.07 (22.1 / 20.7); the backward does not use them.
+NamedSetting<3> panels_setting("ZONEOUT_FUSED_CPU_PANELS", "panels", {"whole", "half", "auto"});  // kPanels*
+
+// The bytes of a tile's panel from which the forward forms it in halves; 0: never. "half" takes every
+// size, so that tests run that path on any CPU.
+int64_t split_panel_threshold(const TileKernels& tiles) {
+  const int64_t choice = panels_setting.get();
+  if (choice != kPanelsAuto) return choice == kPanelsHalf ? 1 : 0;
+  return zen4_cpu() ? 0 : tiles.split_panel_bytes;
+}
+
 // The tile product o (`rows` rows, `vectors` vectors) over `depth` steps: its first kSumSteps steps
 // as o says, each further kSumSteps formed apart and added (TileKernels::product_add).
 inline void product_in_sums(const TileKernels& tiles, int64_t vectors, int64_t rows, const TileOperands& o,
@@ -1309,8 +1347,8 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
   const int64_t lanes = tiles.lanes, vectors = layout.vectors;
   const int64_t units = layout.units(lanes), ldc_vector = layout.vector_offset(1, lanes, hidden);
   const int64_t panel_bytes = depth * vectors * lanes * int64_t(sizeof(float));
-  const bool split_panel = layout.gate_rows && vectors % 2 == 0 && tiles.split_panel_bytes > 0 &&
-                           panel_bytes >= tiles.split_panel_bytes;
+  const int64_t split_bytes = split_panel_threshold(tiles);
+  const bool split_panel = layout.gate_rows && vectors % 2 == 0 && split_bytes > 0 && panel_bytes >= split_bytes;
   const int64_t split = split_panel ? 2 : 1;
   const int64_t part = vectors / split;  // vectors per product: see TileKernels::split_panel_bytes
   const RowBlocks blocks(batch, tiles.max_rows[part - 1]);
@@ -2062,6 +2100,10 @@ int64_t set_cpu_loop(int64_t loop) { return loop_setting.set(loop); }
 int64_t cpu_split() { return split_choice(); }
 
 int64_t set_cpu_split(int64_t split) { return split_setting.set(split); }
+
+int64_t cpu_panels() { return panels_setting.get(); }
+
+int64_t set_cpu_panels(int64_t panels) { return panels_setting.set(panels); }
 
 bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
                             uint32_t* r1, uint32_t* r2, int64_t isa) {

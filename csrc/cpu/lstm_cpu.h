@@ -70,6 +70,16 @@ int64_t cpu_split();
 // Makes `split` the active one; returns the previous one.
 int64_t set_cpu_split(int64_t split);
 
+// How the fused forward forms a tile's products where its panel (a tile of units in each of an even number
+// of gate rows) is large: "whole" (all its vectors at once), "half" (half its vectors at a time, in twice
+// the rows; at every size) or "auto" (the default: half from TileKernels::split_panel_bytes, on CPUs where
+// that was measured faster; lstm_cpu.cpp, split_panel_threshold). The results are the same bits either
+// way. ZONEOUT_FUSED_CPU_PANELS = auto | whole | half, or set_cpu_panels.
+constexpr int64_t kPanelsWhole = 0, kPanelsHalf = 1, kPanelsAuto = 2;
+int64_t cpu_panels();
+// Makes `panels` the active one; returns the previous one.
+int64_t set_cpu_panels(int64_t panels);
+
 // Test hook: the bytes of freed forward outputs the CPU kernels keep for reuse (pooled_empty).
 int64_t pooled_bytes();
 // Frees what the kernels keep between calls: the pooled forward outputs and the calling thread's
