@@ -125,8 +125,9 @@ def use_cpu_loop(loop: str) -> contextlib.AbstractContextManager:
 # How the fused loop shares each step between threads (csrc/cpu/lstm_cpu.h): "units" (each thread
 # forms its units' columns for every example row; a barrier per step), "rows" (each thread runs its own
 # example rows through every step, every unit; no barrier, but each thread reads all of the weights
-# each step) or "auto" (the default: rows where the weights are small beside a thread's rows and, on
-# Intel CPUs, whose L3 feeds a core more slowly, fit in 3/4 of a core's L2). The
+# each step) or "auto" (the default: rows where the weights are small beside a thread's rows (a bound
+# that is higher for AVX-512, and on a Zen 4 for both instruction sets) and, on Intel CPUs, whose L3
+# feeds a core more slowly, fit in 3/4 of a core's L2). The
 # results are the same bits either way. The environment variable ZONEOUT_FUSED_CPU_SPLIT (auto, units,
 # rows) is read at first use.
 CPU_SPLITS = ("units", "rows", "auto")

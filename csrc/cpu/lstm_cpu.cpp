@@ -1205,7 +1205,7 @@ bool intel_cpu() {
 // Whether the CPU is a Zen 4 (AMD family 0x19 with AVX-512; its Zen 3 siblings have none), which runs
 // AVX-512 on 256-bit units: a 16-lane FMA holds both FMA pipes, so a core's FMA peak is the same under
 // either instruction set (about 113 GFLOP/s a core on a 2-vCPU EPYC) and half a Zen 5's per cycle.
-// Choices measured to differ there (split_panel_threshold).
+// Choices measured to differ there (split_panel_threshold, row_split_bound).
 bool zen4_cpu() {
 #if defined(ZF_X86_PHILOX)
   static const bool zen4 = [] {
@@ -1260,11 +1260,20 @@ int64_t l2_panel_limit() {
   return limit;
 }
 
+// TileKernels::row_split_bytes, but on a Zen 4 AVX2's bound is AVX-512's: there the split by rows was
+// ahead under AVX2 at every size tried. Zen 4, AVX2, B=32 T=50 I=64, interleaved in one process, "auto"
+// as before / by rows per round (24 rounds): H=512 fwd+bwd 1.04-1.12, forward 1.01-1.11 (median 1.07);
+// H=384 fwd+bwd 1.04-1.18, forward 1.03-1.17 (1.09); B=32 T=100 H=256 forward 1.03-1.25 (1.17; its
+// backward already split by rows).
+int64_t row_split_bound(const TileKernels& tiles) {
+  return zen4_cpu() ? std::max(tiles.row_split_bytes, tile_kernels(kIsaAvx512).row_split_bytes) : tiles.row_split_bytes;
+}
+
 LoopSplit loop_split(const TileKernels& tiles, int64_t batch, int64_t panel_bytes) {
   const int64_t choice = split_choice();
   if (choice != kSplitAuto) return choice == kSplitRows ? LoopSplit::kRows : LoopSplit::kUnits;
   const int64_t threads = fused_region_threads(), rows = batch / threads;
-  const bool rows_pay = panel_bytes <= rows * tiles.row_split_bytes && panel_bytes <= l2_panel_limit();
+  const bool rows_pay = panel_bytes <= rows * row_split_bound(tiles) && panel_bytes <= l2_panel_limit();
   return threads > 1 && rows >= 2 && rows_pay ? LoopSplit::kRows : LoopSplit::kUnits;
 }
 
