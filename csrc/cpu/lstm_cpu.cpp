@@ -1264,7 +1264,8 @@ int64_t l2_panel_limit() {
 // ahead under AVX2 at every size tried. Zen 4, AVX2, B=32 T=50 I=64, interleaved in one process, "auto"
 // as before / by rows per round (24 rounds): H=512 fwd+bwd 1.04-1.12, forward 1.01-1.11 (median 1.07);
 // H=384 fwd+bwd 1.04-1.18, forward 1.03-1.17 (1.09); B=32 T=100 H=256 forward 1.03-1.25 (1.17; its
-// backward already split by rows).
+// backward already split by rows); the GRU, B=32 T=50 I=64, fwd+bwd 1.01-1.18 (1.05) at H=512 and
+// 1.01-1.16 (1.07) at H=384.
 int64_t row_split_bound(const TileKernels& tiles) {
   return zen4_cpu() ? std::max(tiles.row_split_bytes, tile_kernels(kIsaAvx512).row_split_bytes) : tiles.row_split_bytes;
 }
