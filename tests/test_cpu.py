@@ -814,6 +814,24 @@ def test_named_setting_from_the_environment(name, choices, invalid, variable):
                                      f"{variable} must be one of {', '.join(choices)}")
 
 
+@pytest.mark.parametrize("name, choices, invalid, variable", NAMED_SETTINGS, ids=[s[0] for s in NAMED_SETTINGS])
+def test_invalid_setting_fails_a_layer_call_with_an_exception(name, choices, invalid, variable):
+    """A layer's first read of a setting from the environment may come deep in the kernels: an
+    invalid value raises there as a Python RuntimeError naming the variable, never from inside a
+    parallel region, where it would abort the process (as the panels setting once did)."""
+    if name != "loop" and not _fused_loop_runs():
+        pytest.skip("only the fused loop reads it, and it needs the avx2 or avx512 kernels")
+    code = ("import torch, zoneout_fused as zf\n"
+            "m = zf.ZoneoutLSTM(2, 3, backend='cpu'); x = torch.randn(4, 2, 2, requires_grad=True)\n"
+            "try:\n"
+            "    m(x)[0].sum().backward()\n"
+            "except RuntimeError as error:\n"
+            "    print('raised', str(error).splitlines()[0])\n")
+    result = _python_with_environment(code, variable, invalid)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"raised {variable} must be one of {', '.join(choices)}"), result.stdout
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_backward_results_do_not_share_the_reused_buffer(cell):
     """Backward keeps its pre-activation gradients in a per-thread buffer reused across calls:

@@ -1350,14 +1350,17 @@ inline void product_in_sums(const TileKernels& tiles, int64_t vectors, int64_t r
 // accumulated in place; the last one, past H, through a zero-padded copy. With `start` (one
 // row laid out like dst's), dst's columns are set to start + the product: dst's contents unread.
 // With `lead` (its panel: panels laid out like `panels`, lead->depth steps each), each chain runs
-// through lead's rows times its panels first (TileOperands::lead).
+// through lead's rows times its panels first (TileOperands::lead). Gate-row panels of an even number of
+// vectors and at least `split_bytes` (0: none) are formed half their vectors at a time: the caller reads
+// split_panel_threshold before its parallel region (the setting it reads may throw, which no OpenMP
+// region may let out).
 inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda, int64_t depth, const float* panels,
-                          int64_t first, int64_t last, PanelLayout layout, int64_t hidden, int64_t batch, float* dst,
-                          int64_t row_stride, const float* start = nullptr, const LeadSegment* lead = nullptr) {
+                          int64_t first, int64_t last, PanelLayout layout, int64_t split_bytes, int64_t hidden,
+                          int64_t batch, float* dst, int64_t row_stride, const float* start = nullptr,
+                          const LeadSegment* lead = nullptr) {
   const int64_t lanes = tiles.lanes, vectors = layout.vectors;
   const int64_t units = layout.units(lanes), ldc_vector = layout.vector_offset(1, lanes, hidden);
   const int64_t panel_bytes = depth * vectors * lanes * int64_t(sizeof(float));
-  const int64_t split_bytes = split_panel_threshold(tiles);
   const bool split_panel = layout.gate_rows && vectors % 2 == 0 && split_bytes > 0 && panel_bytes >= split_bytes;
   const int64_t split = split_panel ? 2 : 1;
   const int64_t part = vectors / split;  // vectors per product: see TileKernels::split_panel_bytes
@@ -1835,6 +1838,7 @@ void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t ga
   std::vector<float> zeros;
   const float* start = input != nullptr ? bias_or_zeros(input->bias, gate_rows * hidden, zeros) : nullptr;
   const PanelLayout layout{gate_rows, true};
+  const int64_t split_bytes = split_panel_threshold(tiles);
   fused_loop_region(split, batch, hidden, lanes, [&](const LoopPart& part) {
     const int64_t b0 = part.b0;
     for (int64_t s = 0; s < steps; ++s) {
@@ -1844,8 +1848,8 @@ void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t ga
       // The step's input part (if any) first, in the same chains (TileOperands::lead).
       const LeadSegment lead{input != nullptr ? input->x + (t * batch + b0) * input_size : nullptr, input_size,
                              input_panels_p, input_size};
-      tile_products(tiles, hp + b0 * hidden, hidden, hidden, panels_p, part.first, part.last, layout, hidden,
-                    part.rows(), dst, row_stride, start, input != nullptr ? &lead : nullptr);
+      tile_products(tiles, hp + b0 * hidden, hidden, hidden, panels_p, part.first, part.last, layout, split_bytes,
+                    hidden, part.rows(), dst, row_stride, start, input != nullptr ? &lead : nullptr);
       if (part.j0 < part.j1) {
         element(s, t, hp, part);
         if (s + 1 < steps) prefetch_step(step_rows, step_position(s + 1, steps, p.direction), part, hidden);
@@ -1868,11 +1872,12 @@ void tiled_projection(const TileKernels& tiles, const float* x, int64_t rows, in
   std::vector<float> zeros;
   const float* start = bias_or_zeros(bias, width, zeros);
   constexpr int64_t kRowChunk = 48;  // rows a task: whole tiles (6, 8 or 16 rows for 4, 3, 1 gate rows)
+  const int64_t split_bytes = split_panel_threshold(tiles);
   at::parallel_for(0, (rows + kRowChunk - 1) / kRowChunk, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const int64_t r0 = c * kRowChunk, n = std::min(kRowChunk, rows - r0);
       tile_products(tiles, x + r0 * depth, depth, depth, panels_p, 0, unit_tiles, PanelLayout{gate_rows, true},
-                    hidden, n, out + r0 * width, width, start);
+                    split_bytes, hidden, n, out + r0 * width, width, start);
     }
   });
 }
@@ -1918,7 +1923,7 @@ void fused_backward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t s
       if (part.j0 < part.j1) element(s, t, part);
       if (split == LoopSplit::kUnits) step_barrier();
       tile_products(tiles, d_rec(t) + part.b0 * row_stride, row_stride, row_stride, panels_p, part.first, part.last,
-                    layout, hidden, part.rows(), dh + part.b0 * hidden, hidden);
+                    layout, /*split_bytes=*/0, hidden, part.rows(), dh + part.b0 * hidden, hidden);  // runs of units
     }
   });
 }
