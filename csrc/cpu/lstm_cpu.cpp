@@ -1896,8 +1896,16 @@ Tensor input_projection(const TileKernels* tiles, const Tensor& x, const Tensor&
 }
 
 // Backward panels span this many vectors of adjacent units: with one, each row's broadcast fed one
-// FMA, so the products were bound by loads.
-constexpr int64_t kBackwardPanelVectors = 2;
+// FMA, so the products were bound by loads. Two, but three for AVX2 (8 lanes) from H = 384: its 3-vector
+// tiles of 4 rows, pinned (see pin_panel), make 7 loads per 12 FMAs against 8 for 2 vectors of 6 rows.
+// Zen 5, AVX2, B=32 T=50 I=64, the choice set call by call in one process, the backward loop's time as
+// 2 vectors / 3 (median of 14-28 calls each): H=384 1.06 and 1.09, H=512 1.07 and 1.04, B=16 H=512 1.03,
+// B=64 T=20 H=512 1.00; fwd+bwd (per-round medians) LSTM H=512 1.02, GRU H=512 and H=384 1.03. Below,
+// H=256 1.02 and H=128 1.00 (where 24-unit panels leave up to 12% of a last panel padding), so not there.
+// The sums, and so the bits, are the same either way.
+int64_t backward_panel_vectors(const TileKernels& tiles, int64_t hidden) {
+  return tiles.lanes == 8 && hidden >= 384 ? 3 : 2;
+}
 
 // The split of a fused backward loop, whose panels are W_hh's.
 LoopSplit backward_split(const TileKernels& tiles, int64_t batch, const Tensor& w_hh) {
@@ -1913,7 +1921,7 @@ void fused_backward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t s
                          LoopSplit split, float* dh, int64_t row_stride, const Gradients& d_rec,
                          const Element& element) {
   const int64_t batch = p.batch, hidden = p.hidden, lanes = tiles.lanes;
-  const PanelLayout layout{kBackwardPanelVectors, false};
+  const PanelLayout layout{backward_panel_vectors(tiles, hidden), false};
   const int64_t units = layout.units(lanes);
   const Tensor panels = backward_panels(w_hh, units);
   const float* panels_p = panels.data_ptr<float>();
