@@ -118,7 +118,7 @@ def test_lengths_match_reference(mask_mode, direction, dtype, loop):
 @pytest.mark.parametrize("shape", [
     (1, 1, 4, 6),     # T = 1, B = 1
     (1, 3, 2, 5),     # T = 1
-    (63, 2, 3, 70),   # long odd T; H spans two mask chunks
+    (63, 2, 3, 270),  # long odd T; H spans two mask chunks (256 units) and a ragged tail
     (5, 20, 3, 70),   # B*H above the parallel grain: several threads share a step
     (4, 1, 1, 1),     # H = 1, I = 1
     (3, 13, 5, 520),  # AVX-512 fused forward: a recurrent panel past 128 KB (half tiles where "auto" takes them); a padded last tile

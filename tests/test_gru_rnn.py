@@ -78,7 +78,7 @@ def assert_backend_matches_reference(backend, cell, tensors, **kwargs):
 @loop_param
 def test_cpu_matches_reference(cell, mask_mode, direction, training, dtype, isa, loop):
     _backend_or_skip("cpu")
-    tensors = make_inputs(cell, 5, 3, 4, 70, dtype)  # H = 70: a 64-unit mask chunk and a ragged tail
+    tensors = make_inputs(cell, 5, 3, 4, 270, dtype)  # H = 270: a 256-unit mask chunk and a ragged tail
     assert_backend_matches_reference("cpu", cell, tensors, zoneout_hidden=0.3, mask_mode=mask_mode,
                                      direction=direction, training=training, layer=1)
 
