@@ -1899,16 +1899,10 @@ Tensor input_projection(const TileKernels* tiles, const Tensor& x, const Tensor&
 }
 
 // Backward panels span this many vectors of adjacent units: with one, each row's broadcast fed one
-// FMA, so the products were bound by loads. Two, but three for AVX2 (8 lanes) from H = 320: its 3-vector
-// tiles of 4 rows, pinned (see pin_panel), make 7 loads per 12 FMAs against 8 for 2 vectors of 6 rows.
-// Zen 5, AVX2, B=32 T=50 I=64, the choice set call by call in one process, the backward loop's time as
-// 2 vectors / 3 (median of 14-30 calls each): H=320 1.05, H=384 1.06 and 1.09, H=512 1.07 and 1.04,
-// B=16 H=512 1.03, B=64 T=20 H=512 1.00; fwd+bwd (per-round medians) LSTM H=512 1.02, GRU H=512 and
-// H=384 1.03. Below, level: H=256 1.02 and 1.01, B=32 T=100 H=256 1.00, B=64 T=50 I=32 H=128 0.98-1.00
-// (24-unit panels leave up to 12% of a last panel padding there). The AVX-512 loop measured level or
-// mixed with 3 (H=256 0.99, H=384 1.05, H=512 1.01). The sums, and so the bits, are the same either way.
+// FMA, so the products were bound by loads. Two, or three from TileKernels::wide_backward_hidden. The
+// sums, and so the bits, are the same either way.
 int64_t backward_panel_vectors(const TileKernels& tiles, int64_t hidden) {
-  return tiles.lanes == 8 && hidden >= 320 ? 3 : 2;
+  return tiles.wide_backward_hidden > 0 && hidden >= tiles.wide_backward_hidden ? 3 : 2;
 }
 
 // The split of a fused backward loop, whose panels are W_hh's.

@@ -124,6 +124,15 @@ struct TileKernels {
   // A fused time loop splits a step between threads by example rows rather than by units (lstm_cpu.cpp,
   // LoopSplit) where its panels come to at most this many bytes per row of a thread.
   int64_t row_split_bytes = 0;
+  // From this hidden size (0: never) the fused backward's panels span 3 vectors of units, not 2
+  // (lstm_cpu.cpp, backward_panel_vectors). AVX2: its 3-vector tiles of 4 rows, pinned (see pin_panel),
+  // make 7 loads per 12 FMAs against 8 for 2 vectors of 6 rows. Zen 5, AVX2, B=32 T=50 I=64, the choice
+  // set call by call in one process, the backward loop's time as 2 vectors / 3 (median of 14-30 calls
+  // each): H=320 1.05, H=384 1.06 and 1.09, H=512 1.07 and 1.04, B=16 H=512 1.03, B=64 T=20 H=512 1.00;
+  // fwd+bwd (per-round medians) LSTM H=512 1.02, GRU H=512 and H=384 1.03. Below, level: H=256 1.02 and
+  // 1.01, B=32 T=100 H=256 1.00, B=64 T=50 I=32 H=128 0.98-1.00 (24-unit panels leave up to 12% of a last
+  // panel padding there). AVX-512 measured level or mixed with 3 (H=256 0.99, H=384 1.05, H=512 1.01).
+  int64_t wide_backward_hidden = 0;
   int64_t max_rows[kMaxTileVectors] = {};  // [V - 1]: tile_rows for this register file
   // product[V - 1][rows - 1]: V = 1..kMaxTileVectors, rows = 1..max_rows[V - 1]; product_add: the
   // adding form.
@@ -249,7 +258,7 @@ ZF_ADD(add_avx2, ZF_TARGET_AVX2_FMA, 8, _mm256_loadu_ps, _mm256_add_ps, _mm256_s
 
 // The table of one instruction set's instantiations.
 #define ZF_TILE_TABLE(NAME, FN, TRANSPOSE, ADD_FN, PACK_ROWS_BYTES, INPUT_GRADIENT_VECTORS, WEIGHT_GRADIENT_VECTORS, \
-                      SPLIT_PANEL_BYTES, ROW_SPLIT_BYTES, LANES, REGISTERS)                             \
+                      SPLIT_PANEL_BYTES, ROW_SPLIT_BYTES, WIDE_BACKWARD_HIDDEN, LANES, REGISTERS)       \
   template <int kVectors, int... kRowsMinus1>                                                       \
   void NAME##_fill(TileKernels& t, std::integer_sequence<int, kRowsMinus1...>) {                    \
     t.max_rows[kVectors - 1] = sizeof...(kRowsMinus1);                                              \
@@ -266,14 +275,15 @@ ZF_ADD(add_avx2, ZF_TARGET_AVX2_FMA, 8, _mm256_loadu_ps, _mm256_add_ps, _mm256_s
     t.weight_gradient_vectors = WEIGHT_GRADIENT_VECTORS;                                            \
     t.split_panel_bytes = SPLIT_PANEL_BYTES;                                                        \
     t.row_split_bytes = ROW_SPLIT_BYTES;                                                            \
+    t.wide_backward_hidden = WIDE_BACKWARD_HIDDEN;                                                  \
     NAME##_fill<1>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 1)>());                  \
     NAME##_fill<2>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 2)>());                  \
     NAME##_fill<3>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 3)>());                  \
     NAME##_fill<4>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 4)>());                  \
     return t;                                                                                       \
   }
-ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, add_avx512, 512 << 10, 4, 4, 128 << 10, 320 << 10, 16, 32)
-ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, add_avx2, 256 << 10, 2, 3, 0, 64 << 10, 8, 16)
+ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, add_avx512, 512 << 10, 4, 4, 128 << 10, 320 << 10, 0, 16, 32)
+ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, add_avx2, 256 << 10, 2, 3, 0, 64 << 10, 320, 8, 16)
 #undef ZF_TILE_TABLE
 #endif
 
