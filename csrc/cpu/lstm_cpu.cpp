@@ -1192,7 +1192,7 @@ NamedSetting<3> split_setting("ZONEOUT_FUSED_CPU_SPLIT", "split", {"units", "row
 int64_t split_choice() { return split_setting.get(); }
 
 // Whether the CPU is Intel's: choices measured to differ there from a Zen's (l2_panel_limit,
-// pack_rows_threshold).
+// pack_rows_threshold, split_panel_threshold, panel_prefetch_steps).
 bool intel_cpu() {
 #if defined(ZF_X86_PHILOX)
   static const bool intel = [] {
@@ -1263,6 +1263,18 @@ int64_t l2_panel_limit() {
   return limit;
 }
 
+// The L1 data cache's size in bytes (glibc's sysconf, from cpuid), 0 where unknown.
+int64_t l1_data_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    if (l1 > 0) return int64_t(l1);
+#endif
+    return int64_t(0);
+  }();
+  return bytes;
+}
+
 // TileKernels::row_split_bytes, but on a Zen 4 AVX2's bound is AVX-512's: there the split by rows was
 // ahead under AVX2 at every size tried. Zen 4, AVX2, B=32 T=50 I=64, interleaved in one process, "auto"
 // as before / by rows per round (24 rounds): H=512 fwd+bwd 1.04-1.12, forward 1.01-1.11 (median 1.07);
@@ -1316,16 +1328,16 @@ struct PanelLayout {
 constexpr int64_t kSumSteps = 512;
 constexpr int64_t kMaxChunkSteps = 1024;
 
-// "auto" (lstm_cpu.h, cpu_panels): forward panels of at least TileKernels::split_panel_bytes (measured on
-// a Zen 5) are formed half their vectors at a time, but never on a Zen 4 or an Intel CPU. Presumably on the Zen 4 the half
-// tiles' relief of L2 counts for less (a 16-lane FMA holds its FMA pipes two cycles, so the panel streams
-// at half the bytes a cycle) than their extra broadcasts, one per 2 FMAs instead of per 4. Zen 4,
-// AVX-512, the split set call by call in one process, forward as split / whole, per round: B=32 T=50
-// I=64 H=512 1.04-1.09 (median 1.055; 25.7 ms against 24.1, 30 rounds), B=16 1.12 in the medians (21.3 /
-// 19.0), B=64 T=20 1.07 (22.1 / 20.7); the backward does not use them. Nor on Intel CPUs: a 2-vCPU Xeon
-// (48 KB of L1, 2 MB of L2 a core), AVX-512, the same way, split / whole per round (lower quartile, median,
-// upper; 10-12 rounds): B=32 T=50 I=64 H=512 1.03, 1.05, 1.07, B=16 1.06, 1.08, 1.08, B=64 T=20 1.03, 1.05,
-// 1.06, B=32 T=50 I=512 H=512 1.04, 1.06, 1.07.
+// "auto" (lstm_cpu.h, cpu_panels): forward panels of at least TileKernels::split_panel_bytes (measured on a
+// Zen 5) are formed half their vectors at a time, but never on a Zen 4 or an Intel CPU. Presumably on a Zen
+// 4 the half tiles' relief of L2 counts for less (a 16-lane FMA holds its FMA pipes two cycles, so the panel
+// streams at half the bytes a cycle) than their extra broadcasts, one per 2 FMAs instead of per 4. Zen 4,
+// AVX-512, the split set call by call in one process, forward as split / whole, per round: B=32 T=50 I=64
+// H=512 1.04-1.09 (median 1.055; 25.7 ms against 24.1, 30 rounds), B=16 1.12 in the medians (21.3 / 19.0),
+// B=64 T=20 1.07 (22.1 / 20.7); the backward does not use them. Nor on Intel CPUs: a 2-vCPU Xeon (48 KB of
+// L1, 2 MB of L2 a core), AVX-512, the same way, split / whole per round (lower quartile, median, upper;
+// 10-12 rounds): B=32 T=50 I=64 H=512 1.03, 1.05, 1.07, B=16 1.06, 1.08, 1.08, B=64 T=20 1.03, 1.05, 1.06,
+// B=32 T=50 I=512 H=512 1.04, 1.06, 1.07.
 NamedSetting<3> panels_setting("ZONEOUT_FUSED_CPU_PANELS", "panels", {"whole", "half", "auto"});  // kPanels*
 
 // The bytes of a tile's panel from which the forward forms it in halves; 0: never. "half" takes every
@@ -1334,6 +1346,22 @@ int64_t split_panel_threshold(const TileKernels& tiles) {
   const int64_t choice = panels_setting.get();
   if (choice != kPanelsAuto) return choice == kPanelsHalf ? 1 : 0;
   return zen4_cpu() || intel_cpu() ? 0 : tiles.split_panel_bytes;
+}
+
+// Depth steps ahead at which a tile product asks L1 for its panel (TileOperands::prefetch_ahead), for a
+// panel of `panel_bytes`; 0: none. Each row block of a tile reads the whole panel, and one well past L1's
+// size comes from L2 every time; on Intel CPUs the hardware prefetchers did not keep the products fed from
+// there. 2-vCPU Xeon (48 KB of L1, 2 MB of L2 a core), in one process, the prefetches set call by call,
+// without / with them (8 steps ahead) per round (lower quartile, median, upper; 8-12 rounds): AVX-512
+// forward B=32 T=100 I=64 H=256 (80 KB panels) 1.03, 1.03, 1.06, B=32 T=50 H=512 (147 KB) 1.01, 1.03, 1.03;
+// AVX2 H=512 forward (74 KB) 1.02, 1.03, 1.04, fwd+bwd (its backward's panels 192 KB) 1.01, 1.01, 1.03;
+// AVX-512 H=512 fwd+bwd (16 steps ahead, the backward's panels 256 KB) 1.01, 1.03, 1.06. Panels little past
+// L1 lost: 64 KB (the backward's at AVX2 H=256 and AVX-512 H=128) fwd+bwd 0.97, 0.98, 1.00 and 0.99, 0.99,
+// 1.02; within L1 (40 KB, AVX2 H=256 forward) 0.96-0.98. Hence from 1.5 times L1. Not measured on a Zen.
+constexpr int64_t kPanelPrefetchSteps = 8;
+int64_t panel_prefetch_steps(int64_t panel_bytes) {
+  const int64_t l1 = l1_data_bytes();
+  return intel_cpu() && l1 > 0 && 2 * panel_bytes > 3 * l1 ? kPanelPrefetchSteps : 0;
 }
 
 // The tile product o (`rows` rows, `vectors` vectors) over `depth` steps: its first kSumSteps steps
@@ -1369,6 +1397,7 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
   const int64_t panel_bytes = depth * vectors * lanes * int64_t(sizeof(float));
   const bool split_panel = layout.gate_rows && vectors % 2 == 0 && split_bytes > 0 && panel_bytes >= split_bytes;
   const int64_t split = split_panel ? 2 : 1;
+  const int64_t prefetch_ahead = panel_prefetch_steps(panel_bytes);
   const int64_t part = vectors / split;  // vectors per product: see TileKernels::split_panel_bytes
   const RowBlocks blocks(batch, tiles.max_rows[part - 1]);
   alignas(64) float padded[kMaxTileRows * kMaxTileVectors * kMaxTileLanes];
@@ -1401,7 +1430,7 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
           product_in_sums(tiles, part, rows,
                           {a + b0 * lda, lda, 1, panel + v0 * lanes, vectors * lanes, out + v0 * ldc_vector,
                            row_stride, ldc_vector, start != nullptr ? start + j0 + v0 * ldc_vector : nullptr,
-                           lead_of(v0), next_panel != nullptr ? next_panel + v0 * lanes : nullptr},
+                           lead_of(v0), next_panel != nullptr ? next_panel + v0 * lanes : nullptr, prefetch_ahead},
                           depth);
         }
         continue;
@@ -1421,7 +1450,7 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
         const int64_t v0 = h * part;
         product_in_sums(tiles, used, rows,
                         {a + b0 * lda, lda, 1, panel + v0 * lanes, vectors * lanes, padded + v0 * lanes,
-                         vectors * lanes, lanes, nullptr, lead_of(v0)},
+                         vectors * lanes, lanes, nullptr, lead_of(v0), nullptr, prefetch_ahead},
                         depth);
       }
       for (int64_t r = 0; r < rows; ++r)
@@ -1523,18 +1552,6 @@ constexpr int64_t kSmallOutputChunkBytes = 64 << 10;
 // Where a thread's rows of a in a chunk are packed (see tiled_product), in groups of at most this many
 // bytes, each reused from L2 across every column tile.
 constexpr int64_t kPackedRowsBytes = 256 << 10;
-
-// The L1 data cache's size in bytes (glibc's sysconf, from cpuid), 0 where unknown.
-int64_t l1_data_bytes() {
-  static const int64_t bytes = [] {
-#if defined(_SC_LEVEL1_DCACHE_SIZE)
-    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    if (l1 > 0) return int64_t(l1);
-#endif
-    return int64_t(0);
-  }();
-  return bytes;
-}
 
 // A thread's rows of a in a chunk are packed past this many bytes: TileKernels::pack_rows_bytes, measured
 // on a Zen 5 (48 KB of L1 a core, 12 ways); past 64 KB on Intel CPUs, and for AVX-512 (16-lane tiles) on

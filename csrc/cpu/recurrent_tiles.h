@@ -76,6 +76,10 @@ struct TileOperands {
   // vectors at step k (_MM_HINT_T1): the next tile's, while it comes from L3 (lstm_cpu.cpp's
   // tile_products).
   const float* prefetch = nullptr;
+  // Where > 0, the product asks L1 for its own panel this many depth steps ahead as it goes (_MM_HINT_T0),
+  // in the recurrent segment: for a panel past L1's size, read from L2 by every row block (lstm_cpu.cpp's
+  // panel_prefetch_steps).
+  int64_t prefetch_ahead = 0;
 };
 
 // c[r][v][l] = (start ? start[v][l] : c[r][v][l]) + the sum over k < depth, in order (one FMA
@@ -168,11 +172,17 @@ struct TileKernels {
       const float* w_k = segment == 0 ? o.lead.panel : o.panel;                                           \
       const int64_t lda = segment == 0 ? o.lead.lda : o.lda, steps = segment == 0 ? o.lead.depth : depth; \
       const float* prefetch_k = segment == 1 ? o.prefetch : nullptr;                                      \
+      const float* ahead_k = segment == 1 && o.prefetch_ahead > 0 ? w_k + o.prefetch_ahead * o.ldp : nullptr; \
       for (int64_t k = 0; k < steps; ++k, a_k += o.ldk, w_k += o.ldp) {                                  \
         if (prefetch_k != nullptr) {                                                                      \
           for (int v = 0; v < kVectors; ++v)                                                              \
             _mm_prefetch(reinterpret_cast<const char*>(prefetch_k + v * LANES), _MM_HINT_T1);             \
           prefetch_k += o.ldp;                                                                            \
+        }                                                                                                 \
+        if (ahead_k != nullptr) {                                                                         \
+          for (int v = 0; v < kVectors; ++v)                                                              \
+            _mm_prefetch(reinterpret_cast<const char*>(ahead_k + v * LANES), _MM_HINT_T0);                \
+          ahead_k += o.ldp;                                                                               \
         }                                                                                                 \
         V w[kVectors];                                                                                    \
         for (int v = 0; v < kVectors; ++v) {                                                              \
