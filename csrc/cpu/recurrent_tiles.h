@@ -45,6 +45,7 @@ struct RowBlocks {
   int64_t rows(int64_t i) const { return start(i + 1) - start(i); }
 };
 constexpr int kMaxTileVectors = 4;
+constexpr int kLineFloats = 16;  // a 64-byte cache line
 constexpr int kMaxTileRows = 16;
 constexpr int kMaxTileLanes = 16;
 
@@ -175,13 +176,13 @@ struct TileKernels {
       const float* ahead_k = segment == 1 && o.prefetch_ahead > 0 ? w_k + o.prefetch_ahead * o.ldp : nullptr; \
       for (int64_t k = 0; k < steps; ++k, a_k += o.ldk, w_k += o.ldp) {                                  \
         if (prefetch_k != nullptr) {                                                                      \
-          for (int v = 0; v < kVectors; ++v)                                                              \
-            _mm_prefetch(reinterpret_cast<const char*>(prefetch_k + v * LANES), _MM_HINT_T1);             \
+          for (int l = 0; l < kVectors * LANES; l += kLineFloats)                                         \
+            _mm_prefetch(reinterpret_cast<const char*>(prefetch_k + l), _MM_HINT_T1);                     \
           prefetch_k += o.ldp;                                                                            \
         }                                                                                                 \
         if (ahead_k != nullptr) {                                                                         \
-          for (int v = 0; v < kVectors; ++v)                                                              \
-            _mm_prefetch(reinterpret_cast<const char*>(ahead_k + v * LANES), _MM_HINT_T0);                \
+          for (int l = 0; l < kVectors * LANES; l += kLineFloats)                                         \
+            _mm_prefetch(reinterpret_cast<const char*>(ahead_k + l), _MM_HINT_T0);                        \
           ahead_k += o.ldp;                                                                               \
         }                                                                                                 \
         V w[kVectors];                                                                                    \
