@@ -1329,15 +1329,16 @@ constexpr int64_t kSumSteps = 512;
 constexpr int64_t kMaxChunkSteps = 1024;
 
 // "auto" (lstm_cpu.h, cpu_panels): forward panels of at least TileKernels::split_panel_bytes (measured on a
-// Zen 5) are formed half their vectors at a time, but never on a Zen 4 or an Intel CPU. Presumably on a Zen
-// 4 the half tiles' relief of L2 counts for less (a 16-lane FMA holds its FMA pipes two cycles, so the panel
-// streams at half the bytes a cycle) than their extra broadcasts, one per 2 FMAs instead of per 4. Zen 4,
-// AVX-512, the split set call by call in one process, forward as split / whole, per round: B=32 T=50 I=64
-// H=512 1.04-1.09 (median 1.055; 25.7 ms against 24.1, 30 rounds), B=16 1.12 in the medians (21.3 / 19.0),
-// B=64 T=20 1.07 (22.1 / 20.7); the backward does not use them. Nor on Intel CPUs: a 2-vCPU Xeon (48 KB of
-// L1, 2 MB of L2 a core), AVX-512, the same way, split / whole per round (lower quartile, median, upper;
-// 10-12 rounds): B=32 T=50 I=64 H=512 1.03, 1.05, 1.07, B=16 1.06, 1.08, 1.08, B=64 T=20 1.03, 1.05, 1.06,
-// B=32 T=50 I=512 H=512 1.04, 1.06, 1.07.
+// Zen 5) are formed half their vectors at a time, but never on a Zen 4, and on an Intel CPU as
+// TileKernels::intel_half_panels says (AVX2 only). Presumably on a Zen 4 the half tiles' relief of L2 counts
+// for less (a 16-lane FMA holds its FMA pipes two cycles, so the panel streams at half the bytes a cycle)
+// than their extra broadcasts, one per 2 FMAs instead of per 4. Zen 4, AVX-512, the split set call by call
+// in one process, forward as split / whole, per round: B=32 T=50 I=64 H=512 1.04-1.09 (median 1.055; 25.7 ms
+// against 24.1, 30 rounds), B=16 1.12 in the medians (21.3 / 19.0), B=64 T=20 1.07 (22.1 / 20.7); the
+// backward does not use them. Nor AVX-512 on Intel CPUs: a 2-vCPU Xeon (48 KB of L1, 2 MB of L2 a core),
+// the same way, split / whole per round (lower quartile, median, upper; 10-12 rounds): B=32 T=50 I=64 H=512
+// 1.03, 1.05, 1.07, B=16 1.06, 1.08, 1.08, B=64 T=20 1.03, 1.05, 1.06, B=32 T=50 I=512 H=512 1.04, 1.06,
+// 1.07.
 NamedSetting<3> panels_setting("ZONEOUT_FUSED_CPU_PANELS", "panels", {"whole", "half", "auto"});  // kPanels*
 
 // The bytes of a tile's panel from which the forward forms it in halves; 0: never. "half" takes every
@@ -1345,7 +1346,9 @@ NamedSetting<3> panels_setting("ZONEOUT_FUSED_CPU_PANELS", "panels", {"whole", "
 int64_t split_panel_threshold(const TileKernels& tiles) {
   const int64_t choice = panels_setting.get();
   if (choice != kPanelsAuto) return choice == kPanelsHalf ? 1 : 0;
-  return zen4_cpu() || intel_cpu() ? 0 : tiles.split_panel_bytes;
+  if (zen4_cpu()) return 0;
+  if (intel_cpu()) return tiles.intel_half_panels ? l1_data_bytes() * 7 / 8 : 0;  // 0 where L1 is unknown
+  return tiles.split_panel_bytes;
 }
 
 // Depth steps ahead at which a tile product asks L1 for its panel (TileOperands::prefetch_ahead), for a

@@ -124,8 +124,16 @@ struct TileKernels {
   // once per row block, and half-width tiles of 12 rows read half as much of it per FMA. AVX-512,
   // B=32 T=50 I=64 H=512 forward (a 128 KB panel per tile of units): 9.9-10.5 ms against 10.8-10.9;
   // at H=256 (64 KB) and below no faster. AVX2 (6-row half tiles): 19.7-19.8 against 19.0-19.3 at
-  // H=512, so never.
+  // H=512, so never. Measured on a Zen 5; on Intel CPUs see intel_half_panels.
   int64_t split_panel_bytes = 0;
+  // Whether on Intel CPUs the forward forms panels past 7/8 of L1 in halves (lstm_cpu.cpp,
+  // split_panel_threshold), instead of split_panel_bytes. 2-vCPU Xeon (48 KB of L1), B=32 T=50 I=64, the
+  // choice set call by call in one process, whole / half per round (lower quartile, median, upper; 10
+  // rounds): AVX2 forward H=288 (45 KB panels) 1.05, 1.07, 1.09, H=320 1.09, 1.10, 1.11, H=384 1.05, 1.05,
+  // 1.07, H=512 1.03, 1.04, 1.06 (B=16 1.08, 1.09, 1.12), fwd+bwd 1.00-1.03, 1.02-1.04, 1.03-1.06 (two
+  // runs); the 1x256 encoder (I=512) 1.06, 1.08, 1.08; at H=256 (40 KB) 0.98, 0.99, 1.01 (T=100 0.98, 0.99,
+  // 0.99). AVX-512's whole 4-vector tiles were ahead at every size there (lstm_cpu.cpp, panels_setting).
+  bool intel_half_panels = false;
   // A fused time loop splits a step between threads by example rows rather than by units (lstm_cpu.cpp,
   // LoopSplit) where its panels come to at most this many bytes per row of a thread.
   int64_t row_split_bytes = 0;
@@ -269,7 +277,7 @@ ZF_ADD(add_avx2, ZF_TARGET_AVX2_FMA, 8, _mm256_loadu_ps, _mm256_add_ps, _mm256_s
 
 // The table of one instruction set's instantiations.
 #define ZF_TILE_TABLE(NAME, FN, TRANSPOSE, ADD_FN, PACK_ROWS_BYTES, INPUT_GRADIENT_VECTORS, WEIGHT_GRADIENT_VECTORS, \
-                      SPLIT_PANEL_BYTES, ROW_SPLIT_BYTES, WIDE_BACKWARD_HIDDEN, LANES, REGISTERS)       \
+                      SPLIT_PANEL_BYTES, INTEL_HALF_PANELS, ROW_SPLIT_BYTES, WIDE_BACKWARD_HIDDEN, LANES, REGISTERS) \
   template <int kVectors, int... kRowsMinus1>                                                       \
   void NAME##_fill(TileKernels& t, std::integer_sequence<int, kRowsMinus1...>) {                    \
     t.max_rows[kVectors - 1] = sizeof...(kRowsMinus1);                                              \
@@ -285,6 +293,7 @@ ZF_ADD(add_avx2, ZF_TARGET_AVX2_FMA, 8, _mm256_loadu_ps, _mm256_add_ps, _mm256_s
     t.input_gradient_vectors = INPUT_GRADIENT_VECTORS;                                              \
     t.weight_gradient_vectors = WEIGHT_GRADIENT_VECTORS;                                            \
     t.split_panel_bytes = SPLIT_PANEL_BYTES;                                                        \
+    t.intel_half_panels = INTEL_HALF_PANELS;                                                        \
     t.row_split_bytes = ROW_SPLIT_BYTES;                                                            \
     t.wide_backward_hidden = WIDE_BACKWARD_HIDDEN;                                                  \
     NAME##_fill<1>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 1)>());                  \
@@ -293,8 +302,10 @@ ZF_ADD(add_avx2, ZF_TARGET_AVX2_FMA, 8, _mm256_loadu_ps, _mm256_add_ps, _mm256_s
     NAME##_fill<4>(t, std::make_integer_sequence<int, tile_rows(REGISTERS, 4)>());                  \
     return t;                                                                                       \
   }
-ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, add_avx512, 512 << 10, 4, 4, 128 << 10, 320 << 10, 0, 16, 32)
-ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, add_avx2, 256 << 10, 2, 3, 0, 64 << 10, 320, 8, 16)
+ZF_TILE_TABLE(tile_kernels_avx512, tile_product_avx512, transpose_avx512, add_avx512, 512 << 10, 4, 4, 128 << 10, false,
+              320 << 10, 0, 16, 32)
+ZF_TILE_TABLE(tile_kernels_avx2, tile_product_avx2, transpose_avx2, add_avx2, 256 << 10, 2, 3, 0, true, 64 << 10, 320, 8,
+              16)
 #undef ZF_TILE_TABLE
 #endif
 
