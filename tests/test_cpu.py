@@ -785,11 +785,31 @@ def test_forward_panels_whole_or_half_give_the_same_bits(shape, isa):
         assert_same_as_reference(tensors, torch.float32, zoneout_cell=0.5, zoneout_hidden=0.05)
 
 
+@pytest.mark.parametrize("isa", ("avx2", "avx512"), indirect=True)  # the tile kernels' instruction sets
+@pytest.mark.parametrize("shape", [(5, 13, 70, 100), (3, 6, 512, 36), (3, 5, 530, 20)],
+                         ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+def test_forward_input_part_in_loop_or_first_gives_the_same_bits(shape, isa):
+    """The fused LSTM forward forms each step's input part in its time loop, in the same chains as the
+    recurrent part, or as one projection of all steps first, whose stored sums those chains then continue
+    (cpu_input: "auto" takes the projection for wide inputs, on some CPUs only): the same FMA chains either
+    way. I = 512: the widest input the projection takes; I = 530: wider, so it stays in the loop."""
+    tensors = make_inputs(*shape, torch.float32)
+    results = {}
+    for where in ("loop", "first", "auto"):
+        with cpu_isa.use_cpu_loop("fused"), cpu_isa.use_cpu_input(where):
+            results[where] = _flat(run(cpu_layer, tensors, zoneout_cell=0.5, zoneout_hidden=0.05,
+                                       recurrent_dropout=0.1))
+    assert_same_bits(RESULT_NAMES, results)
+    with cpu_isa.use_cpu_loop("fused"), cpu_isa.use_cpu_input("first"):
+        assert_same_as_reference(tensors, torch.float32, zoneout_cell=0.5, zoneout_hidden=0.05)
+
+
 # The named settings of the fused loop (csrc/cpu/setting.h, NamedSetting): (name, its choices, an
 # invalid one, its environment variable).
 NAMED_SETTINGS = [("loop", cpu_isa.CPU_LOOPS, "unrolled", "ZONEOUT_FUSED_CPU_LOOP"),
                   ("split", cpu_isa.CPU_SPLITS, "columns", "ZONEOUT_FUSED_CPU_SPLIT"),
-                  ("panels", cpu_isa.CPU_PANELS, "quarter", "ZONEOUT_FUSED_CPU_PANELS")]
+                  ("panels", cpu_isa.CPU_PANELS, "quarter", "ZONEOUT_FUSED_CPU_PANELS"),
+                  ("input", cpu_isa.CPU_INPUTS, "last", "ZONEOUT_FUSED_CPU_INPUT")]
 
 
 @pytest.mark.parametrize("name, choices, invalid, variable", NAMED_SETTINGS, ids=[s[0] for s in NAMED_SETTINGS])

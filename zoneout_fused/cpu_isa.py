@@ -170,6 +170,29 @@ def use_cpu_panels(panels: str) -> contextlib.AbstractContextManager:
     return _using(set_cpu_panels, panels)
 
 
+# Where the fused LSTM forward forms each step's input part x_t W_ih^T (csrc/cpu/lstm_cpu.h): "loop" (in
+# the time loop, in the same FMA chains as the step's recurrent part), "first" (as one projection of all
+# steps before the loop, where the input is at most 512 wide; wider inputs stay in the loop) or "auto" (the
+# default: first on Intel CPUs where the input's weights come to half a core's L2 a thread). The results
+# are the same bits either way. The environment variable ZONEOUT_FUSED_CPU_INPUT (auto, loop, first) is
+# read at first use.
+CPU_INPUTS = ("loop", "first", "auto")
+
+
+def cpu_input() -> str:
+    return CPU_INPUTS[_ops()._cpu_input()]
+
+
+def set_cpu_input(input: str) -> str:
+    """Makes the fused LSTM forward form its input part `input`; returns the previous choice."""
+    return CPU_INPUTS[_ops()._set_cpu_input(_code("input", CPU_INPUTS, input))]
+
+
+def use_cpu_input(input: str) -> contextlib.AbstractContextManager:
+    """Runs the block's fused LSTM forwards with `input`, then restores the previous choice."""
+    return _using(set_cpu_input, input)
+
+
 def empty_cache() -> None:
     """Frees the memory the CPU kernels keep between calls (like torch.cuda.empty_cache): freed
     forward outputs kept for the next call's outputs (up to 64 MB: reused, their pages need not be

@@ -1225,6 +1225,31 @@ bool zen4_cpu() {
 #endif
 }
 
+// The L1 data cache's size in bytes (glibc's sysconf, from cpuid), 0 where unknown.
+int64_t l1_data_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    if (l1 > 0) return int64_t(l1);
+#endif
+    return int64_t(0);
+  }();
+  return bytes;
+}
+
+// A core's L2 size in bytes (glibc's sysconf, from cpuid); where unknown, 1 MB, the smallest L2 of the Xeons
+// with AVX-512 (Skylake-SP).
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (l2 > 0) return int64_t(l2);
+#endif
+    return int64_t(1) << 20;
+  }();
+  return bytes;
+}
+
 // "auto" splits by rows where the loop's panels (`panel_bytes`, all of them) come to at most
 // TileKernels::row_split_bytes per row of a thread, and each thread has at least 2 rows; one thread
 // runs by units (no barrier to save, and the backward's bias sums stay inside its loop). 2 threads,
@@ -1252,27 +1277,7 @@ bool zen4_cpu() {
 // l2_panel_limit: the most bytes of panels a thread's loop counts on L2 keeping, past which they stream
 // from a slow L3 (unbounded where that was not seen: AMD, other CPUs).
 int64_t l2_panel_limit() {
-  static const int64_t limit = [] {
-    if (!intel_cpu()) return std::numeric_limits<int64_t>::max();
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-    const long l2_bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);  // glibc, from cpuid; 0 or -1 where unknown
-    if (l2_bytes > 0) return int64_t(l2_bytes) * 3 / 4;
-#endif
-    return int64_t(3) << 18;  // unknown: 3/4 of the smallest L2 of the Xeons with AVX-512 (Skylake-SP, 1 MB)
-  }();
-  return limit;
-}
-
-// The L1 data cache's size in bytes (glibc's sysconf, from cpuid), 0 where unknown.
-int64_t l1_data_bytes() {
-  static const int64_t bytes = [] {
-#if defined(_SC_LEVEL1_DCACHE_SIZE)
-    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    if (l1 > 0) return int64_t(l1);
-#endif
-    return int64_t(0);
-  }();
-  return bytes;
+  return intel_cpu() ? l2_cache_bytes() * 3 / 4 : std::numeric_limits<int64_t>::max();
 }
 
 // TileKernels::row_split_bytes, but on a Zen 4 AVX2's bound is AVX-512's: there the split by rows was
@@ -1834,12 +1839,37 @@ inline void prefetch_step(std::initializer_list<StepRows> rows, int64_t t, const
 // The input part x_t W_ih^T + bias of a step, formed in the fused loop by the same threads on the same
 // units, in the same chains as the recurrent part, just before it (TileOperands::lead). A separate
 // projection of all steps first wrote [T, B, 4H] out and the loop read it back: forward 4% slower at
-// B=32 T=100 H=256 and at B=64 T=50 H=128 (same-phase A/B, 2 threads; equal at B=32 T=50 H=256).
+// B=32 T=100 H=256 and at B=64 T=50 H=128 (same-phase A/B, 2 threads; equal at B=32 T=50 H=256). But see
+// input_part_in_loop: wide inputs.
 struct StepInput {
   const float* x;  // [T, B, I]
   const Tensor* w_ih;
   const float* bias;  // [G*H] or null
 };
+
+// Whether the fused LSTM forward forms each step's input part in its loop (StepInput) rather than as one
+// projection of all steps first (input_projection, the gates buffer then holding it): the same chains, so
+// the same bits, where the input is at most kSumSteps wide (past it the projection's products would split
+// the chains into partial sums). On Intel CPUs, once the input part's panels come to half a core's L2 a
+// thread, the projection first: there, in one process, the choice set call by call, in the loop / first
+// per round (lower quartile, median, upper; 6-10 rounds), 2 vCPUs of a Xeon (2 MB of L2 a core): AVX-512
+// B=32 T=100 I=512 H=256 bidirectional (the 1x256 encoder; 1 MB of input panels a thread) forward 1.02,
+// 1.03, 1.03 and 1.01, 1.04, 1.06 (two runs), fwd+bwd 1.01, 1.04, 1.05; AVX2 1.08, 1.08, 1.10; B=32 T=50
+// I=512 H=512 (2 MB) 1.02, 1.04, 1.05, AVX2 1.00, 1.00, 1.04. Below the bound the loop stays: I=256 H=256
+// (0.5 MB; the 2x256 encoder's first layer) 0.97, 1.00, 1.02; I=64 H=512 0.95, 0.95, 0.97 (AVX2 0.94, 0.95,
+// 0.96), I=64 H=256 0.97, 0.99, 1.01, B=64 T=50 I=32 H=128 0.92, 0.95, 0.98, I=64 H=64 0.91, 0.95, 0.99.
+// A Zen was measured only at small inputs (the loop 0-5% ahead there). "loop" and "first"
+// (ZONEOUT_FUSED_CPU_INPUT, lstm_cpu.h) choose either way, so that tests run both on any CPU.
+NamedSetting<3> input_setting("ZONEOUT_FUSED_CPU_INPUT", "input", {"loop", "first", "auto"});  // kInput*
+
+bool input_part_in_loop(int64_t input_size, int64_t gate_width) {
+  const int64_t choice = input_setting.get();
+  if (choice == kInputLoop || input_size > kSumSteps) return true;
+  if (choice == kInputFirst) return false;
+  if (!intel_cpu()) return true;
+  const int64_t bytes_per_thread = input_size * gate_width * int64_t(sizeof(float)) / fused_region_threads();
+  return bytes_per_thread < l2_cache_bytes() / 2;
+}
 
 // The fused forward of a recurrent cell with G gate rows: per step, the thread's part (rows x units)
 // of h_{t-1} W_hh^T added to destination(s, t, part) (rows `row_stride` apart: the input projection, or
@@ -1958,7 +1988,7 @@ void fused_backward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t s
 }
 
 void fused_forward(const TileKernels& tiles, float* gates, float* y, float* c_seq, const float* h0, const float* c0,
-                   const StepInput& input, const Tensor& w_hh, const int64_t* lengths, int64_t steps,
+                   const StepInput* input, const Tensor& w_hh, const int64_t* lengths, int64_t steps,
                    const ZoneoutParams& p, const CpuKernels& kernels) {
   const int64_t batch = p.batch, hidden = p.hidden, state = batch * hidden;
   const auto row = kernels.f32.lstm_forward;
@@ -1982,7 +2012,7 @@ void fused_forward(const TileKernels& tiles, float* gates, float* y, float* c_se
           }
         }
       },
-      {{gates, 4 * state, 4 * hidden, 4, true}, {y, state, hidden, 1, true}, {c_seq, state, hidden, 1, true}}, &input);
+      {{gates, 4 * state, 4 * hidden, 4, true}, {y, state, hidden, 1, true}, {c_seq, state, hidden, 1, true}}, input);
 }
 
 // The LSTM's fused backward: d_pre and the gradients reaching h_0 and c_0 (dh, dc), and the bias
@@ -2149,6 +2179,10 @@ int64_t cpu_panels() { return panels_setting.get(); }
 
 int64_t set_cpu_panels(int64_t panels) { return panels_setting.set(panels); }
 
+int64_t cpu_input() { return input_setting.get(); }
+
+int64_t set_cpu_input(int64_t input) { return input_setting.set(input); }
+
 bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
                             uint32_t* r1, uint32_t* r2, int64_t isa) {
   if (isa < 0) isa = active_isa.load();
@@ -2230,10 +2264,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(const Tensor& x, const 
   Tensor y = pooled_empty({steps, batch, hidden}, x.options());
   Tensor c_seq = pooled_empty({steps, batch, hidden}, x.options());
   if (tiles != nullptr) {  // the fused loop forms each step's input part itself
-    Tensor gates = pooled_empty({steps, batch, 4 * hidden}, x.options());
+    const bool in_loop = input_part_in_loop(x.size(2), 4 * hidden);
+    Tensor gates = in_loop ? pooled_empty({steps, batch, 4 * hidden}, x.options()) : input_projection(tiles, x, w_ih, bias, 4);
     const StepInput input{x.data_ptr<float>(), &w_ih, bias.defined() ? bias.data_ptr<float>() : nullptr};
     fused_forward(*tiles, gates.data_ptr<float>(), y.data_ptr<float>(), c_seq.data_ptr<float>(), h0.data_ptr<float>(),
-                  c0.data_ptr<float>(), input, w_hh, len, steps, params, kernels);
+                  c0.data_ptr<float>(), in_loop ? &input : nullptr, w_hh, len, steps, params, kernels);
     return {y, c_seq[step_position(steps - 1, steps, direction)].clone(), c_seq, gates};
   }
   // Input projection of every step at once: the buffer where the pre-activations live.

@@ -80,6 +80,17 @@ int64_t cpu_panels();
 // Makes `panels` the active one; returns the previous one.
 int64_t set_cpu_panels(int64_t panels);
 
+// Where the fused LSTM forward forms each step's input part x_t W_ih^T: "loop" (in the time loop, just
+// before the step's recurrent part, in the same chains), "first" (as one projection of all steps before
+// the loop, where the input is at most 512 wide; wider inputs stay in the loop) or "auto" (the default:
+// first where the input's weights are large beside a core's L2, on Intel CPUs; lstm_cpu.cpp,
+// input_part_in_loop). The results are the same bits either way. ZONEOUT_FUSED_CPU_INPUT = auto | loop |
+// first, or set_cpu_input.
+constexpr int64_t kInputLoop = 0, kInputFirst = 1, kInputAuto = 2;
+int64_t cpu_input();
+// Makes `input` the active one; returns the previous one.
+int64_t set_cpu_input(int64_t input);
+
 // Test hook: the bytes of freed forward outputs the CPU kernels keep for reuse (pooled_empty).
 int64_t pooled_bytes();
 // Frees what the kernels keep between calls: the pooled forward outputs and the calling thread's
