@@ -30,6 +30,7 @@ double tanh(double) noexcept __attribute__((__simd__("notinbranch")));
 #endif
 
 #include "cpu/lstm_cpu.h"
+#include "cpu/cpu_vendor.h"
 #include "cpu/gemm.h"
 #include "cpu/setting.h"
 
@@ -1190,40 +1191,6 @@ enum class LoopSplit { kUnits, kRows };
 NamedSetting<3> split_setting("ZONEOUT_FUSED_CPU_SPLIT", "split", {"units", "rows", "auto"});  // kSplit*
 
 int64_t split_choice() { return split_setting.get(); }
-
-// Whether the CPU is Intel's: choices measured to differ there from a Zen's (l2_panel_limit,
-// pack_rows_threshold, split_panel_threshold, panel_prefetch_steps).
-bool intel_cpu() {
-#if defined(ZF_X86_PHILOX)
-  static const bool intel = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("intel") > 0;
-  }();
-  return intel;
-#else
-  return false;
-#endif
-}
-
-// Whether the CPU is a Zen 4 (AMD family 0x19 with AVX-512; its Zen 3 siblings have none), which runs
-// AVX-512 on 256-bit units: a 16-lane FMA holds both FMA pipes, so a core's FMA peak is the same under
-// either instruction set (about 113 GFLOP/s a core on a 2-vCPU EPYC) and half a Zen 5's per cycle.
-// Choices measured to differ there (split_panel_threshold, row_split_bound).
-bool zen4_cpu() {
-#if defined(ZF_X86_PHILOX)
-  static const bool zen4 = [] {
-    __builtin_cpu_init();
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (__builtin_cpu_is("amd") <= 0 || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
-    const unsigned base_family = (eax >> 8) & 0xF, family = base_family == 0xF ? base_family + ((eax >> 20) & 0xFF)
-                                                                                 : base_family;
-    return family == 0x19 && __builtin_cpu_supports("avx512f") > 0;
-  }();
-  return zen4;
-#else
-  return false;
-#endif
-}
 
 // The L1 data cache's size in bytes (glibc's sysconf, from cpuid), 0 where unknown.
 int64_t l1_data_bytes() {
