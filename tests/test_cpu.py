@@ -767,6 +767,20 @@ def test_fused_loop_is_independent_of_the_layout(shape, lengths, direction):
     assert_same_bits(RESULT_NAMES, results)
 
 
+def _assert_each_choice_gives_the_same_bits(shape, use_setting, choices, checked):
+    """The fused loop's results under each of a setting's choices (use_setting(choice) a context) are the same
+    bits, and those of `checked` (a choice "auto" may not take on this CPU) match the reference."""
+    tensors = make_inputs(*shape, torch.float32)
+    results = {}
+    for choice in choices:
+        with cpu_isa.use_cpu_loop("fused"), use_setting(choice):
+            results[choice] = _flat(run(cpu_layer, tensors, zoneout_cell=0.5, zoneout_hidden=0.05,
+                                        recurrent_dropout=0.1))
+    assert_same_bits(RESULT_NAMES, results)
+    with cpu_isa.use_cpu_loop("fused"), use_setting(checked):
+        assert_same_as_reference(tensors, torch.float32, zoneout_cell=0.5, zoneout_hidden=0.05)
+
+
 @pytest.mark.parametrize("isa", ("avx2", "avx512"), indirect=True)  # the tile kernels' instruction sets
 @pytest.mark.parametrize("shape", [(6, 13, 5, 100), (3, 13, 5, 520)], ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
 def test_forward_panels_whole_or_half_give_the_same_bits(shape, isa):
@@ -774,15 +788,7 @@ def test_forward_panels_whole_or_half_give_the_same_bits(shape, isa):
     at a time in twice the example rows (cpu_panels: "auto" takes halves for large panels, on some CPUs
     only): each output is the same FMA chain either way. H = 100: a padded last tile; H = 520: past
     AVX-512's 128 KB panels; B = 13: a short last row block in both."""
-    tensors = make_inputs(*shape, torch.float32)
-    results = {}
-    for panels in ("whole", "half", "auto"):
-        with cpu_isa.use_cpu_loop("fused"), cpu_isa.use_cpu_panels(panels):
-            results[panels] = _flat(run(cpu_layer, tensors, zoneout_cell=0.5, zoneout_hidden=0.05,
-                                        recurrent_dropout=0.1))
-    assert_same_bits(RESULT_NAMES, results)
-    with cpu_isa.use_cpu_loop("fused"), cpu_isa.use_cpu_panels("half"):
-        assert_same_as_reference(tensors, torch.float32, zoneout_cell=0.5, zoneout_hidden=0.05)
+    _assert_each_choice_gives_the_same_bits(shape, cpu_isa.use_cpu_panels, cpu_isa.CPU_PANELS, checked="half")
 
 
 @pytest.mark.parametrize("isa", ("avx2", "avx512"), indirect=True)  # the tile kernels' instruction sets
@@ -793,15 +799,7 @@ def test_forward_input_part_in_loop_or_first_gives_the_same_bits(shape, isa):
     recurrent part, or as one projection of all steps first, whose stored sums those chains then continue
     (cpu_input: "auto" takes the projection for wide inputs, on some CPUs only): the same FMA chains either
     way. I = 512: the widest input the projection takes; I = 530: wider, so it stays in the loop."""
-    tensors = make_inputs(*shape, torch.float32)
-    results = {}
-    for where in ("loop", "first", "auto"):
-        with cpu_isa.use_cpu_loop("fused"), cpu_isa.use_cpu_input(where):
-            results[where] = _flat(run(cpu_layer, tensors, zoneout_cell=0.5, zoneout_hidden=0.05,
-                                       recurrent_dropout=0.1))
-    assert_same_bits(RESULT_NAMES, results)
-    with cpu_isa.use_cpu_loop("fused"), cpu_isa.use_cpu_input("first"):
-        assert_same_as_reference(tensors, torch.float32, zoneout_cell=0.5, zoneout_hidden=0.05)
+    _assert_each_choice_gives_the_same_bits(shape, cpu_isa.use_cpu_input, cpu_isa.CPU_INPUTS, checked="first")
 
 
 # The named settings of the fused loop (csrc/cpu/setting.h, NamedSetting): (name, its choices, an
