@@ -1821,10 +1821,12 @@ struct StepInput {
 // thread, the projection first: there, in one process, the choice set call by call, in the loop / first
 // per round (lower quartile, median, upper; 6-10 rounds), 2 vCPUs of a Xeon (2 MB of L2 a core): AVX-512
 // B=32 T=100 I=512 H=256 bidirectional (the 1x256 encoder; 1 MB of input panels a thread) forward 1.02,
-// 1.03, 1.03 and 1.01, 1.04, 1.06 (two runs), fwd+bwd 1.01, 1.04, 1.05; AVX2 1.08, 1.08, 1.10; B=32 T=50
+// 1.03, 1.03; 1.01, 1.04, 1.06; 1.05, 1.06, 1.09 (three runs), fwd+bwd 1.01, 1.04, 1.05; AVX2 1.08, 1.08,
+// 1.10; B=32 T=50
 // I=512 H=512 (2 MB) 1.02, 1.04, 1.05, AVX2 1.00, 1.00, 1.04. Below the bound the loop stays: I=256 H=256
 // (0.5 MB; the 2x256 encoder's first layer) 0.97, 1.00, 1.02; I=64 H=512 0.95, 0.95, 0.97 (AVX2 0.94, 0.95,
-// 0.96), I=64 H=256 0.97, 0.99, 1.01, B=64 T=50 I=32 H=128 0.92, 0.95, 0.98, I=64 H=64 0.91, 0.95, 0.99.
+// 0.96), I=64 H=256 0.97, 0.99, 1.01 (T=100: 1.00, 1.02, 1.04), B=64 T=50 I=32 H=128 0.92, 0.95, 0.98, I=64
+// H=64 0.91, 0.95, 0.99.
 // A Zen was measured only at small inputs (the loop 0-5% ahead there). "loop" and "first"
 // (ZONEOUT_FUSED_CPU_INPUT, lstm_cpu.h) choose either way, so that tests run both on any CPU.
 NamedSetting<3> input_setting("ZONEOUT_FUSED_CPU_INPUT", "input", {"loop", "first", "auto"});  // kInput*
