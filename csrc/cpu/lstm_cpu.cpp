@@ -1192,29 +1192,32 @@ NamedSetting<3> split_setting("ZONEOUT_FUSED_CPU_SPLIT", "split", {"units", "row
 
 int64_t split_choice() { return split_setting.get(); }
 
-// The L1 data cache's size in bytes (glibc's sysconf, from cpuid), 0 where unknown.
-int64_t l1_data_bytes() {
-  static const int64_t bytes = [] {
-#if defined(_SC_LEVEL1_DCACHE_SIZE)
-    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    if (l1 > 0) return int64_t(l1);
-#endif
-    return int64_t(0);
-  }();
-  return bytes;
+// A cache's size in bytes from glibc's sysconf (from cpuid) for `name` (_SC_LEVEL1_DCACHE_SIZE, ...), or
+// `unknown` where it has none (0 or -1).
+int64_t sysconf_bytes(int name, int64_t unknown) {
+  const long bytes = sysconf(name);
+  return bytes > 0 ? int64_t(bytes) : unknown;
 }
 
-// A core's L2 size in bytes (glibc's sysconf, from cpuid); where unknown, 1 MB, the smallest L2 of the Xeons
-// with AVX-512 (Skylake-SP).
-int64_t l2_cache_bytes() {
-  static const int64_t bytes = [] {
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    if (l2 > 0) return int64_t(l2);
-#endif
-    return int64_t(1) << 20;
-  }();
+// The L1 data cache's size in bytes, 0 where unknown.
+int64_t l1_data_bytes() {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+  static const int64_t bytes = sysconf_bytes(_SC_LEVEL1_DCACHE_SIZE, 0);
   return bytes;
+#else
+  return 0;
+#endif
+}
+
+// A core's L2 size in bytes; where unknown, 1 MB, the smallest L2 of the Xeons with AVX-512 (Skylake-SP).
+int64_t l2_cache_bytes() {
+  constexpr int64_t kUnknown = int64_t(1) << 20;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  static const int64_t bytes = sysconf_bytes(_SC_LEVEL2_CACHE_SIZE, kUnknown);
+  return bytes;
+#else
+  return kUnknown;
+#endif
 }
 
 // "auto" splits by rows where the loop's panels (`panel_bytes`, all of them) come to at most
