@@ -719,6 +719,43 @@ def test_one_step_calls_copy_no_weight(engine):
     assert not copies, copies
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind, inputs, hidden", [
+    ("lstm", 24, 40),      # outer products of kB: the BLAS forms them
+    ("lstm", 512, 1024),   # 8 and 16 MB: streamed (csrc/cpu/gemm.cpp, kStreamedOuterBytes)
+    ("gru", 512, 1024),    # 6 MB from the BLAS, 12 MB streamed
+    ("rnn_tanh", 1024, 2048),
+])
+def test_one_row_weight_gradients_are_exact_outer_products(kind, inputs, hidden, threads):
+    """A cell step at B=1 sums its weight gradients over one row: grad W_ih = outer(d_in, x) and
+    grad W_hh = outer(d_rec, h), where d_in and d_rec are also the biases' gradients. Each entry is
+    one rounded product, so whichever path forms them must give exactly torch.outer's bits."""
+    make = {"lstm": zf.ZoneoutLSTMCell, "gru": zf.ZoneoutGRUCell, "rnn_tanh": zf.ZoneoutRNNCell}[kind]
+    torch.manual_seed(0)
+    cell = make(inputs, hidden, zoneout_hidden=0.1, backend="cpu")
+    x, h = torch.randn(1, inputs), torch.randn(1, hidden)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.profiler.profile(record_shapes=True) as profile:
+            if kind == "lstm":
+                h_next, c_next = cell(x, (h, torch.randn(1, hidden)))
+                (h_next.sum() + 2 * c_next.sum()).backward()
+            else:
+                cell(x, h).sum().backward()
+    finally:
+        torch.set_num_threads(before)
+    # The BLAS formed exactly the outer products below the streaming size ([rows, 1] x [1, width]).
+    rows = cell.weight_ih.shape[0]
+    blas_outer = {(tuple(e.input_shapes[0]), tuple(e.input_shapes[1])) for e in profile.events()
+                  if e.name == "aten::mm" and len(e.input_shapes) >= 2 and list(e.input_shapes[0]) == [rows, 1]}
+    expected = {((rows, 1), (1, width)) for width in (inputs, hidden) if rows * width * 4 < 8 << 20}
+    assert blas_outer == expected
+    assert torch.equal(cell.weight_ih.grad, torch.outer(cell.bias_ih.grad, x[0]))
+    assert torch.equal(cell.weight_hh.grad, torch.outer(cell.bias_hh.grad, h[0]))
+    assert cell.bias_ih.grad.abs().sum() > 0  # a gradient that flowed, not zeros equal by default
+
+
 # --------------------------------------------------------------------------------------
 # The fused time loop of float32 sequences (csrc/cpu/lstm_cpu.cpp): its own tile products, one
 # parallel region; the agreement tests above run it through `loop`.

@@ -3,11 +3,18 @@
 #include "cpu/cpu_vendor.h"
 #include "cpu/setting.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <optional>
 #include <string>
 
+#if defined(__SSE2__)
+#include <immintrin.h>  // _mm_stream_ps, _mm_sfence
+#define ZF_STREAMING_STORES 1
+#endif
+
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
@@ -93,6 +100,49 @@ at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& w, const at::Ten
   return stack.back().toTensor();
 }
 
+// A weight gradient summed over one row (a decoder cell's step at B=1: [4H,1] x [1,I]) is an outer
+// product, each output written once and read next by autograd's accumulation, a call later. From this
+// size on (beyond the caches) it is written with streaming stores, which skip reading the lines
+// first. Measured on a 2-vCPU Xeon, the cell stepped 20 times at B=1 (fwd+bwd, time relative to
+// nn.LSTMCell's, medians of interleaved rounds): I=512 H=1024 (8 and 16 MB outputs) 1.03x -> 0.92x
+// on 1 thread, 1.09x -> 0.92x on 2; I=1024 H=2048 1.02x -> 0.85x; I=H=512 (2 and 4 MB) level; I=H=256
+// (1 MB) 14% slower streamed. MKL's own k=1 product (the below-size path) beat plain stores there.
+constexpr int64_t kStreamedOuterBytes = int64_t(8) << 20;
+
+bool use_streamed_outer(const at::Tensor& a, const at::Tensor& b) {
+#if defined(ZF_STREAMING_STORES)
+  const int64_t n = a.size(1), k = b.size(1);
+  return a.size(0) == 1 && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.is_contiguous() &&
+         b.is_contiguous() && k % 4 == 0 && n * k * int64_t(sizeof(float)) >= kStreamedOuterBytes;
+#else
+  (void)a, (void)b;
+  return false;
+#endif
+}
+
+// a [1, N]^T b [1, K] by rows of streaming stores (use_streamed_outer holds: K % 4 == 0 keeps every
+// row 16-byte aligned in the fresh, 64-byte aligned output). One product per output, as the BLAS forms
+// it: the same bits.
+at::Tensor streamed_outer(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t n = a.size(1), k = b.size(1);
+  at::Tensor out = at::empty({n, k}, a.options());
+#if defined(ZF_STREAMING_STORES)
+  const float* a_p = a.data_ptr<float>();
+  const float* b_p = b.data_ptr<float>();
+  float* out_p = out.data_ptr<float>();
+  const int64_t grain_rows = std::max<int64_t>(1, (int64_t(64) << 10) / (k * int64_t(sizeof(float))));
+  at::parallel_for(0, n, grain_rows, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const __m128 scale = _mm_set1_ps(a_p[i]);
+      float* row = out_p + i * k;
+      for (int64_t j = 0; j < k; j += 4) _mm_stream_ps(row + j, _mm_mul_ps(scale, _mm_loadu_ps(b_p + j)));
+    }
+    _mm_sfence();  // the streamed lines are visible before the region ends
+  });
+#endif
+  return out;
+}
+
 }  // namespace
 
 at::Tensor linear_product(const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias) {
@@ -126,6 +176,7 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
+  if (use_streamed_outer(a, b)) return streamed_outer(a, b);
   if (a.size(0) >= kCopyRows && use_onednn(a, a.size(1), b.size(1))) {
     // oneDNN forms (b^T a) = (a^T b)^T fastest from these two transposed views (measured:
     // [3150,512]^T [3150,128] 1.2 ms, a^T b directly 1.8 ms, MKL's mm 2.2 ms); one small copy

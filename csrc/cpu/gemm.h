@@ -25,7 +25,8 @@ void add_linear_product_(at::Tensor& out, const at::Tensor& a, const at::Tensor&
 at::Tensor prepare_weight(const at::Tensor& w, int64_t rows);
 // a [M, K] b [K, N] for a stored b (e.g. grad_x = d_pre W_ih): a new contiguous [M, N].
 at::Tensor product(const at::Tensor& a, const at::Tensor& b);
-// a [M, N]^T b [M, K]: a contiguous [N, K] (a weight gradient, summed over the M rows).
+// a [M, N]^T b [M, K]: a contiguous [N, K] (a weight gradient, summed over the M rows; at M = 1, an
+// outer product, from 8 MB written with streaming stores: gemm.cpp).
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b);
 
 bool cpu_gemm_supported(int64_t engine);
