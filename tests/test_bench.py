@@ -228,9 +228,9 @@ def test_cpu_peak_memory_counts_pooled_outputs():
 
 
 def test_bench_bidirectional_case(tmp_path):
-    """A 2-layer bidirectional case (the encoder config's kind): the peers that run it are checked
-    against the reference and timed, the cell loop says why it cannot, and the floor counts both
-    directions' products, the upper layer's 2H-wide input included."""
+    """A 2-layer bidirectional case (the encoder config's kind): every peer runs it, checked against
+    the reference (the plain loop, layer by layer in both directions, at zoneout 0) and timed, and the
+    floor counts both directions' products, the upper layer's 2H-wide input included."""
     from zoneout_fused.bench.cases import CONFIGS
     from zoneout_fused.bench.runner import matmul_shapes
 
@@ -238,15 +238,33 @@ def test_bench_bidirectional_case(tmp_path):
     records = main(["--device", "cpu", "--config", "tiny-bi", "--backends", ",".join(["plain-loop", "reference",
                     "nn.LSTM"] + fused), "--repeats", "2", "--warmup", "0", "--quiet"])
     by_key = {(r["backend"], r["mode"]): r for r in records}
-    for backend in ["nn.LSTM"] + fused:
+    for backend in ["plain-loop", "nn.LSTM"] + fused:
         record = by_key[(backend, "fwd+bwd")]
         assert record["check"] == "ok" and record["median_ms"] > 0 and record["bidirectional"], record
-    assert "unidirectional" in by_key[("plain-loop", "fwd")]["error"]
+    assert "zoneout 0" in by_key[("plain-loop", "fwd")]["check_detail"]
 
     case = CONFIGS["tiny-bi"][0]
     shapes = matmul_shapes(case, "fwd")
     assert len(shapes) == 2 * 2 * 2  # (projection, recurrent) x 2 directions x 2 layers
     assert [k for _, _, k, _ in shapes[::2]] == [4, 4, 16, 16]  # the upper layer reads both directions
+
+
+@pytest.mark.parametrize("kind", [torch.nn.LSTM, torch.nn.GRU])
+def test_bidirectional_cells_compute_the_torch_layer(kind):
+    """The plain loop's bidirectional form, run with torch's own cells (copies of each direction's
+    weights), gives nn.LSTM's / nn.GRU's outputs and final states, in nn.LSTM's state order."""
+    from zoneout_fused.bench.loops import BidirectionalCells, lstm_cells
+
+    torch.manual_seed(0)
+    layer = kind(5, 7, num_layers=2, bidirectional=True, dtype=torch.float64)
+    lstm = kind is torch.nn.LSTM
+    loop = BidirectionalCells(lstm_cells(layer, 0), lstm_cells(layer, 1), lstm=lstm)
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    hx = torch.randn(4, 3, 7, dtype=torch.float64)
+    hx = (hx, torch.randn(4, 3, 7, dtype=torch.float64)) if lstm else hx
+    torch.testing.assert_close(loop(x, hx), layer(x, hx))
+    with pytest.raises(ValueError, match="direction"):
+        lstm_cells(kind(5, 7), direction=1)
 
 
 def test_bench_pins_the_heap_thresholds():

@@ -7,6 +7,10 @@ loop (time-major: every layer's cell at step t, then step t+1, as decoders step)
 from torch's generator, not the contract's Philox, so the benchmark checks them with zoneout off
 (the same LSTM math as the reference) and times them with zoneout on.
 
+A bidirectional layer cannot step time-major (each layer reads both directions' whole outputs):
+`BidirectionalCells` runs it as users write it for a zoned-out bidirectional encoder, layer by layer,
+a forward cell over t = 0..T-1 and a reverse cell over t = T-1..0, their outputs concatenated.
+
 `SteppedCells` also steps `nn.LSTMCell` (the no-zoneout ceiling of a cell loop) and
 `ZoneoutLSTMCell` for the benchmark's `decode` cases: the cell API called once per frame.
 """
@@ -55,14 +59,7 @@ class SteppedCells(nn.Module):
         self.lstm = lstm
 
     def forward(self, x: torch.Tensor, hx=None):
-        hidden = _hidden_size(self.cells[0])
-        if hx is None:
-            zeros = x.new_zeros(len(self.cells), x.shape[1], hidden)
-            hx = (zeros, zeros) if self.lstm else zeros
-        if self.lstm:
-            states = [(hx[0][layer], hx[1][layer]) for layer in range(len(self.cells))]
-        else:
-            states = [hx[layer] for layer in range(len(self.cells))]
+        states = _layer_states(self.cells[0], len(self.cells), x, hx, self.lstm)
         outputs = []
         for t in range(x.shape[0]):
             layer_input = x[t]
@@ -70,26 +67,66 @@ class SteppedCells(nn.Module):
                 states[layer] = cell(layer_input, states[layer])
                 layer_input = states[layer][0] if self.lstm else states[layer]
             outputs.append(layer_input)
-        if not self.lstm:
-            return torch.stack(outputs), torch.stack(states)
-        h_n = torch.stack([h for h, _ in states])
-        c_n = torch.stack([c for _, c in states])
-        return torch.stack(outputs), (h_n, c_n)
+        return torch.stack(outputs), _final_states(states, self.lstm)
+
+
+class BidirectionalCells(nn.Module):
+    """Bidirectional layers of cells (cells[l] forward, reverse_cells[l] backward in time) run layer
+    by layer over x [T, B, I], with the torch layer's forward signature; state k of hx and of the
+    final states is layer k // 2's direction k % 2, as in nn.LSTM."""
+
+    def __init__(self, cells: list[nn.Module], reverse_cells: list[nn.Module], lstm: bool = True):
+        super().__init__()
+        self.cells = nn.ModuleList(cells)
+        self.reverse_cells = nn.ModuleList(reverse_cells)
+        self.lstm = lstm
+
+    def forward(self, x: torch.Tensor, hx=None):
+        steps = x.shape[0]
+        states = _layer_states(self.cells[0], 2 * len(self.cells), x, hx, self.lstm)
+        layer_input = x
+        for layer, directions in enumerate(zip(self.cells, self.reverse_cells)):
+            outputs = []
+            for direction, cell in enumerate(directions):
+                index, output = 2 * layer + direction, [None] * steps
+                for t in (range(steps) if direction == 0 else reversed(range(steps))):
+                    states[index] = cell(layer_input[t], states[index])
+                    output[t] = states[index][0] if self.lstm else states[index]
+                outputs.append(torch.stack(output))
+            layer_input = torch.cat(outputs, dim=2)
+        return layer_input, _final_states(states, self.lstm)
+
+
+def _layer_states(cell: nn.Module, count: int, x: torch.Tensor, hx, lstm: bool) -> list:
+    """The `count` initial states of hx (zeros where None): (h, c) pairs for LSTM cells."""
+    if hx is None:
+        zeros = x.new_zeros(count, x.shape[1], _hidden_size(cell))
+        hx = (zeros, zeros) if lstm else zeros
+    return [(hx[0][k], hx[1][k]) if lstm else hx[k] for k in range(count)]
+
+
+def _final_states(states: list, lstm: bool):
+    if not lstm:
+        return torch.stack(states)
+    return torch.stack([h for h, _ in states]), torch.stack([c for _, c in states])
 
 
 def _hidden_size(cell: nn.Module) -> int:
     return getattr(cell, "hidden_size", None) or cell.cell.hidden_size
 
 
-def lstm_cells(module: nn.RNNBase) -> list[nn.Module]:
-    """One torch cell per layer of a unidirectional nn.LSTM / nn.GRU / nn.RNN (nn.LSTMCell,
-    nn.GRUCell, nn.RNNCell with its nonlinearity), holding copies of its weights."""
-    if module.bidirectional or module.proj_size:
-        raise ValueError("cell loops copy unidirectional torch layers without projections")
+def lstm_cells(module: nn.RNNBase, direction: int = 0) -> list[nn.Module]:
+    """One torch cell per layer of an nn.LSTM / nn.GRU / nn.RNN (nn.LSTMCell, nn.GRUCell, nn.RNNCell
+    with its nonlinearity), holding copies of direction `direction`'s weights."""
+    if module.proj_size:
+        raise ValueError("cell loops copy torch layers without projections")
+    if direction not in ((0, 1) if module.bidirectional else (0,)):
+        raise ValueError(f"direction {direction}: the layer has {1 + module.bidirectional} direction(s)")
+    suffix = "_reverse" if direction == 1 else ""
     weight = module.weight_hh_l0
     cells = []
     for layer in range(module.num_layers):
-        input_size = module.input_size if layer == 0 else module.hidden_size
+        input_size = module.input_size if layer == 0 else module.hidden_size * (1 + module.bidirectional)
         kwargs = dict(bias=module.bias, device=weight.device, dtype=weight.dtype)
         if isinstance(module, nn.LSTM):
             cell = nn.LSTMCell(input_size, module.hidden_size, **kwargs)
@@ -99,12 +136,15 @@ def lstm_cells(module: nn.RNNBase) -> list[nn.Module]:
             cell = nn.RNNCell(input_size, module.hidden_size, nonlinearity=module.nonlinearity, **kwargs)
         with torch.no_grad():
             for name in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if module.bias else ()):
-                getattr(cell, name).copy_(getattr(module, f"{name}_l{layer}"))
+                getattr(cell, name).copy_(getattr(module, f"{name}_l{layer}{suffix}"))
         cells.append(cell)
     return cells
 
 
 def canonical_parameter_name(name: str) -> str:
-    """nn.LSTM's name of a parameter of any peer: cells.1.cell.weight_ih -> weight_ih_l1."""
-    match = re.fullmatch(r"cells\.(\d+)\.(?:cell\.)?(\w+)", name)
-    return f"{match.group(2)}_l{match.group(1)}" if match else name
+    """nn.LSTM's name of a parameter of any peer: cells.1.cell.weight_ih -> weight_ih_l1,
+    reverse_cells.0.weight_hh -> weight_hh_l0_reverse."""
+    match = re.fullmatch(r"(reverse_)?cells\.(\d+)\.(?:cell\.)?(\w+)", name)
+    if match is None:
+        return name
+    return f"{match.group(3)}_l{match.group(2)}" + ("_reverse" if match.group(1) else "")

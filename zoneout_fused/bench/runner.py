@@ -59,7 +59,7 @@ from ..ops import BACKENDS
 from ..reference import CELL_CODES, cell_rows
 from ..testing import three_way_error
 from .cases import PUBLIC_CONFIGS, Case, cases_for
-from .loops import PlainZoneoutCell, SteppedCells, canonical_parameter_name, lstm_cells
+from .loops import BidirectionalCells, PlainZoneoutCell, SteppedCells, canonical_parameter_name, lstm_cells
 from .memory import PeakMemory, pin_heap_thresholds
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -167,9 +167,14 @@ def _compiled_reference(lstm: nn.LSTM, zoneout_kwargs: dict) -> nn.Module:
 
 
 def _plain_loop(layer: nn.RNNBase, zoneout_kwargs: dict) -> nn.Module:
-    return SteppedCells([PlainZoneoutCell(cell, zoneout_kwargs.get("zoneout_cell", 0.0),
-                                          zoneout_kwargs["zoneout_hidden"]) for cell in lstm_cells(layer)],
-                        lstm=isinstance(layer, nn.LSTM))
+    def zoned_out(direction: int) -> list[nn.Module]:
+        return [PlainZoneoutCell(cell, zoneout_kwargs.get("zoneout_cell", 0.0), zoneout_kwargs["zoneout_hidden"])
+                for cell in lstm_cells(layer, direction)]
+
+    lstm = isinstance(layer, nn.LSTM)
+    if layer.bidirectional:
+        return BidirectionalCells(zoned_out(0), zoned_out(1), lstm=lstm)
+    return SteppedCells(zoned_out(0), lstm=lstm)
 
 
 def _zoneout_cells(lstm: nn.LSTM, zoneout_kwargs: dict, backend: str) -> nn.Module:
