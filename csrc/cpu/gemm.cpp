@@ -124,9 +124,11 @@ bool use_streamed_outer(const at::Tensor& a, const at::Tensor& b) {
 // row 16-byte aligned in the fresh, 64-byte aligned output). One product per output, as the BLAS forms
 // it: the same bits.
 at::Tensor streamed_outer(const at::Tensor& a, const at::Tensor& b) {
+#if !defined(ZF_STREAMING_STORES)
+  return at::mm(a.t(), b);  // (not reached: use_streamed_outer is false without SSE2)
+#else
   const int64_t n = a.size(1), k = b.size(1);
   at::Tensor out = at::empty({n, k}, a.options());
-#if defined(ZF_STREAMING_STORES)
   const float* a_p = a.data_ptr<float>();
   const float* b_p = b.data_ptr<float>();
   float* out_p = out.data_ptr<float>();
@@ -139,8 +141,8 @@ at::Tensor streamed_outer(const at::Tensor& a, const at::Tensor& b) {
     }
     _mm_sfence();  // the streamed lines are visible before the region ends
   });
-#endif
   return out;
+#endif
 }
 
 }  // namespace
