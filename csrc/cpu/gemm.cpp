@@ -106,27 +106,21 @@ at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& w, const at::Ten
 // first. Measured on a 2-vCPU Xeon, the cell stepped 20 times at B=1 (fwd+bwd, time relative to
 // nn.LSTMCell's, medians of interleaved rounds): I=512 H=1024 (8 and 16 MB outputs) 1.03x -> 0.92x
 // on 1 thread, 1.09x -> 0.92x on 2; I=1024 H=2048 1.02x -> 0.85x; I=H=512 (2 and 4 MB) level; I=H=256
-// (1 MB) 14% slower streamed. MKL's own k=1 product (the below-size path) beat plain stores there.
+// (1 MB) 14% slower streamed. Below the size, and where there is no SSE2, MKL's own k=1 product forms
+// them (it beat plain stores at every size measured).
+#if defined(ZF_STREAMING_STORES)
 constexpr int64_t kStreamedOuterBytes = int64_t(8) << 20;
 
 bool use_streamed_outer(const at::Tensor& a, const at::Tensor& b) {
-#if defined(ZF_STREAMING_STORES)
   const int64_t n = a.size(1), k = b.size(1);
   return a.size(0) == 1 && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.is_contiguous() &&
          b.is_contiguous() && k % 4 == 0 && n * k * int64_t(sizeof(float)) >= kStreamedOuterBytes;
-#else
-  (void)a, (void)b;
-  return false;
-#endif
 }
 
 // a [1, N]^T b [1, K] by rows of streaming stores (use_streamed_outer holds: K % 4 == 0 keeps every
 // row 16-byte aligned in the fresh, 64-byte aligned output). One product per output, as the BLAS forms
 // it: the same bits.
 at::Tensor streamed_outer(const at::Tensor& a, const at::Tensor& b) {
-#if !defined(ZF_STREAMING_STORES)
-  return at::mm(a.t(), b);  // (not reached: use_streamed_outer is false without SSE2)
-#else
   const int64_t n = a.size(1), k = b.size(1);
   at::Tensor out = at::empty({n, k}, a.options());
   const float* a_p = a.data_ptr<float>();
@@ -142,8 +136,8 @@ at::Tensor streamed_outer(const at::Tensor& a, const at::Tensor& b) {
     _mm_sfence();  // the streamed lines are visible before the region ends
   });
   return out;
-#endif
 }
+#endif
 
 }  // namespace
 
@@ -178,7 +172,9 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor transposed_product(const at::Tensor& a, const at::Tensor& b) {
+#if defined(ZF_STREAMING_STORES)
   if (use_streamed_outer(a, b)) return streamed_outer(a, b);
+#endif
   if (a.size(0) >= kCopyRows && use_onednn(a, a.size(1), b.size(1))) {
     // oneDNN forms (b^T a) = (a^T b)^T fastest from these two transposed views (measured:
     // [3150,512]^T [3150,128] 1.2 ms, a^T b directly 1.8 ms, MKL's mm 2.2 ms); one small copy
