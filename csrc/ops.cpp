@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cell_step.h"
 #include "cpu/gemm.h"
 #include "cpu/lstm_cpu.h"
 #include "layer_autograd.h"
@@ -258,10 +259,11 @@ Tensor philox_words_cpu(int64_t seed, int64_t first, int64_t c2, int64_t c3, int
 
 }  // namespace
 
-// Importing zoneout_fused._C runs the registrations below; the module itself only takes the
-// Python function behind create_graph=True (layer_autograd.h).
+// Importing zoneout_fused._C runs the registrations below; the module itself takes the Python
+// function behind create_graph=True (layer_autograd.h) and has the cell modules' step (cell_step.h).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_differentiable_backward", &zoneout_autograd::set_differentiable_backward);
+  m.def("_cell_step", &zoneout_cell_step::cell_step);
 }
 
 TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {

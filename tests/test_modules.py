@@ -377,6 +377,109 @@ def test_no_grad_calls_skip_autograd_with_the_same_bits(backend):
     assert all(torch.equal(r, f) for r, f in zip(recorded, free))
 
 
+# The cell modules on the cpu backend step in one C++ call (csrc/cell_step.h) and fall back to
+# their Python path for whatever that call declines. Both must give the same bits.
+_CELLS = {"lstm": (zf.ZoneoutLSTMCell, dict(zoneout_cell=0.3, zoneout_hidden=0.2, recurrent_dropout=0.1), 2),
+          "gru": (zf.ZoneoutGRUCell, dict(zoneout_hidden=0.3, recurrent_dropout=0.2), 1),
+          "rnn_tanh": (zf.ZoneoutRNNCell, dict(zoneout_hidden=0.3), 1)}
+
+
+def _counting_cell_step(monkeypatch):
+    """Counts the calls of the one-call step that it took (returned a result) and declined."""
+    step = ops.cpu_cell_step()
+    counts = {"taken": 0, "declined": 0}
+
+    def counted(*args):
+        result = step(*args)
+        counts["declined" if result is None else "taken"] += 1
+        return result
+
+    monkeypatch.setattr(ops, "_CPU_CELL_STEP", [counted])
+    return counts
+
+
+def _step_results(cell, x, states, dtype):
+    """Outputs of two steps (given states, then none), the gradients of a weighted sum of them with
+    respect to the input, states and parameters, and the generator's next draw."""
+    outputs = []
+    for hx in (states[0] if len(states) == 1 else tuple(states), None):
+        result = cell(x, hx)
+        outputs += list(result) if isinstance(result, tuple) else [result]
+    loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=dtype).view_as(t)).sum() for t in outputs)
+    leaves = [t for t in (x, *states, *cell.parameters()) if t.requires_grad]
+    grads = torch.autograd.grad(loss, leaves) if torch.is_grad_enabled() else []
+    return [t.detach() for t in outputs] + list(grads) + [torch.randint(0, 2**62, (4,))]
+
+
+@pytest.mark.parametrize("kind", list(_CELLS))
+@pytest.mark.parametrize("training", [True, False])
+def test_cpu_cell_step_in_one_call_has_the_python_paths_bits(monkeypatch, kind, training):
+    """The same outputs, gradients and generator state after (the seed drawn as torch.randint
+    draws it) as the module's Python path, batched and not, float32 and float64, with and without
+    states, with grad (inputs and parameters differentiated) and under no_grad."""
+    _backend_or_skip("cpu", "cpu")
+    cls, options, state_count = _CELLS[kind]
+    counts = _counting_cell_step(monkeypatch)
+    for batched, dtype, grad in [(b, d, g) for b in (True, False) for d in (torch.float32, torch.float64)
+                                 for g in (True, False)]:
+        torch.manual_seed(0)
+        cell = cls(7, 5, backend="cpu", dtype=dtype, **options).train(training)
+        lead = (3,) if batched else ()
+        x = torch.randn(*lead, 7, dtype=dtype, requires_grad=grad)
+        states = [torch.randn(*lead, 5, dtype=dtype, requires_grad=grad) for _ in range(state_count)]
+        results = []
+        for one_call in (True, False):
+            cell.__dict__["_steps_on_cpu"] = one_call
+            torch.manual_seed(5)
+            taken = counts["taken"]
+            with torch.set_grad_enabled(grad):
+                results.append(_step_results(cell, x, states, dtype))
+            assert counts["taken"] - taken == (2 if one_call else 0)
+        assert len(results[0]) == len(results[1])
+        for index, (fused, python) in enumerate(zip(*results)):
+            assert torch.equal(fused, python), (kind, batched, dtype, grad, index)
+    assert counts["declined"] == 0
+
+
+class _RecordingMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_cpu_cell_step_declines_what_the_python_path_must_handle(monkeypatch):
+    """Autocast, a torch-function mode, a tensor subclass, the JIT tracer and inputs of the wrong
+    shape or dtype are left to the Python path (which raises torch's errors for the bad ones)."""
+    _backend_or_skip("cpu", "cpu")
+    counts = _counting_cell_step(monkeypatch)
+    torch.manual_seed(0)
+    cell = zf.ZoneoutLSTMCell(4, 3, zoneout_cell=0.2, zoneout_hidden=0.1)  # (auto: the cpu backend here)
+    x, h = torch.randn(2, 4), torch.randn(2, 3)
+    cell(x, (h, h))
+    assert counts == {"taken": 1, "declined": 0}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cell(x)[0].dtype == torch.bfloat16
+    with _RecordingMode():
+        cell(x)
+    cell(x.as_subclass(_Subclass))
+    torch.jit.trace(cell, (x,), check_trace=False)
+    assert counts == {"taken": 1, "declined": 4}
+    with pytest.raises(RuntimeError, match="input has inconsistent input_size"):
+        cell(torch.randn(2, 5))
+    with pytest.raises(RuntimeError, match="hidden0 has inconsistent hidden_size"):
+        cell(x, (torch.randn(2, 4), h))
+    with pytest.raises(RuntimeError, match="Input batch size 2 doesn't match hidden1 batch size 3"):
+        cell(x, (h, torch.randn(3, 3)))
+    with pytest.raises(RuntimeError, match="dtype"):
+        cell(x.double())
+    with pytest.raises(RuntimeError, match="two hidden states"):
+        cell(x, (h, h, h))
+    assert counts == {"taken": 1, "declined": 9}
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_cell_bias_sum_follows_every_change_of_the_biases(backend):
     """Under no_grad the cell keeps b_ih + b_hh between calls: an in-place update, a loaded

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import reference
 from .masks import MASK_MODE_CODES, MASK_MODES
-from .ops import BACKEND_NAMES, BACKENDS, resolve_backend
+from .ops import BACKEND_NAMES, BACKENDS, cpu_cell_step, resolve_backend
 from .reference import CELL_CODES
 
 _SEED_HIGH = 2**63 - 1
@@ -78,11 +78,17 @@ class _ZoneoutOptions:
         if weight is None or torch.compiler.is_compiling():
             return
         cell = getattr(self, "_cell", "lstm")
+        self.__dict__["_steps_on_cpu"] = False
         try:
-            resolve_backend(self.backend, weight.device, weight.dtype, projection=getattr(self, "proj_size", 0) > 0,
-                            cell=cell).load(cell)
+            backend = resolve_backend(self.backend, weight.device, weight.dtype,
+                                      projection=getattr(self, "proj_size", 0) > 0, cell=cell)
+            backend.load(cell)
         except (RuntimeError, TypeError, ValueError, ImportError):
             return
+        # A cell on the cpu backend steps in one C++ call (_fused_cell_step). (That backend runs
+        # both CPU dtypes, so a parameter swapped for one of the other dtype still runs it; the
+        # step itself declines every other device and dtype.)
+        self.__dict__["_steps_on_cpu"] = isinstance(self, nn.RNNCellBase) and backend is BACKENDS["cpu"]
 
     def _set_zoneout_options(self, zoneout_cell, zoneout_hidden, recurrent_dropout, mask_mode, backend):
         self.zoneout_cell, self.zoneout_hidden, self.recurrent_dropout = zoneout_cell, zoneout_hidden, recurrent_dropout
@@ -91,6 +97,18 @@ class _ZoneoutOptions:
     def _layer_settings(self):
         """(z_c, z_h, p, mode code) for the layer op."""
         return self.zoneout_cell, self.zoneout_hidden, self.recurrent_dropout, MASK_MODE_CODES[self.mask_mode]
+
+    def _fused_cell_step(self, input, hx):
+        """A cell's step in one C++ call (csrc/cell_step.h) where the cpu backend runs it eagerly,
+        else None: the step declines what it does not take (other devices and dtypes, autocast,
+        tracers, modes, any argument nn.LSTMCell would reject), and the Python path runs."""
+        if not self.__dict__.get("_steps_on_cpu") or torch.compiler.is_compiling():
+            return None
+        w_ih = _parameter_of(self, "weight_ih")
+        bias_a, bias_b = self._step_biases(w_ih.dtype)
+        return cpu_cell_step()(CELL_CODES[getattr(self, "_cell", "lstm")], input, hx, w_ih,
+                               _parameter_of(self, "weight_hh"), bias_a, bias_b, *self._layer_settings(),
+                               self.training)
 
     def _is_stochastic(self) -> bool:
         return self.training and (self.zoneout_cell > 0 or self.zoneout_hidden > 0 or self.recurrent_dropout > 0)
@@ -554,8 +572,16 @@ class ZoneoutLSTMCell(_ZoneoutOptions, nn.RNNCellBase):
         return cached[3]
 
     @torch.jit.unused
+    def _step_biases(self, dtype: torch.dtype) -> tuple:
+        """The bias arguments of the layer op: the summed bias, and None."""
+        return self._summed_bias(dtype), None
+
+    @torch.jit.unused
     def _forward(self, input: torch.Tensor,
                  hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        fused = self._fused_cell_step(input, hx)
+        if fused is not None:
+            return fused
         # nn.LSTMCell's checks, types and messages (its kernel's RuntimeErrors included).
         _check_cell_input(self, input)
         if hx is not None:
@@ -575,7 +601,7 @@ class ZoneoutLSTMCell(_ZoneoutOptions, nn.RNNCellBase):
         backend = _backend_for(self.backend, x.device, dtype)
         w_ih = _as_dtype(_parameter_of(self, "weight_ih"), dtype)
         w_hh = _as_dtype(_parameter_of(self, "weight_hh"), dtype)
-        bias = self._summed_bias(dtype)
+        bias, _ = self._step_biases(dtype)
         y, c1 = backend.layer(x.unsqueeze(0).contiguous(), h0, c0, w_ih, w_hh, bias, None,
                               self._draw_seed(x.device), 0, 0, z_c, z_h, p, mode, self.training)
         h1 = y[0]
@@ -667,7 +693,16 @@ class _ZoneoutHiddenStateCell(_HiddenStateOptions, nn.RNNCellBase):
         return h1 if batched else h1.squeeze(0)
 
     @torch.jit.unused
+    def _step_biases(self, dtype: torch.dtype) -> tuple:
+        """The bias arguments of the layer op: b_ih and b_hh (None where the cell has no bias)."""
+        b_ih, b_hh = _parameter_of(self, "bias_ih"), _parameter_of(self, "bias_hh")
+        return (None if b_ih is None else _as_dtype(b_ih, dtype)), (None if b_hh is None else _as_dtype(b_hh, dtype))
+
+    @torch.jit.unused
     def _forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        fused = self._fused_cell_step(input, hx)
+        if fused is not None:
+            return fused
         # torch's GRUCell / RNNCell checks, types and messages.
         _check_cell_input(self, input)
         if hx is not None:
@@ -677,13 +712,10 @@ class _ZoneoutHiddenStateCell(_HiddenStateOptions, nn.RNNCellBase):
                 raise ValueError(f"{type(self).__name__}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
         x, (h0,), batched, dtype = _cell_step_inputs(self, input, None if hx is None else [hx], ("hx",))
         backend = _backend_for(self.backend, x.device, dtype, cell=self._cell)
-
-        def get(name):
-            parameter = _parameter_of(self, name)  # (looked up once: a step's fixed cost)
-            return None if parameter is None else _as_dtype(parameter, dtype)
-
-        y = backend.gru_rnn_layer(x.unsqueeze(0).contiguous(), h0, get("weight_ih"), get("weight_hh"), get("bias_ih"),
-                                  get("bias_hh"), None, self._draw_seed(x.device), self.cell_code, 0, 0,
+        w_ih = _as_dtype(_parameter_of(self, "weight_ih"), dtype)
+        w_hh = _as_dtype(_parameter_of(self, "weight_hh"), dtype)
+        y = backend.gru_rnn_layer(x.unsqueeze(0).contiguous(), h0, w_ih, w_hh, *self._step_biases(dtype), None,
+                                  self._draw_seed(x.device), self.cell_code, 0, 0,
                                   self.zoneout_hidden, self.recurrent_dropout, MASK_MODE_CODES[self.mask_mode],
                                   self.training)
         h1 = y[0]

@@ -378,6 +378,17 @@ def _load_extension(backend: str) -> Optional[str]:
     return _EXTENSION_ERRORS[backend] or None
 
 
+_CPU_CELL_STEP: list = []  # (filled once: a decoder asks at every step)
+
+
+def cpu_cell_step() -> Optional[Callable]:
+    """The cpu extension's cell step in one call (csrc/cell_step.h), or None where it is not built."""
+    if not _CPU_CELL_STEP:
+        built = _load_extension("cpu") is None
+        _CPU_CELL_STEP.append(importlib.import_module(f"{__package__}._C")._cell_step if built else None)
+    return _CPU_CELL_STEP[0]
+
+
 def _cpu_unavailable(device: torch.device) -> Optional[str]:
     if device.type != "cpu":
         return f"backend 'cpu' runs on CPU tensors only, got device {device}"
