@@ -9,6 +9,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
@@ -94,8 +95,15 @@ Tensor draw_seed() {
   return seed;
 }
 
-const Tensor& unused_seed() {  // (never freed: a static Tensor would outlive torch's allocator)
-  static const Tensor* seed = new Tensor(at::zeros({}, at::kLong));
+// The seed of a step that draws no mask, one tensor for every call (nothing writes to it). Made a
+// normal tensor even when the first call runs under torch.inference_mode: autograd saves the seed,
+// and an inference tensor cannot be saved. (Never freed: a static Tensor would outlive torch's
+// allocator.)
+const Tensor& unused_seed() {
+  static const Tensor* seed = [] {
+    c10::InferenceMode normal_tensors(/*enabled=*/false);
+    return new Tensor(at::zeros({}, at::kLong));
+  }();
   return *seed;
 }
 

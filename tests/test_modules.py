@@ -480,6 +480,36 @@ def test_cpu_cell_step_declines_what_the_python_path_must_handle(monkeypatch):
     assert counts == {"taken": 1, "declined": 9}
 
 
+_INFERENCE_THEN_RECORDED = """
+import torch, zoneout_fused as zf
+for cell in (zf.ZoneoutLSTMCell(3, 4, zoneout_cell=0.2, zoneout_hidden=0.1).eval(),
+             zf.ZoneoutGRUCell(3, 4, zoneout_hidden=0.1).eval()):
+    for bias in (cell.bias_ih, cell.bias_hh):
+        bias.requires_grad_(False)
+    x = torch.randn(2, 3)
+    with torch.inference_mode():
+        expected = cell(x)
+    recorded = cell(x.clone().requires_grad_())
+    (recorded[0] if isinstance(recorded, tuple) else recorded).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(expected, recorded)) if isinstance(recorded, tuple) \
+        else torch.equal(expected, recorded)
+print("ok")
+"""
+
+
+def test_steps_under_inference_mode_leave_nothing_that_autograd_cannot_save():
+    """A cell stepped first under torch.inference_mode, then recorded by autograd (frozen biases, an
+    input that needs its gradient): nothing made in inference mode reaches the recorded step, whose
+    node would fail to save it: the one-call step's shared seed of evaluation steps (made on a
+    process's first such step, hence a fresh interpreter) and the cell's kept bias sum."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _INFERENCE_THEN_RECORDED], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["ok"], result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_cell_bias_sum_follows_every_change_of_the_biases(backend):
     """Under no_grad the cell keeps b_ih + b_hh between calls: an in-place update, a loaded

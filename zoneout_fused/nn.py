@@ -560,7 +560,10 @@ class ZoneoutLSTMCell(_ZoneoutOptions, nn.RNNCellBase):
         if not self.bias:
             return None
         b_ih, b_hh = _parameter_of(self, "bias_ih"), _parameter_of(self, "bias_hh")
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (b_ih.requires_grad or b_hh.requires_grad)):
+        # (Nor is a sum made under torch.inference_mode kept: a later step that autograd records would
+        # save it, and an inference tensor cannot be saved.)
+        if (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+                or (torch.is_grad_enabled() and (b_ih.requires_grad or b_hh.requires_grad))):
             return _as_dtype(b_ih, dtype) + _as_dtype(b_hh, dtype)
         key = (b_ih.data_ptr(), b_hh.data_ptr(), b_ih._version, b_hh._version, dtype)
         cached = self.__dict__.get("_bias_sum")
