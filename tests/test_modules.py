@@ -490,9 +490,9 @@ for cell in (zf.ZoneoutLSTMCell(3, 4, zoneout_cell=0.2, zoneout_hidden=0.1).eval
     with torch.inference_mode():
         expected = cell(x)
     recorded = cell(x.clone().requires_grad_())
-    (recorded[0] if isinstance(recorded, tuple) else recorded).sum().backward()
-    assert all(torch.equal(a, b) for a, b in zip(expected, recorded)) if isinstance(recorded, tuple) \
-        else torch.equal(expected, recorded)
+    expected, recorded = [r if isinstance(r, tuple) else (r,) for r in (expected, recorded)]
+    recorded[0].sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(expected, recorded))
 print("ok")
 """
 
