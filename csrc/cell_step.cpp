@@ -15,13 +15,13 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
 
+#include "zoneout_lstm.h"
+
 namespace zoneout_cell_step {
 namespace {
 
 using at::Tensor;
 namespace py = pybind11;
-
-constexpr int64_t kLstm = 0;  // reference.CELL_CODES["lstm"]
 
 using LstmForward = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
@@ -37,11 +37,12 @@ std::optional<Tensor> plain_tensor(py::handle object) {
   return THPVariable_Unpack(object.ptr());
 }
 
-// A bias: absent (None), or a plain CPU tensor of `dtype`. False for anything else.
-bool read_bias(py::handle object, at::ScalarType dtype, std::optional<Tensor>* bias) {
+// A bias: absent (None), or a plain CPU tensor of `dtype` and `rows` entries. False for anything else.
+bool read_bias(py::handle object, at::ScalarType dtype, int64_t rows, std::optional<Tensor>* bias) {
   if (object.is_none()) return true;
   *bias = plain_tensor(object);
-  return bias->has_value() && (*bias)->device().is_cpu() && (*bias)->scalar_type() == dtype;
+  return bias->has_value() && (*bias)->device().is_cpu() && (*bias)->scalar_type() == dtype &&
+         (*bias)->dim() == 1 && (*bias)->size(0) == rows;
 }
 
 // The states in hx, each a plain tensor shaped and typed as the step needs: [B, H] (or [H] for
@@ -120,15 +121,20 @@ py::object cell_step(int64_t cell, py::handle input_object, py::handle hx, py::h
       (input->dim() != 1 && input->dim() != 2)) {
     return py::none();
   }
+  // Weights and biases of the shapes the op takes (G*H rows), so that its own checks, whose messages
+  // the Python path gives as the op raises them, never fire here.
   for (const Tensor* weight : {&*w_ih, &*w_hh}) {
     if (!weight->device().is_cpu() || weight->scalar_type() != dtype || weight->dim() != 2) return py::none();
   }
   const bool batched = input->dim() == 2;
   const int64_t batch = batched ? input->size(0) : 1, input_size = w_ih->size(1), hidden = w_hh->size(1);
-  if (input->size(-1) != input_size) return py::none();
+  const int64_t rows = zoneout::cell_rows(static_cast<int>(cell)) * hidden;
+  if (input->size(-1) != input_size || w_ih->size(0) != rows || w_hh->size(0) != rows) return py::none();
   std::optional<Tensor> bias_a, bias_b;
-  if (!read_bias(bias_a_object, dtype, &bias_a) || !read_bias(bias_b_object, dtype, &bias_b)) return py::none();
-  const std::optional<std::vector<Tensor>> states = read_states(hx, cell == kLstm ? 2 : 1, *input, hidden);
+  if (!read_bias(bias_a_object, dtype, rows, &bias_a) || !read_bias(bias_b_object, dtype, rows, &bias_b)) {
+    return py::none();
+  }
+  const std::optional<std::vector<Tensor>> states = read_states(hx, cell == zoneout::kLstm ? 2 : 1, *input, hidden);
   if (!states) return py::none();
 
   Tensor h1, c1;
@@ -137,10 +143,10 @@ py::object cell_step(int64_t cell, py::handle input_object, py::handle hx, py::h
     const Tensor x = input->reshape({1, batch, input_size});
     std::vector<Tensor> initial;
     for (const Tensor& state : *states) initial.push_back(batched ? state.contiguous() : state.reshape({1, hidden}));
-    if (initial.empty()) initial.assign(cell == kLstm ? 2 : 1, at::zeros({batch, hidden}, input->options()));
+    if (initial.empty()) initial.assign(cell == zoneout::kLstm ? 2 : 1, at::zeros({batch, hidden}, input->options()));
     const bool stochastic = training && (zoneout_cell > 0 || zoneout_hidden > 0 || recurrent_dropout > 0);
     const Tensor seed = stochastic ? draw_seed() : unused_seed();
-    if (cell == kLstm) {
+    if (cell == zoneout::kLstm) {
       static const auto op = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("zoneout_fused::cpu_layer_forward", "")
                                  .typed<LstmForward>();
@@ -162,7 +168,7 @@ py::object cell_step(int64_t cell, py::handle input_object, py::handle hx, py::h
       if (c1.defined()) c1 = c1.select(0, 0);
     }
   }
-  if (cell == kLstm) return py::make_tuple(h1, c1);
+  if (cell == zoneout::kLstm) return py::make_tuple(h1, c1);
   return py::cast(h1);
 }
 

@@ -451,8 +451,9 @@ class _Subclass(torch.Tensor):
 
 
 def test_cpu_cell_step_declines_what_the_python_path_must_handle(monkeypatch):
-    """Autocast, a torch-function mode, a tensor subclass, the JIT tracer and inputs of the wrong
-    shape or dtype are left to the Python path (which raises torch's errors for the bad ones)."""
+    """Autocast, a torch-function mode, a tensor subclass, the JIT tracer, inputs of the wrong shape
+    or dtype and weights of the wrong shape are left to the Python path (which raises torch's errors,
+    or the op's, for the bad ones)."""
     _backend_or_skip("cpu", "cpu")
     counts = _counting_cell_step(monkeypatch)
     torch.manual_seed(0)
@@ -477,7 +478,10 @@ def test_cpu_cell_step_declines_what_the_python_path_must_handle(monkeypatch):
         cell(x.double())
     with pytest.raises(RuntimeError, match="two hidden states"):
         cell(x, (h, h, h))
-    assert counts == {"taken": 1, "declined": 9}
+    cell.weight_hh = nn.Parameter(torch.randn(12, 4))  # H = 3 elsewhere: the op's own check fires
+    with pytest.raises(RuntimeError, match="w_hh"):
+        cell(x)
+    assert counts == {"taken": 1, "declined": 10}
 
 
 _INFERENCE_THEN_RECORDED = """
