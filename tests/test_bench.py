@@ -161,6 +161,23 @@ def test_decode_steps_the_cell_api(tmp_path):
     assert "vs nn.LSTMCell eval" in (tmp_path / "decode.md").read_text()
 
 
+def test_decode_steps_gru_and_rnn_cells_beside_torchs(tmp_path):
+    """--cell gru / rnn-tanh with the cell cases: ZoneoutGRUCell / ZoneoutRNNCell stepped once per
+    frame beside nn.GRUCell / nn.RNNCell (the ceiling) and the plain cell loop, each checked."""
+    fused = [name for name in ("cpu",) if name in zf.available_backends("cpu")]
+    for cell, baseline in (("gru", "nn.GRUCell"), ("rnn-tanh", "nn.RNNCell")):
+        records = main(["--device", "cpu", "--config", "tiny-decode", "--cell", cell, "--repeats", "1", "--warmup",
+                        "0", "--quiet", "--markdown", str(tmp_path / f"{cell}.md")])
+        by_key = {(r["backend"], r["mode"]): r for r in records}
+        backends = ["plain-loop", baseline, "reference"] + fused
+        assert set(by_key) == {(b, m) for b in backends for m in ("eval", "fwd", "fwd+bwd")}
+        for record in records:
+            assert record["cell"] and record["baseline"] == baseline and record["rnn_cell"] == cell
+            assert record["check"] == ("reference" if record["backend"] == "reference" else "ok"), record
+            assert record["zoneout_hidden"] == 0.1 and "zoneout_cell" not in record
+        assert f"vs {baseline} eval" in (tmp_path / f"{cell}.md").read_text()
+
+
 def test_matmul_floor_counts_every_product():
     """The floor's shapes: fwd is the input projection plus one recurrent product per step;
     fwd+bwd adds the gradient products (the same flops as forward, twice)."""
@@ -206,8 +223,8 @@ def test_bench_cell_option_runs_gru_and_rnn_beside_torch(tmp_path):
 
 def test_bench_cell_option_rejects_what_the_cell_lacks(capsys):
     import pytest
-    for argv in (["--cell", "gru", "--config", "decode"], ["--cell", "rnn-tanh", "--recurrent-dropout", "0.1"],
-                 ["--cell", "gru", "--mask-mode", "shared"], ["--cell", "gru", "--zoneout-cell", "0.5"]):
+    for argv in (["--cell", "rnn-tanh", "--recurrent-dropout", "0.1"], ["--cell", "gru", "--mask-mode", "shared"],
+                 ["--cell", "gru", "--zoneout-cell", "0.5"]):
         with pytest.raises(SystemExit):
             main(argv + ["--device", "cpu"])
 

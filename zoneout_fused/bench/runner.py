@@ -11,7 +11,8 @@ of its weights (ZoneoutLSTM.from_lstm), so all of them run the same model on the
     cpu / triton / cuda  the fused backends available for the device
 
 Cell cases (`--config decode`) step the cell API once per frame instead: plain-loop's cell,
-nn.LSTMCell (the ceiling) and ZoneoutLSTMCell on each backend.
+nn.LSTMCell (the ceiling) and ZoneoutLSTMCell on each backend (with --cell gru / rnn-*: nn.GRUCell or
+nn.RNNCell and ZoneoutGRUCell or ZoneoutRNNCell).
 
 Check: before anything is timed, each peer's output, h_n, c_n and the gradients of the input
 and of every weight are compared with the reference's on the same input under the same
@@ -54,7 +55,7 @@ import torch
 from torch import nn
 
 from ..graphs import cuda_graphs
-from ..nn import ZoneoutGRU, ZoneoutLSTM, ZoneoutLSTMCell, ZoneoutRNN
+from ..nn import ZoneoutGRU, ZoneoutGRUCell, ZoneoutLSTM, ZoneoutLSTMCell, ZoneoutRNN, ZoneoutRNNCell
 from ..ops import BACKENDS
 from ..reference import CELL_CODES, cell_rows
 from ..testing import three_way_error
@@ -75,16 +76,16 @@ GRAPHED_PEERS = ("triton+graphs", "cuda+graphs")
 ALL_PEERS = BASE_PEERS + ("nn.LSTMCell", "cpu", "triton", "cuda") + GRAPHED_PEERS
 # Peers of the cell cases (`decode`): the cell API stepped once per frame.
 CELL_PEERS = ("plain-loop", "nn.LSTMCell", "reference")
-# The no-zoneout ceiling of each kind of case ("vs nn.LSTM" columns); any of these names asks for it.
-BASELINE = {False: "nn.LSTM", True: "nn.LSTMCell"}
-# --cell: the recurrent layer benchmarked (sequence configs), its torch layer and ceiling.
+# --cell: the recurrent layer benchmarked, and the no-zoneout ceiling ("vs nn.LSTM" columns) of its
+# sequence cases (torch's layer) and of its cell cases (torch's cell); any of these names asks for it.
 RNN_CELLS = ("lstm", "gru", "rnn-tanh", "rnn-relu")
 SEQUENCE_BASELINES = {"lstm": "nn.LSTM", "gru": "nn.GRU", "rnn-tanh": "nn.RNN", "rnn-relu": "nn.RNN"}
-BASELINE_NAMES = ("nn.LSTM", "nn.LSTMCell", "nn.GRU", "nn.RNN")
+CELL_BASELINES = {"lstm": "nn.LSTMCell", "gru": "nn.GRUCell", "rnn-tanh": "nn.RNNCell", "rnn-relu": "nn.RNNCell"}
+BASELINE_NAMES = ("nn.LSTM", "nn.LSTMCell", "nn.GRU", "nn.GRUCell", "nn.RNN", "nn.RNNCell")
 
 
 def baseline_name(rnn_cell: str, cell_case: bool) -> str:
-    return BASELINE[True] if cell_case else SEQUENCE_BASELINES[rnn_cell]
+    return (CELL_BASELINES if cell_case else SEQUENCE_BASELINES)[rnn_cell]
 
 
 def torch_layer(rnn_cell: str, case: Case) -> nn.RNNBase:
@@ -177,14 +178,21 @@ def _plain_loop(layer: nn.RNNBase, zoneout_kwargs: dict) -> nn.Module:
     return SteppedCells(zoned_out(0), lstm=lstm)
 
 
-def _zoneout_cells(lstm: nn.LSTM, zoneout_kwargs: dict, backend: str) -> nn.Module:
+def _zoneout_cells(layer: nn.RNNBase, zoneout_kwargs: dict, backend: str) -> nn.Module:
+    """The layer's zoneout cells (ZoneoutLSTMCell, ZoneoutGRUCell or ZoneoutRNNCell) stepped over the input."""
     cells = []
-    for cell in lstm_cells(lstm):
-        zoneout_cell = ZoneoutLSTMCell(cell.input_size, cell.hidden_size, bias=cell.bias, backend=backend,
-                                       device=cell.weight_hh.device, dtype=cell.weight_hh.dtype, **zoneout_kwargs)
+    for cell in lstm_cells(layer):
+        shape = dict(bias=cell.bias, backend=backend, device=cell.weight_hh.device, dtype=cell.weight_hh.dtype)
+        if isinstance(cell, nn.LSTMCell):
+            zoneout_cell = ZoneoutLSTMCell(cell.input_size, cell.hidden_size, **shape, **zoneout_kwargs)
+        elif isinstance(cell, nn.GRUCell):
+            zoneout_cell = ZoneoutGRUCell(cell.input_size, cell.hidden_size, **shape, **zoneout_kwargs)
+        else:
+            zoneout_cell = ZoneoutRNNCell(cell.input_size, cell.hidden_size, nonlinearity=cell.nonlinearity, **shape,
+                                          **zoneout_kwargs)
         zoneout_cell.load_state_dict(cell.state_dict())
         cells.append(zoneout_cell)
-    return SteppedCells(cells)
+    return SteppedCells(cells, lstm=isinstance(layer, nn.LSTM))
 
 
 class CompileTimeout(Exception):
@@ -256,10 +264,13 @@ def select_peers(device: torch.device, requested: Optional[list[str]],
     (default: all for the device); names that do not apply to the kind of case are left out.
     rnn_cell: the --cell kind of the sequence cases (its torch layer is the ceiling)."""
     if cell:
+        torch_cells = CELL_BASELINES[rnn_cell]
         builders = {
             "plain-loop": Peer("plain-loop", _plain_loop, check_without_zoneout=True),
-            "nn.LSTMCell": Peer("nn.LSTMCell", lambda lstm, zkw: SteppedCells(lstm_cells(lstm)), zoneout=False),
-            "reference": Peer("reference", lambda lstm, zkw: _zoneout_cells(lstm, zkw, "reference")),
+            torch_cells: Peer(torch_cells, lambda layer, zkw: SteppedCells(lstm_cells(layer),
+                                                                           lstm=isinstance(layer, nn.LSTM)),
+                              zoneout=False),
+            "reference": Peer("reference", lambda layer, zkw: _zoneout_cells(layer, zkw, "reference")),
         }
         default = CELL_PEERS
     else:
@@ -761,7 +772,7 @@ def paired_quartiles(peer_times: list[float], times: list[float]) -> Optional[li
 def case_records(case: Case, group: str, dtype_name: str, states: list[PeerState], env: dict, opts,
                  floors: Optional[dict] = None) -> list[dict]:
     """One record per (peer, mode). speedup_vs_nn_lstm is against the case's no-zoneout ceiling
-    (nn.LSTM, or nn.LSTMCell for cell cases); floor_ms is the case's matrix products alone."""
+    (torch's layer, or its cell for cell cases); floor_ms is the case's matrix products alone."""
     zkw = zoneout_kwargs_for(case, opts)
     rnn_cell = getattr(opts, "cell", "lstm")
     steps = check_steps_for(case, torch.device(opts.device), opts.check_steps)
@@ -816,8 +827,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "sweep (H in 64..512 at B=32 T=50 I=64, for the plot), encoder (bidirectional TTS "
                              "encoder LSTMs, 1 and 2 layers), or all")
     parser.add_argument("--cell", default="lstm", choices=RNN_CELLS,
-                        help="the recurrent layer of the sequence configs: lstm (default), gru, rnn-tanh or "
-                             "rnn-relu, beside torch's nn.GRU / nn.RNN (GRU/RNN default z_h = 0.1)")
+                        help="the recurrent layer: lstm (default), gru, rnn-tanh or rnn-relu, beside torch's "
+                             "nn.GRU / nn.RNN (decode: the cells, beside nn.GRUCell / nn.RNNCell; GRU/RNN "
+                             "default z_h = 0.1)")
     parser.add_argument("--dtype", default="float32",
                         help="comma list of " + ", ".join(DTYPES) + " (default float32)")
     parser.add_argument("--backends", default="all",
@@ -851,8 +863,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     opts = parser.parse_args(argv)
 
     if opts.cell != "lstm":
-        if any(case.cell for case in cases_for(opts.config)):
-            parser.error(f"--cell {opts.cell}: the decode configs step LSTM cells; choose a sequence config")
         if opts.zoneout_cell is not None:
             parser.error(f"--zoneout-cell: --cell {opts.cell} has no cell state")
         if opts.mask_mode == "shared":
