@@ -182,14 +182,14 @@ def _zoneout_cells(layer: nn.RNNBase, zoneout_kwargs: dict, backend: str) -> nn.
     """The layer's zoneout cells (ZoneoutLSTMCell, ZoneoutGRUCell or ZoneoutRNNCell) stepped over the input."""
     cells = []
     for cell in lstm_cells(layer):
-        shape = dict(bias=cell.bias, backend=backend, device=cell.weight_hh.device, dtype=cell.weight_hh.dtype)
+        options = dict(bias=cell.bias, backend=backend, device=cell.weight_hh.device, dtype=cell.weight_hh.dtype,
+                       **zoneout_kwargs)
         if isinstance(cell, nn.LSTMCell):
-            zoneout_cell = ZoneoutLSTMCell(cell.input_size, cell.hidden_size, **shape, **zoneout_kwargs)
+            zoneout_cell = ZoneoutLSTMCell(cell.input_size, cell.hidden_size, **options)
         elif isinstance(cell, nn.GRUCell):
-            zoneout_cell = ZoneoutGRUCell(cell.input_size, cell.hidden_size, **shape, **zoneout_kwargs)
+            zoneout_cell = ZoneoutGRUCell(cell.input_size, cell.hidden_size, **options)
         else:
-            zoneout_cell = ZoneoutRNNCell(cell.input_size, cell.hidden_size, nonlinearity=cell.nonlinearity, **shape,
-                                          **zoneout_kwargs)
+            zoneout_cell = ZoneoutRNNCell(cell.input_size, cell.hidden_size, nonlinearity=cell.nonlinearity, **options)
         zoneout_cell.load_state_dict(cell.state_dict())
         cells.append(zoneout_cell)
     return SteppedCells(cells, lstm=isinstance(layer, nn.LSTM))
