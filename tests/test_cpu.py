@@ -157,12 +157,13 @@ def test_long_sums_at_large_hidden_match_reference(isa):
 
 @pytest.mark.parametrize("isa", ("avx2", "avx512"), indirect=True)  # the tile kernels' instruction sets
 def test_packed_gradient_rows_match_reference(isa):
-    """Weight gradients with 4H = 2080 rows and T*B = 320: on 1 and 2 threads a thread's rows of a
-    depth chunk (128 to 512 steps) pass both instruction sets' TileKernels::pack_rows_bytes, so
+    """Weight gradients with 4H = 2600 rows and T*B = 320: on 1 and 2 threads a thread's rows of a
+    depth chunk (102 steps for AVX-512, 204 for AVX2: see tiled_product) pass both instruction sets'
+    TileKernels::pack_rows_bytes (1300 rows x 102 steps: 530 KB, past AVX-512's 512 KB), so
     tiled_product packs them, in several groups, while the h0 run's 40-step chunk is read in place;
-    a padded last column tile (H = 520, I = 5). The same bits on 1 and 2 threads, and the three-way
+    a padded last column tile (H = 650, I = 5). The same bits on 1 and 2 threads, and the three-way
     rule against the reference."""
-    tensors = make_inputs(8, 40, 5, 520, torch.float32)
+    tensors = make_inputs(8, 40, 5, 650, torch.float32)
     results = run_with_loop_layouts(lambda: _flat(run(cpu_layer, tensors, zoneout_cell=0.5, zoneout_hidden=0.05)),
                                     layouts=((1, "units"), (2, "units")))
     assert_same_bits(RESULT_NAMES, results)

@@ -1645,7 +1645,18 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   const int64_t chunk_bytes = a_depth == 1 || large_out ? kL2PanelChunkBytes
                               : small_out                ? kSmallOutputChunkBytes
                                                          : kPanelChunkBytes;
-  const int64_t chunk = std::min(kMaxChunkSteps, chunk_bytes / (width * int64_t(sizeof(float))));
+  // In an L1 chunk of the weight gradients a row block reads a cache line of a at every depth step
+  // beside the panel's row (a's rows of a depth step lie together, packed or in place; its depth steps
+  // far apart), so those lines count too: AVX2's 3-vector panel rows are 96 bytes, and 32 KB of them
+  // (341 steps) with 21 KB of a's lines overflowed a 48 KB L1. 2-vCPU Xeon, in one process, the rule set
+  // call by call, the weight gradients' median time before / with a's lines counted: AVX2 B=32 T=50 I=64
+  // H=512 25.05 / 23.13 ms (341 / 204 steps), B=32 T=100 H=256 13.47 / 12.20, B=64 T=50 I=32 H=128 level;
+  // AVX-512 (128 / 102 steps) 14.90 / 14.65, 8.09 / 7.91, 2.31 / 2.24, the 1x256 encoder's 18.24 / 17.79.
+  // fwd+bwd, one against the other per round (lower quartile, median, upper; 10 rounds): AVX2 H=512 1.009,
+  // 1.016, 1.032, B=32 T=100 H=256 1.026, 1.031, 1.054; AVX-512 B=32 T=100 H=256 1.010, 1.013, 1.026, H=512
+  // and the encoder level.
+  const int64_t a_line_bytes = a_depth > 1 && chunk_bytes == kPanelChunkBytes ? kLineFloats * int64_t(sizeof(float)) : 0;
+  const int64_t chunk = std::min(kMaxChunkSteps, chunk_bytes / (width * int64_t(sizeof(float)) + a_line_bytes));
   // Panel rows further apart than the panel is wide (the weight gradients' h and x rows, H or I floats
   // apart) are copied to be adjacent first, per chunk: a chunk's rows 1 KB apart (H = 256) fell into a
   // quarter of L1's sets, too few ways to keep the chunk there while the row blocks reuse it.
