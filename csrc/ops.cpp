@@ -306,6 +306,8 @@ TORCH_LIBRARY_FRAGMENT(zoneout_fused, m) {
   m.def("_set_cpu_panels(int panels) -> int");
   m.def("_cpu_input() -> int");
   m.def("_set_cpu_input(int input) -> int");
+  m.def("_cpu_order() -> int");
+  m.def("_set_cpu_order(int order) -> int");
   // Test hook: the bytes of freed forward outputs kept for reuse.
   m.def("_cpu_pooled_bytes() -> int");
   m.def("_cpu_empty_cache() -> ()");
@@ -343,6 +345,8 @@ TORCH_LIBRARY_IMPL(zoneout_fused, CompositeExplicitAutograd, m) {
   m.impl("_set_cpu_panels", &zoneout_cpu::set_cpu_panels);
   m.impl("_cpu_input", &zoneout_cpu::cpu_input);
   m.impl("_set_cpu_input", &zoneout_cpu::set_cpu_input);
+  m.impl("_cpu_order", &zoneout_cpu::cpu_order);
+  m.impl("_set_cpu_order", &zoneout_cpu::set_cpu_order);
   m.impl("_cpu_pooled_bytes", &zoneout_cpu::pooled_bytes);
   m.impl("_cpu_empty_cache", &zoneout_cpu::empty_cache);
 }

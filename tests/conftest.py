@@ -170,23 +170,24 @@ def loop(request):
 
 
 # The fused CPU loop's layouts of a step's work: (torch threads, how a step is shared between them,
-# zoneout_fused.cpu_isa.CPU_SPLITS). One thread by units is the plain serial loop; two by units meet
-# at a barrier each step; two by rows run their example rows apart; one by rows takes every row.
-LOOP_LAYOUTS = ((1, "units"), (2, "units"), (2, "rows"), (1, "rows"))
+# zoneout_fused.cpu_isa.CPU_SPLITS, the order a thread takes its weight panels in, CPU_ORDERS). One thread
+# by units is the plain serial loop; two by units meet at a barrier each step; two by rows run their
+# example rows apart; one by rows takes every row. Two of them take the panels last first every other step.
+LOOP_LAYOUTS = ((1, "units", "same"), (2, "units", "alternate"), (2, "rows", "same"), (1, "rows", "alternate"))
 
 
 def run_with_loop_layouts(run, layouts=LOOP_LAYOUTS) -> dict:
-    """{layout: run()} for each layout, the fused CPU time loop chosen; the thread count and the
-    split are restored after. The results must be the same bits whatever the layout."""
+    """{layout: run()} for each layout, the fused CPU time loop chosen; the thread count, the
+    split and the order are restored after. The results must be the same bits whatever the layout."""
     from zoneout_fused import cpu_isa
 
     threads = torch.get_num_threads()
     results = {}
     try:
-        for count, split in layouts:
+        for count, split, order in layouts:
             torch.set_num_threads(count)
-            with cpu_isa.use_cpu_loop("fused"), cpu_isa.use_cpu_split(split):
-                results[(count, split)] = run()
+            with cpu_isa.use_cpu_loop("fused"), cpu_isa.use_cpu_split(split), cpu_isa.use_cpu_order(order):
+                results[(count, split, order)] = run()
     finally:
         torch.set_num_threads(threads)
     return results

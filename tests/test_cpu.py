@@ -165,7 +165,7 @@ def test_packed_gradient_rows_match_reference(isa):
     rule against the reference."""
     tensors = make_inputs(8, 40, 5, 650, torch.float32)
     results = run_with_loop_layouts(lambda: _flat(run(cpu_layer, tensors, zoneout_cell=0.5, zoneout_hidden=0.05)),
-                                    layouts=((1, "units"), (2, "units")))
+                                    layouts=((1, "units", "same"), (2, "units", "alternate")))
     assert_same_bits(RESULT_NAMES, results)
     with cpu_isa.use_cpu_loop("fused"):
         assert_same_as_reference(tensors, torch.float32, zoneout_cell=0.5, zoneout_hidden=0.05, mask_mode=0)
@@ -845,7 +845,8 @@ def test_forward_input_part_in_loop_or_first_gives_the_same_bits(shape, isa):
 NAMED_SETTINGS = [("loop", cpu_isa.CPU_LOOPS, "unrolled", "ZONEOUT_FUSED_CPU_LOOP"),
                   ("split", cpu_isa.CPU_SPLITS, "columns", "ZONEOUT_FUSED_CPU_SPLIT"),
                   ("panels", cpu_isa.CPU_PANELS, "quarter", "ZONEOUT_FUSED_CPU_PANELS"),
-                  ("input", cpu_isa.CPU_INPUTS, "last", "ZONEOUT_FUSED_CPU_INPUT")]
+                  ("input", cpu_isa.CPU_INPUTS, "last", "ZONEOUT_FUSED_CPU_INPUT"),
+                  ("order", cpu_isa.CPU_ORDERS, "reversed", "ZONEOUT_FUSED_CPU_ORDER")]
 
 
 @pytest.mark.parametrize("name, choices, invalid, variable", NAMED_SETTINGS, ids=[s[0] for s in NAMED_SETTINGS])

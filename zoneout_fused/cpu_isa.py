@@ -193,6 +193,28 @@ def use_cpu_input(input: str) -> contextlib.AbstractContextManager:
     return _using(set_cpu_input, input)
 
 
+# The order in which the fused loops take each thread's columns of the weights (csrc/cpu/lstm_cpu.h): "same"
+# (first to last every step), "alternate" (last first every other step, so that a step begins with those
+# the last one ended with, still in the caches) or "auto" (the default: alternate where a thread's share
+# overflows 3/4 of a core's L2, on Intel CPUs). The results are the same bits either way. The environment
+# variable ZONEOUT_FUSED_CPU_ORDER (auto, same, alternate) is read at first use.
+CPU_ORDERS = ("same", "alternate", "auto")
+
+
+def cpu_order() -> str:
+    return CPU_ORDERS[_ops()._cpu_order()]
+
+
+def set_cpu_order(order: str) -> str:
+    """Makes the fused loops take their weight panels in `order`; returns the previous choice."""
+    return CPU_ORDERS[_ops()._set_cpu_order(_code("order", CPU_ORDERS, order))]
+
+
+def use_cpu_order(order: str) -> contextlib.AbstractContextManager:
+    """Runs the block's fused loops with `order`, then restores the previous choice."""
+    return _using(set_cpu_order, order)
+
+
 def empty_cache() -> None:
     """Frees the memory the CPU kernels keep between calls (like torch.cuda.empty_cache): freed
     forward outputs kept for the next call's outputs (up to 64 MB: reused, their pages need not be

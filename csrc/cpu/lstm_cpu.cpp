@@ -1357,6 +1357,35 @@ inline void product_in_sums(const TileKernels& tiles, int64_t vectors, int64_t r
   }
 }
 
+// Whether a step of a fused loop takes a thread's panels last first (tile_products): on every other step
+// (alternate_step: processed step s odd), so that a step begins with the panels the last one ended with,
+// where the thread's panels come to more than past_bytes (alternate_order_bound). A loop over panels that
+// overflow L2 in one order every step finds none of them there (each was evicted before its turn came
+// again: they stream from L3, step after step); alternating, a step finds there the ones the last step
+// read most recently, all but the overflow. On a 2-vCPU Xeon (2 MB of L2 a core), B=32 T=50 I=64 H=512
+// (2.4 MB of forward panels a thread), in one process, the order set call by call, one order / alternating
+// per round (lower quartile, median, upper; 10-14 rounds): AVX2 forward 1.028, 1.034, 1.035, fwd+bwd
+// 1.008, 1.031, 1.044; AVX-512 forward 1.029, 1.040, 1.060, fwd+bwd 1.005, 1.017, 1.027. Where the panels
+// stay in L2 it does not pay: AVX2 B=32 T=50 H=256 forward 0.960, 0.974, 1.003 and T=100 0.968, 0.977, 0.984
+// (16 rounds; why, not found); AVX-512 T=100 H=256 0.985, 1.005, 1.013, B=64 T=50 I=32 H=128 0.982, 0.992,
+// 1.022. Hence "auto" alternates past l2_panel_limit (never on a Zen, where it was not measured).
+struct PanelOrder {
+  bool alternate_step = false;
+  int64_t past_bytes = 0;
+};
+
+inline bool alternate_step(int64_t s) { return s % 2 == 1; }
+
+NamedSetting<3> order_setting("ZONEOUT_FUSED_CPU_ORDER", "order", {"same", "alternate", "auto"});  // kOrder*
+
+// PanelOrder::past_bytes for the fused loops of this call: "same" never alternates, "alternate" at every
+// size (so that tests run that order on any CPU). Read before a parallel region: the setting may throw.
+int64_t alternate_order_bound() {
+  const int64_t choice = order_setting.get();
+  if (choice == kOrderSame) return std::numeric_limits<int64_t>::max();
+  return choice == kOrderAlternate ? 0 : l2_panel_limit();
+}
+
 // dst[b * row_stride + ...] += a[b] times the panels [first, last), for every row b < batch: the
 // recurrent product's columns of those panels' units. Panels whose units all lie below H are
 // accumulated in place; the last one, past H, through a zero-padded copy. With `start` (one
@@ -1365,12 +1394,12 @@ inline void product_in_sums(const TileKernels& tiles, int64_t vectors, int64_t r
 // through lead's rows times its panels first (TileOperands::lead). Gate-row panels of an even number of
 // vectors and at least `split_bytes` (0: none) are formed half their vectors at a time: the caller reads
 // split_panel_threshold before its parallel region (the setting it reads may throw, which no OpenMP
-// region may let out). `descending`: the panels in the order last - 1 down to first (see
-// alternate_order); each tile's outputs are its own chains, so the order leaves the bits as they are.
+// region may let out). `order`: whether the panels go last first (see PanelOrder); each tile's outputs
+// are its own chains, so the order leaves the bits as they are.
 inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda, int64_t depth, const float* panels,
                           int64_t first, int64_t last, PanelLayout layout, int64_t split_bytes, int64_t hidden,
                           int64_t batch, float* dst, int64_t row_stride, const float* start = nullptr,
-                          const LeadSegment* lead = nullptr, bool descending = false) {
+                          const LeadSegment* lead = nullptr, PanelOrder order = {}) {
   const int64_t lanes = tiles.lanes, vectors = layout.vectors;
   const int64_t units = layout.units(lanes), ldc_vector = layout.vector_offset(1, lanes, hidden);
   const int64_t panel_bytes = depth * vectors * lanes * int64_t(sizeof(float));
@@ -1388,8 +1417,9 @@ inline void tile_products(const TileKernels& tiles, const float* a, int64_t lda,
   // the layer, B=32 T=50 I=64 H=512 forward, in alternating processes, 24.7-27.4 ms against 26.5-29.2
   // (lower quartiles). The backward's panels (runs of units, 256 KB a tile there) measured level, so
   // they are left to the hardware prefetchers.
-  const bool prefetch_next = layout.gate_rows &&
-      (last - first) * (depth + lead_depth) * vectors * lanes * int64_t(sizeof(float)) > l2_panel_limit();
+  const int64_t thread_panel_bytes = (last - first) * (depth + lead_depth) * vectors * lanes * int64_t(sizeof(float));
+  const bool prefetch_next = layout.gate_rows && thread_panel_bytes > l2_panel_limit();
+  const bool descending = order.alternate_step && thread_panel_bytes > order.past_bytes;
   const int64_t count = last - first, next = descending ? -1 : 1;
   for (int64_t nth = 0; nth < count; ++nth) {  // the nth panel taken
     const int64_t u = descending ? last - 1 - nth : first + nth;
@@ -1858,18 +1888,6 @@ bool input_part_in_loop(int64_t input_size, int64_t gate_width) {
   return bytes_per_thread < l2_cache_bytes() / 2;
 }
 
-// Whether processed step s of a fused loop takes its panels last first (tile_products' `descending`):
-// every other step, so that a step begins with the panels the last one ended with. Where a thread's
-// panels overflow L2, a loop over them in one order every step finds none of them there (each was
-// evicted before its turn came again: they stream from L3, step after step); alternating, a step
-// finds in L2 the ones the last step read most recently, all but the overflow. On a 2-vCPU Xeon (2 MB
-// of L2 a core), B=32 T=50 I=64 H=512 (2.4 MB of forward panels a thread), in one process, the order
-// set call by call, one order / alternating per round (lower quartile, median, upper; 10-14 rounds):
-// AVX2 forward 1.028, 1.034, 1.035, fwd+bwd 1.008, 1.031, 1.044; AVX-512 forward 1.029, 1.040, 1.060,
-// fwd+bwd 1.005, 1.017, 1.027. Where the panels stay in L2, level: B=32 T=100 I=64 H=256 forward 0.985,
-// 1.005, 1.013 (AVX-512), fwd+bwd 0.992, 0.995, 1.032 (AVX2); the 2x256 encoder forward 0.993, 1.000, 1.007.
-inline bool alternate_order(int64_t s) { return s % 2 == 1; }
-
 // The fused forward of a recurrent cell with G gate rows: per step, the thread's part (rows x units)
 // of h_{t-1} W_hh^T added to destination(s, t, part) (rows `row_stride` apart: the input projection, or
 // b_hh; with `input`, whatever it holds is replaced by the step's input part first), then
@@ -1894,6 +1912,7 @@ void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t ga
   const float* start = input != nullptr ? bias_or_zeros(input->bias, gate_rows * hidden, zeros) : nullptr;
   const PanelLayout layout{gate_rows, true};
   const int64_t split_bytes = split_panel_threshold(tiles);
+  const int64_t order_bound = alternate_order_bound();
   fused_loop_region(split, batch, hidden, lanes, [&](const LoopPart& part) {
     const int64_t b0 = part.b0;
     for (int64_t s = 0; s < steps; ++s) {
@@ -1905,7 +1924,7 @@ void fused_forward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t ga
                              input_panels_p, input_size};
       tile_products(tiles, hp + b0 * hidden, hidden, hidden, panels_p, part.first, part.last, layout, split_bytes,
                     hidden, part.rows(), dst, row_stride, start, input != nullptr ? &lead : nullptr,
-                    alternate_order(s));
+                    PanelOrder{alternate_step(s), order_bound});
       if (part.j0 < part.j1) {
         element(s, t, hp, part);
         if (s + 1 < steps) prefetch_step(step_rows, step_position(s + 1, steps, p.direction), part, hidden);
@@ -1976,6 +1995,7 @@ void fused_backward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t s
   const int64_t units = layout.units(lanes);
   const Tensor panels = backward_panels(w_hh, units);
   const float* panels_p = panels.data_ptr<float>();
+  const int64_t order_bound = alternate_order_bound();
   fused_loop_region(split, batch, hidden, units, [&](const LoopPart& part) {
     for (int64_t s = steps - 1; s >= 0; --s) {
       const int64_t t = step_position(s, steps, p.direction);
@@ -1983,7 +2003,7 @@ void fused_backward_loop(const TileKernels& tiles, const Tensor& w_hh, int64_t s
       if (split == LoopSplit::kUnits) step_barrier();
       tile_products(tiles, d_rec(t) + part.b0 * row_stride, row_stride, row_stride, panels_p, part.first, part.last,
                     layout, /*split_bytes=*/0, hidden, part.rows(), dh + part.b0 * hidden, hidden, nullptr, nullptr,
-                    alternate_order(s));  // runs of units
+                    PanelOrder{alternate_step(s), order_bound});  // runs of units
     }
   });
 }
@@ -2183,6 +2203,10 @@ int64_t set_cpu_panels(int64_t panels) { return panels_setting.set(panels); }
 int64_t cpu_input() { return input_setting.get(); }
 
 int64_t set_cpu_input(int64_t input) { return input_setting.set(input); }
+
+int64_t cpu_order() { return order_setting.get(); }
+
+int64_t set_cpu_order(int64_t order) { return order_setting.set(order); }
 
 bool philox_words_test_hook(uint64_t seed, uint64_t first, uint32_t c2, uint32_t c3, int64_t n, uint32_t* r0,
                             uint32_t* r1, uint32_t* r2, int64_t isa) {

@@ -91,6 +91,16 @@ int64_t cpu_input();
 // Makes `input` the active one; returns the previous one.
 int64_t set_cpu_input(int64_t input);
 
+// The order in which the fused loops take a thread's weight panels: "same" (first to last every step),
+// "alternate" (last first every other step, so that a step begins with the panels the last one ended
+// with) or "auto" (the default: alternate where a thread's panels overflow L2, on Intel CPUs; lstm_cpu.cpp,
+// PanelOrder). The results are the same bits either way. ZONEOUT_FUSED_CPU_ORDER = auto | same |
+// alternate, or set_cpu_order.
+constexpr int64_t kOrderSame = 0, kOrderAlternate = 1, kOrderAuto = 2;
+int64_t cpu_order();
+// Makes `order` the active one; returns the previous one.
+int64_t set_cpu_order(int64_t order);
+
 // Test hook: the bytes of freed forward outputs the CPU kernels keep for reuse (pooled_empty).
 int64_t pooled_bytes();
 // Frees what the kernels keep between calls: the pooled forward outputs and the calling thread's
