@@ -1543,8 +1543,9 @@ struct GradientRun {
   int64_t count;
 };
 
-// Panels (here: rows of x or h) are read in depth chunks of at most this many bytes, each across
-// all of a thread's row blocks, so the chunk stays in L1 while it is reused.
+// Panels (here: rows of x or h) are read in depth chunks of at most this many bytes (with the lines of a
+// they meet: see tiled_product), each across all of a thread's row blocks, so the chunk stays in L1 while
+// it is reused.
 constexpr int64_t kPanelChunkBytes = 32 << 10;
 constexpr int64_t kL2PanelChunkBytes = 256 << 10;
 // A tiled_product's output of at most this many bytes is taken to stay in the caches from one depth
@@ -1684,7 +1685,8 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   // AVX-512 (128 / 102 steps) 14.90 / 14.65, 8.09 / 7.91, 2.31 / 2.24, the 1x256 encoder's 18.24 / 17.79.
   // fwd+bwd, one against the other per round (lower quartile, median, upper; 10 rounds): AVX2 H=512 1.009,
   // 1.016, 1.032, B=32 T=100 H=256 1.026, 1.031, 1.054; AVX-512 B=32 T=100 H=256 1.010, 1.013, 1.026, H=512
-  // and the encoder level.
+  // and the encoder level. Not measured on a Zen (on a Zen 4, 32 KB of L1, 16 KB chunks once ran 3-5% slower
+  // than 32 KB ones; these are 25.5 KB of panel there under AVX-512).
   const int64_t a_line_bytes = a_depth > 1 && chunk_bytes == kPanelChunkBytes ? kLineFloats * int64_t(sizeof(float)) : 0;
   const int64_t chunk = std::min(kMaxChunkSteps, chunk_bytes / (width * int64_t(sizeof(float)) + a_line_bytes));
   // Panel rows further apart than the panel is wide (the weight gradients' h and x rows, H or I floats
