@@ -97,6 +97,28 @@ def use_cpu_gemm(engine: str) -> contextlib.AbstractContextManager:
     return _using(set_cpu_gemm, engine)
 
 
+def _named_setting(name: str, choices: tuple, makes: str, runs: str):
+    """(get, set, use) of one of the fused loop's named settings (csrc/cpu/setting.h, read through the
+    extension's _cpu_<name> / _set_cpu_<name> ops): get() is the choice now, one of `choices`; set(value)
+    makes `value` the choice ("Makes <makes>"), raising ValueError naming `name` for another value, and
+    returns the previous one; use(value) is a context for the block ("Runs <runs>")."""
+
+    def get() -> str:
+        return choices[getattr(_ops(), f"_cpu_{name}")()]
+
+    def set_(value: str) -> str:
+        return choices[getattr(_ops(), f"_set_cpu_{name}")(_code(name, choices, value))]
+
+    def use(value: str) -> contextlib.AbstractContextManager:
+        return _using(set_, value)
+
+    for function, verb in ((get, ""), (set_, "set_"), (use, "use_")):
+        function.__name__ = function.__qualname__ = f"{verb}cpu_{name}"
+    set_.__doc__ = f"Makes {makes}; returns the previous choice."
+    use.__doc__ = f"Runs {runs}, then restores the previous choice."
+    return get, set_, use
+
+
 # The time loop of float32 sequences (csrc/cpu/lstm_cpu.h): "fused" (one parallel region for the
 # whole sequence, each thread forming its part of the recurrent product (see CPU_SPLITS) with the
 # extension's own AVX2/AVX-512 tile kernels straight into its element pass; in backward the weight
@@ -107,19 +129,9 @@ def use_cpu_gemm(engine: str) -> contextlib.AbstractContextManager:
 # the extension loads.
 CPU_LOOPS = ("steps", "fused", "auto")
 
-
-def cpu_loop() -> str:
-    return CPU_LOOPS[_ops()._cpu_loop()]
-
-
-def set_cpu_loop(loop: str) -> str:
-    """Makes float32 sequences run the `loop` time loop; returns the previous choice."""
-    return CPU_LOOPS[_ops()._set_cpu_loop(_code("loop", CPU_LOOPS, loop))]
-
-
-def use_cpu_loop(loop: str) -> contextlib.AbstractContextManager:
-    """Runs the block's CPU sequences with the `loop` time loop, then restores the previous choice."""
-    return _using(set_cpu_loop, loop)
+cpu_loop, set_cpu_loop, use_cpu_loop = _named_setting(
+    "loop", CPU_LOOPS, makes="float32 sequences run the time loop `value`",
+    runs="the block's CPU sequences with the time loop `value`")
 
 
 # How the fused loop shares each step between threads (csrc/cpu/lstm_cpu.h): "units" (each thread
@@ -132,19 +144,9 @@ def use_cpu_loop(loop: str) -> contextlib.AbstractContextManager:
 # rows) is read at first use.
 CPU_SPLITS = ("units", "rows", "auto")
 
-
-def cpu_split() -> str:
-    return CPU_SPLITS[_ops()._cpu_split()]
-
-
-def set_cpu_split(split: str) -> str:
-    """Makes the fused loop share its steps between threads by `split`; returns the previous choice."""
-    return CPU_SPLITS[_ops()._set_cpu_split(_code("split", CPU_SPLITS, split))]
-
-
-def use_cpu_split(split: str) -> contextlib.AbstractContextManager:
-    """Runs the block's fused loops with `split`, then restores the previous choice."""
-    return _using(set_cpu_split, split)
+cpu_split, set_cpu_split, use_cpu_split = _named_setting(
+    "split", CPU_SPLITS, makes="the fused loop share its steps between threads by `value`",
+    runs="the block's fused loops with the split `value`")
 
 
 # How the fused forward forms the products of a tile of units whose panel (its columns of W_hh, one
@@ -155,19 +157,9 @@ def use_cpu_split(split: str) -> contextlib.AbstractContextManager:
 # first use.
 CPU_PANELS = ("whole", "half", "auto")
 
-
-def cpu_panels() -> str:
-    return CPU_PANELS[_ops()._cpu_panels()]
-
-
-def set_cpu_panels(panels: str) -> str:
-    """Makes the fused forward form its tiles' products by `panels`; returns the previous choice."""
-    return CPU_PANELS[_ops()._set_cpu_panels(_code("panels", CPU_PANELS, panels))]
-
-
-def use_cpu_panels(panels: str) -> contextlib.AbstractContextManager:
-    """Runs the block's fused forwards with `panels`, then restores the previous choice."""
-    return _using(set_cpu_panels, panels)
+cpu_panels, set_cpu_panels, use_cpu_panels = _named_setting(
+    "panels", CPU_PANELS, makes="the fused forward form its tiles' products by `value`",
+    runs="the block's fused forwards with the panels `value`")
 
 
 # Where the fused LSTM forward forms each step's input part x_t W_ih^T (csrc/cpu/lstm_cpu.h): "loop" (in
@@ -178,19 +170,9 @@ def use_cpu_panels(panels: str) -> contextlib.AbstractContextManager:
 # read at first use.
 CPU_INPUTS = ("loop", "first", "auto")
 
-
-def cpu_input() -> str:
-    return CPU_INPUTS[_ops()._cpu_input()]
-
-
-def set_cpu_input(input: str) -> str:
-    """Makes the fused LSTM forward form its input part `input`; returns the previous choice."""
-    return CPU_INPUTS[_ops()._set_cpu_input(_code("input", CPU_INPUTS, input))]
-
-
-def use_cpu_input(input: str) -> contextlib.AbstractContextManager:
-    """Runs the block's fused LSTM forwards with `input`, then restores the previous choice."""
-    return _using(set_cpu_input, input)
+cpu_input, set_cpu_input, use_cpu_input = _named_setting(
+    "input", CPU_INPUTS, makes="the fused LSTM forward form its input part `value`",
+    runs="the block's fused LSTM forwards with the input part `value`")
 
 
 # The order in which the fused loops take each thread's columns of the weights (csrc/cpu/lstm_cpu.h): "same"
@@ -200,19 +182,9 @@ def use_cpu_input(input: str) -> contextlib.AbstractContextManager:
 # variable ZONEOUT_FUSED_CPU_ORDER (auto, same, alternate) is read at first use.
 CPU_ORDERS = ("same", "alternate", "auto")
 
-
-def cpu_order() -> str:
-    return CPU_ORDERS[_ops()._cpu_order()]
-
-
-def set_cpu_order(order: str) -> str:
-    """Makes the fused loops take their weight panels in `order`; returns the previous choice."""
-    return CPU_ORDERS[_ops()._set_cpu_order(_code("order", CPU_ORDERS, order))]
-
-
-def use_cpu_order(order: str) -> contextlib.AbstractContextManager:
-    """Runs the block's fused loops with `order`, then restores the previous choice."""
-    return _using(set_cpu_order, order)
+cpu_order, set_cpu_order, use_cpu_order = _named_setting(
+    "order", CPU_ORDERS, makes="the fused loops take their weight panels in the order `value`",
+    runs="the block's fused loops with the order `value`")
 
 
 def empty_cache() -> None:
