@@ -1687,7 +1687,8 @@ Tensor tiled_product(const TileKernels& tiles, const std::vector<GradientRun>& r
   // 1.016, 1.032, B=32 T=100 H=256 1.026, 1.031, 1.054; AVX-512 B=32 T=100 H=256 1.010, 1.013, 1.026, H=512
   // and the encoder level. Not measured on a Zen (on a Zen 4, 32 KB of L1, 16 KB chunks once ran 3-5% slower
   // than 32 KB ones; these are 25.5 KB of panel there under AVX-512).
-  const int64_t a_line_bytes = a_depth > 1 && chunk_bytes == kPanelChunkBytes ? kLineFloats * int64_t(sizeof(float)) : 0;
+  const int64_t a_line_bytes =
+      a_depth > 1 && chunk_bytes == kPanelChunkBytes ? kLineFloats * int64_t(sizeof(float)) : 0;
   const int64_t chunk = std::min(kMaxChunkSteps, chunk_bytes / (width * int64_t(sizeof(float)) + a_line_bytes));
   // Panel rows further apart than the panel is wide (the weight gradients' h and x rows, H or I floats
   // apart) are copied to be adjacent first, per chunk: a chunk's rows 1 KB apart (H = 256) fell into a
