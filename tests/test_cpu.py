@@ -160,7 +160,8 @@ def test_packed_gradient_rows_match_reference(isa):
     """Weight gradients with 4H = 2600 rows and T*B = 320: on 1 and 2 threads a thread's rows of a
     depth chunk (102 steps for AVX-512, 204 for AVX2: see tiled_product) pass both instruction sets'
     TileKernels::pack_rows_bytes (1300 rows x 102 steps: 530 KB, past AVX-512's 512 KB), so
-    tiled_product packs them, in several groups, while the h0 run's 40-step chunk is read in place;
+    tiled_product packs them, in several groups, while the h0 run's 40-step chunk (208 KB a thread on 2
+    threads) stays under the AMD bounds, so there it is read in place (Intel CPUs pack from 64 KB);
     a padded last column tile (H = 650, I = 5). The same bits on 1 and 2 threads, and the three-way
     rule against the reference."""
     tensors = make_inputs(8, 40, 5, 650, torch.float32)
